@@ -1,0 +1,14 @@
+"""bnfast: fast, exact batch normalization for PyTorch.
+
+Importing the package loads the compiled library (bnfast._C), which registers
+the ops under torch.ops.bnfast.
+"""
+
+from bnfast import _C  # noqa: F401  (registers torch.ops.bnfast.*)
+from bnfast import ops  # noqa: F401  (fake kernels and autograd)
+from bnfast.convert import convert, revert
+from bnfast.functional import batch_norm
+from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]

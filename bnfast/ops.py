@@ -1,0 +1,296 @@
+"""Python side of the bnfast ops: typed wrappers, fake kernels, autograd.
+
+Per op, in this order: a typed wrapper (``bnfast.ops.<op>``), its fake kernel
+(``torch.library.register_fake``: shapes, dtypes and strides without data, for
+torch.compile and meta tensors), then its autograd
+(``torch.library.register_autograd``). Schemas are in csrc/bnfast.cpp; CPU and
+CUDA kernels in csrc/cpu and csrc/cuda.
+
+Shapes: input (N, C, *); per-channel tensors [C]. "Stats" tensors (mean,
+invstd, sums) are float32, or float64 for float64 input.
+
+Double backward: the first-order backward runs the fused ``bnfast::backward``
+kernel. When the backward itself is being differentiated (create_graph=True,
+so grad mode is on inside backward), it is instead computed by differentiating
+a composite of torch ops that equals the forward, which autograd can
+differentiate again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.bnfast
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of an input dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(input: Tensor) -> list:
+    return [0] + list(range(2, input.dim()))
+
+
+def _per_channel(t: Tensor, input: Tensor) -> Tensor:
+    """[C] -> [1, C, 1, ...] broadcastable against input."""
+    return t.view([1, -1] + [1] * (input.dim() - 2))
+
+
+def _count(input: Tensor):
+    return input.numel() // input.size(1)
+
+
+def _is_channels_last_dense(t: Tensor) -> bool:
+    """Mirror of csrc/common/layout.h is_channels_last_dense."""
+    expected = 1
+    for d in [1] + list(range(t.dim() - 1, 1, -1)) + [0]:
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def _empty_output_like(input: Tensor) -> Tensor:
+    """Mirror of the kernels' output allocation (layout.h readable + empty_like)."""
+    if input.is_contiguous() or _is_channels_last_dense(input):
+        return torch.empty_like(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _stats_like(input: Tensor) -> Tensor:
+    return input.new_empty((input.size(1),), dtype=stats_dtype(input.dtype))
+
+
+# Composite (torch-op) forms of the differentiable ops, used to differentiate
+# the backward (double backward) and as the float64 cross-check in tests.
+
+def forward_composite(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    dims = _reduce_dims(input)
+    x = input.to(stats_dtype(input.dtype))
+    mean = x.mean(dims)
+    var = x.var(dims, unbiased=False)
+    invstd = torch.rsqrt(var + eps)
+    return elemt_composite(input, weight, bias, mean, invstd), mean, invstd
+
+
+def elemt_composite(input, weight, bias, mean, invstd):
+    x = input.to(stats_dtype(input.dtype))
+    y = (x - _per_channel(mean, x)) * _per_channel(invstd, x)
+    if weight is not None:
+        y = y * _per_channel(weight, x)
+    if bias is not None:
+        y = y + _per_channel(bias, x)
+    return y.to(input.dtype)
+
+
+def _differentiate_composite(fn, inputs: Sequence[Optional[Tensor]], grads: Sequence[Optional[Tensor]]):
+    """Gradients of fn(*inputs) w.r.t. inputs, as a differentiable graph."""
+    with torch.enable_grad():
+        outputs = fn(*inputs)
+        if isinstance(outputs, Tensor):
+            outputs = (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        wrt = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True, allow_unused=True
+        )
+    it = iter(found)
+    return tuple(next(it) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
+
+
+def _cast_like(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+    if grad is None or like is None:
+        return None
+    return grad.to(like.dtype)
+
+
+# ---------------------------------------------------------------- stats
+
+def stats(input: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """mean[c], invstd[c] = 1 / sqrt(biased var[c] + eps) of input (N, C, *)."""
+    return _ops.stats(input, eps)
+
+
+@torch.library.register_fake("bnfast::stats")
+def _stats_fake(input, eps):
+    return _stats_like(input), _stats_like(input)
+
+
+def _stats_setup(ctx, inputs, output):
+    input, eps = inputs
+    mean, invstd = output
+    ctx.save_for_backward(input, mean, invstd)
+    ctx.set_materialize_grads(False)
+
+
+def _stats_grad(input, mean, invstd, grad_mean, grad_invstd):
+    """Input gradient of (mean, invstd):
+    d mean / dx = 1 / M,  d invstd / dx = -invstd^3 * (x - mean) / M."""
+    count = _count(input)
+    x = input.to(mean.dtype)
+    grad = torch.zeros_like(x)
+    if grad_mean is not None:
+        grad = grad + _per_channel(grad_mean, x) / count
+    if grad_invstd is not None:
+        grad = grad - _per_channel(grad_invstd * invstd.pow(3), x) * (x - _per_channel(mean, x)) / count
+    return grad.to(input.dtype)
+
+
+def _stats_backward(ctx, grad_mean, grad_invstd):
+    input, mean, invstd = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return _stats_grad(input, mean, invstd, grad_mean, grad_invstd), None
+
+
+torch.library.register_autograd("bnfast::stats", _stats_backward, setup_context=_stats_setup)
+
+
+# ---------------------------------------------------------------- gather_stats
+
+def gather_stats(mean: Tensor, invstd: Tensor, counts: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Merge per-replica stats (mean, invstd: [R, C]; counts: [R]) into global (mean, invstd) [C]."""
+    return _ops.gather_stats(mean, invstd, counts, eps)
+
+
+@torch.library.register_fake("bnfast::gather_stats")
+def _gather_stats_fake(mean, invstd, counts, eps):
+    return mean.new_empty((mean.size(1),)), mean.new_empty((mean.size(1),))
+
+
+# ---------------------------------------------------------------- update_stats_
+
+def update_stats_(running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor,
+                  momentum: float, eps: float, count: int) -> None:
+    """In place: running = (1 - momentum) * running + momentum * batch, with the
+    unbiased batch variance (1 / invstd^2 - eps) * count / (count - 1)."""
+    _ops.update_stats_(running_mean, running_var, mean, invstd, momentum, eps, count)
+
+
+@torch.library.register_fake("bnfast::update_stats_")
+def _update_stats_fake(running_mean, running_var, mean, invstd, momentum, eps, count):
+    return None
+
+
+# ---------------------------------------------------------------- elemt
+
+def elemt(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
+    """y = (x - mean[c]) * invstd[c] * weight[c] + bias[c] for x (N, C, *)."""
+    return _ops.elemt(input, weight, bias, mean, invstd)
+
+
+@torch.library.register_fake("bnfast::elemt")
+def _elemt_fake(input, weight, bias, mean, invstd):
+    return _empty_output_like(input)
+
+
+def _elemt_setup(ctx, inputs, output):
+    input, weight, bias, mean, invstd = inputs
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.set_materialize_grads(False)
+
+
+def _elemt_backward(ctx, grad_out):
+    input, weight, bias, mean, invstd = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph: a differentiable backward
+        return _differentiate_composite(elemt_composite, (input, weight, bias, mean, invstd), (grad_out,))
+    need_input, need_weight, need_bias, need_mean, need_invstd = ctx.needs_input_grad
+    grad_input = grad_weight = grad_bias = grad_mean = grad_invstd = None
+    if need_input:
+        zeros = torch.zeros_like(mean)
+        grad_input = _ops.backward_elemt(grad_out, input, mean, invstd, weight, zeros, zeros)
+    if need_weight or need_bias or need_mean or need_invstd:
+        sum_dy, sum_dy_xmu = _ops.backward_reduce(grad_out, input, mean, invstd)
+        w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
+        grad_weight = _cast_like(sum_dy_xmu * invstd, weight) if need_weight else None
+        grad_bias = _cast_like(sum_dy, bias) if need_bias else None
+        grad_mean = -(sum_dy * invstd * w) if need_mean else None
+        grad_invstd = sum_dy_xmu * w if need_invstd else None
+    return grad_input, grad_weight, grad_bias, grad_mean, grad_invstd
+
+
+torch.library.register_autograd("bnfast::elemt", _elemt_backward, setup_context=_elemt_setup)
+
+
+# ---------------------------------------------------------------- backward_reduce / backward_elemt
+
+def backward_reduce(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean[c]))."""
+    return _ops.backward_reduce(grad_out, input, mean, invstd)
+
+
+@torch.library.register_fake("bnfast::backward_reduce")
+def _backward_reduce_fake(grad_out, input, mean, invstd):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+def backward_elemt(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                   mean_dy: Tensor, mean_dy_xmu: Tensor) -> Tensor:
+    """dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight."""
+    return _ops.backward_elemt(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
+
+
+@torch.library.register_fake("bnfast::backward_elemt")
+def _backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
+    return _empty_output_like(input)
+
+
+# ---------------------------------------------------------------- forward / backward (fused)
+
+def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward: (y, mean, invstd) with batch statistics of x (N, C, *)."""
+    return _ops.forward(input, weight, bias, eps)
+
+
+@torch.library.register_fake("bnfast::forward")
+def _forward_fake(input, weight, bias, eps):
+    return _empty_output_like(input), _stats_like(input), _stats_like(input)
+
+
+def _forward_setup(ctx, inputs, output):
+    input, weight, bias, eps = inputs
+    _, mean, invstd = output
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.eps = eps
+    ctx.set_materialize_grads(False)
+
+
+def _forward_backward(ctx, grad_out, grad_mean, grad_invstd):
+    input, weight, bias, mean, invstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a differentiable backward
+        grads = _differentiate_composite(
+            lambda x, w, b: forward_composite(x, w, b, ctx.eps),
+            (input, weight, bias),
+            (grad_out, grad_mean, grad_invstd),
+        )
+        return grads + (None,)
+    need_input, need_weight, need_bias, _ = ctx.needs_input_grad
+    grad_input = grad_weight = grad_bias = None
+    if grad_out is not None:
+        grad_input, grad_weight, grad_bias = _ops.backward(grad_out, input, mean, invstd, weight)
+        grad_weight = _cast_like(grad_weight, weight) if need_weight else None
+        grad_bias = _cast_like(grad_bias, bias) if need_bias else None
+    if need_input and (grad_mean is not None or grad_invstd is not None):
+        grad_stats = _stats_grad(input, mean, invstd, grad_mean, grad_invstd)
+        grad_input = grad_stats if grad_input is None else grad_input + grad_stats
+    return (grad_input if need_input else None), grad_weight, grad_bias, None
+
+
+torch.library.register_autograd("bnfast::forward", _forward_backward, setup_context=_forward_setup)
+
+
+def backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
+             weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training backward: (grad_input, grad_weight, grad_bias); the last two in the stats dtype."""
+    return _ops.backward(grad_out, input, mean, invstd, weight)
+
+
+@torch.library.register_fake("bnfast::backward")
+def _backward_fake(grad_out, input, mean, invstd, weight):
+    return _empty_output_like(input), torch.empty_like(mean), torch.empty_like(mean)

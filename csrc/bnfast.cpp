@@ -1,0 +1,71 @@
+// The bnfast op library: every schema, and nothing else.
+//
+// The op set mirrors ATen's batch-norm building blocks (batch_norm_stats,
+// batch_norm_gather_stats_with_counts, batch_norm_elemt,
+// batch_norm_backward_reduce, batch_norm_backward_elemt) so that a
+// SyncBatchNorm composes from the same pieces torch.nn.SyncBatchNorm uses, plus
+// a fused single-device training forward and backward (the fast path).
+//
+// Conventions shared by every op:
+//   * input is (N, C, *) in any memory format; statistics are per channel C.
+//   * mean / invstd / sums are "stats" tensors of shape [C] in the input's
+//     accumulation dtype: float32 for float16/bfloat16/float32 input, float64
+//     for float64 input.
+//   * weight / bias are [C], in the input dtype or float32 (mixed precision).
+//   * Differentiable ops are functional; update_stats_ is the only op that
+//     mutates its arguments, and says so with (a!) annotations.
+// Kernels are registered per backend in csrc/cpu/*_kernel.cpp and
+// csrc/cuda/*_kernel.cu; fakes and autograd live in bnfast/ops.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: importing bnfast._C loads this library, whose static
+// initializers register the ops. No pybind11 bindings are needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(bnfast, m) {
+  // mean[c] and invstd[c] = 1 / sqrt(biased_var[c] + eps) of one batch.
+  m.def("stats(Tensor input, float eps) -> (Tensor mean, Tensor invstd)");
+  // Merge R per-replica statistics (mean, invstd: [R, C]; counts: [R] element
+  // counts per channel) into the statistics of the union.
+  m.def(
+      "gather_stats(Tensor mean, Tensor invstd, Tensor counts, float eps)"
+      " -> (Tensor mean, Tensor invstd)");
+  // running_mean = (1 - momentum) * running_mean + momentum * mean
+  // running_var  = (1 - momentum) * running_var
+  //                + momentum * biased_var * count / (count - 1)
+  // where biased_var = 1 / invstd^2 - eps and count = elements per channel.
+  m.def(
+      "update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean,"
+      " Tensor invstd, float momentum, float eps, SymInt count) -> ()");
+  // y = (x - mean) * invstd * weight + bias
+  m.def(
+      "elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd)"
+      " -> Tensor");
+  // sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean))
+  m.def(
+      "backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd)"
+      " -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  // dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight
+  // (mean_dy = sum_dy / count, mean_dy_xmu = sum_dy_xmu / count; the division
+  // is the caller's, so counts gathered across replicas stay on the device).
+  m.def(
+      "backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd,"
+      " Tensor? weight, Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
+  // Fused training forward: stats + elemt in one call.
+  m.def(
+      "forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor mean, Tensor invstd)");
+  // Fused training backward: backward_reduce + backward_elemt with
+  // count = numel / C. grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy
+  // are returned in the stats dtype; the caller casts them to weight's dtype.
+  m.def(
+      "backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}

@@ -1,0 +1,69 @@
+// bnfast::backward on CPU, the fused training backward. With M = N * S:
+//   sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean))          (pass 1: x, dy)
+//   dx = (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)
+//        * invstd * weight                                          (pass 2: x, dy -> dx)
+//   grad_weight = sum_dy_xmu * invstd,   grad_bias = sum_dy
+// 5 tensor passes, the streaming bound; the sums stay in double between passes.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common/checks.h"
+#include "host.h"
+
+namespace bnfast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean,
+    const at::Tensor& invstd, const c10::optional<at::Tensor>& weight) {
+  check_input(input_);
+  check_like_input(grad_out_, "grad_out", input_);
+  check_channel_vector(mean, "mean", input_, /*allow_input_dtype=*/false);
+  check_channel_vector(invstd, "invstd", input_, /*allow_input_dtype=*/false);
+  check_optional_channel_vector(weight, "weight", input_);
+  const auto input = readable(input_);
+  const auto grad_out = readable_as(grad_out_, input);
+  const auto layout = layout_of(input);
+  const auto shape = shape_of(input);
+  auto grad_input = empty_output_like(input);
+  auto grad_weight = at::empty({shape.channels}, mean.options());
+  auto grad_bias = at::empty({shape.channels}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = shape.channels;
+    const int64_t count = shape.per_channel();
+    const auto mu = cpu::channel_values<opmath_t>(mean, C, 0);
+    const auto is = cpu::channel_values<opmath_t>(invstd, C, 0);
+    std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
+    auto* gw = grad_weight.mutable_data_ptr<opmath_t>();
+    auto* gb = grad_bias.mutable_data_ptr<opmath_t>();
+    if (count == 0) {  // an empty batch contributes nothing (invstd is NaN)
+      std::fill(gw, gw + C, opmath_t(0));
+      std::fill(gb, gb + C, opmath_t(0));
+      return;
+    }
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    cpu::grad_sums<scalar_t>(dy, x, layout, shape, mu.data(), sum_dy.data(), sum_dy_xmu.data());
+    std::vector<double> mean_dy(C), mean_dy_xmu(C);
+    for (int64_t c = 0; c < C; ++c) {
+      gw[c] = static_cast<opmath_t>(sum_dy_xmu[c] * is[c]);
+      gb[c] = static_cast<opmath_t>(sum_dy[c]);
+      mean_dy[c] = sum_dy[c] / count;
+      mean_dy_xmu[c] = sum_dy_xmu[c] / count;
+    }
+    const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
+    cpu::grad_input<scalar_t>(dy, x, grad_input.mutable_data_ptr<scalar_t>(), layout, shape,
+                              mu.data(), is.data(), w.data(), mean_dy.data(), mean_dy_xmu.data());
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("backward", &backward_cpu); }
+
+}  // namespace bnfast

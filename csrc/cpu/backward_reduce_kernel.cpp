@@ -1,0 +1,53 @@
+// bnfast::backward_reduce on CPU: per channel
+//   sum_dy = sum(dy),   sum_dy_xmu = sum(dy * (x - mean))
+// in one pass over x and dy, accumulated in double (see loops.h).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common/checks.h"
+#include "host.h"
+
+namespace bnfast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_out_,
+                                                        const at::Tensor& input_,
+                                                        const at::Tensor& mean,
+                                                        const at::Tensor& invstd) {
+  check_input(input_);
+  check_like_input(grad_out_, "grad_out", input_);
+  check_channel_vector(mean, "mean", input_, /*allow_input_dtype=*/false);
+  check_channel_vector(invstd, "invstd", input_, /*allow_input_dtype=*/false);
+  const auto input = readable(input_);
+  const auto grad_out = readable_as(grad_out_, input);
+  const auto layout = layout_of(input);
+  const auto shape = shape_of(input);
+  auto sum_dy = at::empty({shape.channels}, mean.options());
+  auto sum_dy_xmu = at::empty({shape.channels}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::backward_reduce", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = shape.channels;
+    const auto mu = cpu::channel_values<opmath_t>(mean, C, 0);
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
+    if (input.numel() > 0) {
+      cpu::grad_sums<scalar_t>(grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                               layout, shape, mu.data(), s1.data(), s2.data());
+    }
+    auto* out1 = sum_dy.mutable_data_ptr<opmath_t>();
+    auto* out2 = sum_dy_xmu.mutable_data_ptr<opmath_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      out1[c] = static_cast<opmath_t>(s1[c]);
+      out2[c] = static_cast<opmath_t>(s2[c]);
+    }
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("backward_reduce", &backward_reduce_cpu); }
+
+}  // namespace bnfast

@@ -1,0 +1,43 @@
+// bnfast::elemt on CPU: y = (x - mean) * invstd * weight + bias per channel,
+// applied as y = x * scale + shift with scale = invstd * weight and
+// shift = bias - mean * scale (computed in double per channel).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "host.h"
+
+namespace bnfast {
+namespace {
+
+at::Tensor elemt_cpu(const at::Tensor& input_, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                     const at::Tensor& invstd) {
+  check_input(input_);
+  check_optional_channel_vector(weight, "weight", input_);
+  check_optional_channel_vector(bias, "bias", input_);
+  check_channel_vector(mean, "mean", input_, /*allow_input_dtype=*/false);
+  check_channel_vector(invstd, "invstd", input_, /*allow_input_dtype=*/false);
+  const auto input = readable(input_);
+  const auto layout = layout_of(input);
+  const auto shape = shape_of(input);
+  auto output = empty_output_like(input);
+  if (input.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::elemt", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = shape.channels;
+    const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
+    const auto b = cpu::channel_values<opmath_t>(bias, C, 0);
+    const auto mu = cpu::channel_values<opmath_t>(mean, C, 0);
+    const auto is = cpu::channel_values<opmath_t>(invstd, C, 0);
+    cpu::normalize<scalar_t>(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
+                             layout, shape, mu.data(), is.data(), w.data(), b.data());
+  });
+  return output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("elemt", &elemt_cpu); }
+
+}  // namespace bnfast

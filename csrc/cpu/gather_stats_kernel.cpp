@@ -1,0 +1,70 @@
+// bnfast::gather_stats on CPU: merge R replicas' statistics (mean_r, invstd_r
+// over count_r elements per channel) into those of their union, by Chan's
+// pairwise formula in double:
+//   n = n_a + n_b,  delta = mean_b - mean_a
+//   mean = mean_a + delta * n_b / n
+//   M2   = M2_a + M2_b + delta^2 * n_a * n_b / n,   M2_r = count_r * var_r
+// with var_r = 1 / invstd_r^2 - eps. Replicas with count 0 are skipped.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+namespace bnfast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> gather_stats_cpu(const at::Tensor& mean, const at::Tensor& invstd,
+                                                     const at::Tensor& counts, double eps) {
+  TORCH_CHECK(mean.dim() == 2, "bnfast: mean must be [replicas, channels], got shape ", mean.sizes());
+  TORCH_CHECK(invstd.sizes() == mean.sizes(), "bnfast: invstd must have mean's shape ", mean.sizes(),
+              ", got ", invstd.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+              "bnfast: mean must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), "bnfast: invstd must be ",
+              mean.scalar_type(), " like mean, got ", invstd.scalar_type());
+  TORCH_CHECK(counts.dim() == 1 && counts.numel() == mean.size(0), "bnfast: counts must have ",
+              mean.size(0), " elements (one per replica), got shape ", counts.sizes());
+  const int64_t R = mean.size(0), C = mean.size(1);
+  const auto mean_d = mean.to(at::kDouble).contiguous();
+  const auto invstd_d = invstd.to(at::kDouble).contiguous();
+  const auto counts_d = counts.to(at::kDouble).contiguous();
+  const double* mu = mean_d.const_data_ptr<double>();
+  const double* is = invstd_d.const_data_ptr<double>();
+  const double* n = counts_d.const_data_ptr<double>();
+  auto out_mean = at::empty({C}, mean.options());
+  auto out_invstd = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnfast::gather_stats", [&] {
+    auto* om = out_mean.mutable_data_ptr<scalar_t>();
+    auto* oi = out_invstd.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      double total = 0, m = 0, m2 = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const double nr = n[r];
+        if (nr <= 0) continue;
+        const double mr = mu[r * C + c];
+        const double var_r = 1.0 / (is[r * C + c] * is[r * C + c]) - eps;
+        const double merged = total + nr;
+        const double delta = mr - m;
+        m += delta * nr / merged;
+        m2 += var_r * nr + delta * delta * total * nr / merged;
+        total = merged;
+      }
+      if (total == 0) {
+        om[c] = oi[c] = std::numeric_limits<scalar_t>::quiet_NaN();
+      } else {
+        om[c] = static_cast<scalar_t>(m);
+        oi[c] = static_cast<scalar_t>(1.0 / std::sqrt(m2 / total + eps));
+      }
+    }
+  });
+  return {out_mean, out_invstd};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("gather_stats", &gather_stats_cpu); }
+
+}  // namespace bnfast

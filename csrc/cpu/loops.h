@@ -1,0 +1,84 @@
+// The CPU inner loops, compiled once per instruction set (csrc/cpu/isa/) and
+// picked at run time, the way ATen's DispatchStub picks its kernels.
+//
+// NB: the loops see raw pointers and sizes only. The translation units that
+// are compiled with -mavx2 / -mavx512* include nothing but at::vec and these
+// declarations, so no inline code shared with the baseline objects (Tensor
+// methods, std containers, parallel_for) is ever emitted with wide
+// instructions; the caller does the threading and owns every buffer.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cstdint>
+
+namespace bnfast {
+namespace cpu {
+
+// Two layouts (see csrc/common/layout.h):
+//   channels-first: x[(n * C + c) * S + s]
+//   channels-last:  x[m * C + c], m = n * S + s
+template <typename scalar_t>
+struct Loops {
+  using opmath_t = at::opmath_type<scalar_t>;
+
+  // Per-channel sums with a shift K, for statistics (dy == nullptr) and for
+  // the backward reduction (dy given):
+  //   a = dy ? dy : (x - K);   s1 += a;   s2 += a * (x - K)
+  // Channels-first: channel c over planes n in [n_begin, n_end); adds into
+  // *s1, *s2.
+  void (*reduce_cf)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int64_t c,
+                    int64_t n_begin, int64_t n_end, opmath_t shift, double* s1, double* s2);
+  // Channels-last: rows [m_begin, m_end), all C channels, shifts K[C]; adds
+  // into s1[C], s2[C]. scratch holds 2 * padded_channels(C) opmath_t.
+  void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin,
+                    int64_t m_end, const opmath_t* shift, double* s1, double* s2,
+                    opmath_t* scratch);
+  // Per-channel affine map: out = x * p[c] + q[c] (+ dy * r[c] when dy given).
+  // Channels-first: planes [plane_begin, plane_end) of the N * C planes.
+  void (*affine_cf)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
+                    int64_t plane_begin, int64_t plane_end, const opmath_t* p, const opmath_t* q,
+                    const opmath_t* r);
+  // Channels-last: rows [m_begin, m_end).
+  void (*affine_cl)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
+                    int64_t m_begin, int64_t m_end, const opmath_t* p, const opmath_t* q,
+                    const opmath_t* r);
+};
+
+struct LoopTable {
+  const char* isa;
+  Loops<float> f32;
+  Loops<double> f64;
+  Loops<c10::Half> f16;
+  Loops<c10::BFloat16> bf16;
+};
+
+// One table per instruction set; each is defined in csrc/cpu/isa/loops.cpp
+// compiled with that set's flags.
+const LoopTable& loop_table_DEFAULT();
+#ifdef BNFAST_HAVE_AVX2
+const LoopTable& loop_table_AVX2();
+#endif
+#ifdef BNFAST_HAVE_AVX512
+const LoopTable& loop_table_AVX512();
+#endif
+
+// The table for this CPU: the widest set both built and supported, capped by
+// ATen's own choice (at::get_cpu_capability(), which honours the
+// ATEN_CPU_CAPABILITY environment variable). Chosen once.
+const LoopTable& loop_table();
+
+template <typename scalar_t> const Loops<scalar_t>& loops();
+template <> inline const Loops<float>& loops<float>() { return loop_table().f32; }
+template <> inline const Loops<double>& loops<double>() { return loop_table().f64; }
+template <> inline const Loops<c10::Half>& loops<c10::Half>() { return loop_table().f16; }
+template <> inline const Loops<c10::BFloat16>& loops<c10::BFloat16>() { return loop_table().bf16; }
+
+// Largest vector width over all instruction sets (AVX-512 float: 16 lanes);
+// channels-last scratch rows are padded to it.
+constexpr int64_t kMaxLanes = 16;
+inline int64_t padded_channels(int64_t C) { return (C + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
+
+}  // namespace cpu
+}  // namespace bnfast

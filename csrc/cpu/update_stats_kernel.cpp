@@ -1,0 +1,63 @@
+// bnfast::update_stats_ on CPU, the running-statistics update (in place):
+//   running_mean = (1 - momentum) * running_mean + momentum * mean
+//   running_var  = (1 - momentum) * running_var
+//                  + momentum * var * count / (count - 1),  var = 1 / invstd^2 - eps
+// count is the number of elements per channel the statistics came from. An
+// empty batch (count == 0) leaves the running statistics unchanged, as torch
+// does; count == 1 gives an infinite or NaN unbiased variance, as in torch.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+
+namespace bnfast {
+namespace {
+
+void check_running(const at::Tensor& running, const char* name, const at::Tensor& mean) {
+  TORCH_CHECK(running.dim() == 1 && running.numel() == mean.numel(), "bnfast: ", name,
+              " should contain ", mean.numel(), " elements not ", running.numel());
+  TORCH_CHECK(running.device() == mean.device(), "bnfast: ", name, " must be on ", mean.device(),
+              ", got ", running.device());
+  TORCH_CHECK(at::isFloatingType(running.scalar_type()), "bnfast: ", name,
+              " must be floating point, got ", running.scalar_type());
+}
+
+void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                      const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  TORCH_CHECK(mean.dim() == 1 && invstd.sizes() == mean.sizes(),
+              "bnfast: mean and invstd must be 1-D of the same size, got ", mean.sizes(), " and ",
+              invstd.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+              "bnfast: mean must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), "bnfast: invstd must be ",
+              mean.scalar_type(), " like mean, got ", invstd.scalar_type());
+  check_running(running_mean, "running_mean", mean);
+  check_running(running_var, "running_var", mean);
+  TORCH_CHECK(count >= 0, "bnfast: count must be >= 0, got ", count);
+  if (count == 0) return;
+  const double correction = static_cast<double>(count) / static_cast<double>(count - 1);
+  const auto mean_d = mean.to(at::kDouble).contiguous();
+  const auto invstd_d = invstd.to(at::kDouble).contiguous();
+  const double* mu = mean_d.const_data_ptr<double>();
+  const double* is = invstd_d.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "bnfast::update_stats_", [&] {
+    auto rm = running_mean.accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < rm.size(0); ++c) {
+      rm[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rm[c]) + momentum * mu[c]);
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_var.scalar_type(), "bnfast::update_stats_", [&] {
+    auto rv = running_var.accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < rv.size(0); ++c) {
+      const double var = 1.0 / (is[c] * is[c]) - eps;
+      rv[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rv[c]) +
+                                    momentum * var * correction);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("update_stats_", &update_stats_cpu); }
+
+}  // namespace bnfast
