@@ -4,6 +4,8 @@ Importing the package loads the compiled library (bnfast._C), which registers
 the ops under torch.ops.bnfast.
 """
 
+import torch  # noqa: F401  (loads libtorch, which bnfast._C links against)
+
 from bnfast import _C  # noqa: F401  (registers torch.ops.bnfast.*)
 from bnfast import ops  # noqa: F401  (fake kernels and autograd)
 from bnfast.convert import convert, revert

@@ -3,7 +3,8 @@
 //   dx = (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)
 //        * invstd * weight                                          (pass 2: x, dy -> dx)
 //   grad_weight = sum_dy_xmu * invstd,   grad_bias = sum_dy
-// 5 tensor passes, the streaming bound; the sums stay in double between passes.
+// 5 tensor passes, the streaming bound, or 3 memory passes when a channel's x
+// and dy fit in cache (host.h per_channel_tasks); the sums stay in double.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -45,19 +46,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       std::fill(gb, gb + C, opmath_t(0));
       return;
     }
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-    cpu::grad_sums<scalar_t>(dy, x, layout, shape, mu.data(), sum_dy.data(), sum_dy_xmu.data());
-    std::vector<double> mean_dy(C), mean_dy_xmu(C);
+    const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
+    cpu::backward_train<scalar_t>(grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                  grad_input.mutable_data_ptr<scalar_t>(), layout, shape, mu.data(),
+                                  is.data(), w.data(), sum_dy.data(), sum_dy_xmu.data());
     for (int64_t c = 0; c < C; ++c) {
       gw[c] = static_cast<opmath_t>(sum_dy_xmu[c] * is[c]);
       gb[c] = static_cast<opmath_t>(sum_dy[c]);
-      mean_dy[c] = sum_dy[c] / count;
-      mean_dy_xmu[c] = sum_dy_xmu[c] / count;
     }
-    const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
-    cpu::grad_input<scalar_t>(dy, x, grad_input.mutable_data_ptr<scalar_t>(), layout, shape,
-                              mu.data(), is.data(), w.data(), mean_dy.data(), mean_dy_xmu.data());
   });
   return {grad_input, grad_weight, grad_bias};
 }
