@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 
 #include "kernels.cuh"
@@ -35,7 +36,7 @@ __global__ void gather_stats_kernel(const scalar_t* mean, const scalar_t* invstd
     s = welford_merge(s, WelfordState<double>{static_cast<double>(mean[r * C + c]), var * n, n});
   }
   if (s.n == 0) {
-    out_mean[c] = out_invstd[c] = static_cast<scalar_t>(CUDART_NAN);
+    out_mean[c] = out_invstd[c] = std::numeric_limits<scalar_t>::quiet_NaN();
   } else {
     out_mean[c] = static_cast<scalar_t>(s.mean);
     out_invstd[c] = static_cast<scalar_t>(1.0 / sqrt(s.m2 / s.n + eps));
