@@ -3,8 +3,7 @@
 //   dx = (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)
 //        * invstd * weight                                          (pass 2: x, dy -> dx)
 //   grad_weight = sum_dy_xmu * invstd,   grad_bias = sum_dy
-// 5 tensor passes, the streaming bound, or 3 memory passes when a channel's x
-// and dy fit in cache (host.h per_channel_tasks); the sums stay in double.
+// 5 tensor passes, the streaming bound; the sums stay in double.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -1,6 +1,6 @@
 // bnfast::elemt on CPU: y = (x - mean) * invstd * weight + bias per channel,
-// applied as y = x * scale + shift with scale = invstd * weight and
-// shift = bias - mean * scale (computed in double per channel).
+// applied as y = (x - mean) * scale + bias with scale = invstd * weight
+// (computed in double per channel); one pass reading x and writing y.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

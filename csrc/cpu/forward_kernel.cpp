@@ -1,7 +1,6 @@
 // bnfast::forward on CPU, the fused training forward: the batch statistics
-// (one pass over x, see stats_kernel.cpp) then y = x * scale + shift (a second
-// pass reading x and writing y): 3 tensor passes, the streaming bound, or 2
-// memory passes when a channel fits in cache (host.h per_channel_tasks).
+// (one pass over x, see stats_kernel.cpp) then y = (x - mean) * scale + bias (a second
+// pass reading x and writing y): 3 tensor passes, the streaming bound.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

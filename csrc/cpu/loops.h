@@ -26,24 +26,30 @@ struct Loops {
   // Per-channel sums with a shift K, for statistics (dy == nullptr) and for
   // the backward reduction (dy given):
   //   a = dy ? dy : (x - K);   s1 += a;   s2 += a * (x - K)
-  // Channels-first: channel c over planes n in [n_begin, n_end); adds into
-  // *s1, *s2.
-  void (*reduce_cf)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int64_t c,
-                    int64_t n_begin, int64_t n_end, opmath_t shift, double* s1, double* s2);
+  // Channels-first: planes [plane_begin, plane_end) of the N * C planes (plane
+  // p is channel p % C), shifts K[C]; adds into s1[C], s2[C]. scratch holds
+  // 2 * C * kMaxLanes opmath_t.
+  void (*reduce_cf)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
+                    int64_t plane_begin, int64_t plane_end, const opmath_t* shift, double* s1,
+                    double* s2, opmath_t* scratch);
   // Channels-last: rows [m_begin, m_end), all C channels, shifts K[C]; adds
   // into s1[C], s2[C]. scratch holds 2 * padded_channels(C) opmath_t.
   void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin,
                     int64_t m_end, const opmath_t* shift, double* s1, double* s2,
                     opmath_t* scratch);
-  // Per-channel affine map: out = x * p[c] + q[c] (+ dy * r[c] when dy given).
+  // Per-channel affine map, centred:
+  //   out = (x - m[c]) * p[c] + q[c] (+ dy * r[c] when dy given)
+  // NB: centring before scaling keeps y exact when |mean| >> std; the
+  // uncentred x * scale + (bias - mean * scale) loses the low bits of y in
+  // the rounding of the large shift.
   // Channels-first: planes [plane_begin, plane_end) of the N * C planes.
   void (*affine_cf)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
-                    int64_t plane_begin, int64_t plane_end, const opmath_t* p, const opmath_t* q,
-                    const opmath_t* r);
+                    int64_t plane_begin, int64_t plane_end, const opmath_t* m, const opmath_t* p,
+                    const opmath_t* q, const opmath_t* r);
   // Channels-last: rows [m_begin, m_end).
   void (*affine_cl)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
-                    int64_t m_begin, int64_t m_end, const opmath_t* p, const opmath_t* q,
-                    const opmath_t* r);
+                    int64_t m_begin, int64_t m_end, const opmath_t* m, const opmath_t* p,
+                    const opmath_t* q, const opmath_t* r);
 };
 
 struct LoopTable {

@@ -7,17 +7,20 @@
 //
 // What they compute, per channel c (a = dy, or x - K for statistics):
 //   reduce:  s1 = sum(a),  s2 = sum(a * (x - K))
-//   affine:  out = x * p[c] + q[c] (+ dy * r[c])
+//   affine:  out = (x - m[c]) * p[c] + q[c] (+ dy * r[c])
 //
 // NB: sums are accumulated in opmath vectors (float, or double for double
-// input) for at most kFlushIters vector steps per lane, then added into double
-// totals. Short float runs keep the rounding error near one ulp of each
+// input) for at most 64 values per lane, then added into double totals. Short float runs keep the rounding error near one ulp of each
 // partial sum, and the double totals keep it there over millions of elements;
 // together with the shift K (a sample of the channel, or its mean) this avoids
 // the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std.
 //
-// Performance assumption: every loop is memory-bound; one vector of
-// accumulators per sum is enough to keep up with memory on this class of CPU.
+// Performance assumption: every loop is memory-bound once the add latency is
+// hidden by independent accumulator chains (4 per sum).
+//
+// NB: nothing from the C++ standard library is instantiated here: an inline
+// template compiled with -mavx512f could be the copy the linker keeps for the
+// baseline objects too.
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -34,6 +37,13 @@ namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T>
+inline void zero_fill(T* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = T(0);
+}
 
 // Loads and stores of scalar_t as opmath vectors, with masked tails.
 template <typename scalar_t, bool reduced = at::vec::is_reduced_floating_point_v<scalar_t>>
@@ -70,8 +80,12 @@ struct VecIO<scalar_t, true> {
   }
 };
 
-// Vector steps per lane before partial sums are added into the double totals.
-constexpr int64_t kFlushIters = 64;
+// Vector steps before the vector partial sums are folded into the double
+// totals. They are spread over kChains independent accumulator chains (to hide
+// the add latency), so each lane of each chain sums at most
+// kFlushSteps / kChains = 64 values in opmath precision.
+constexpr int64_t kChains = 4;
+constexpr int64_t kFlushSteps = 256;
 
 template <typename Vec>
 double horizontal_sum(const Vec& v) {
@@ -83,56 +97,154 @@ double horizontal_sum(const Vec& v) {
   return total;
 }
 
-template <typename scalar_t>
-void reduce_cf(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int64_t c,
-               int64_t n_begin, int64_t n_end, at::opmath_type<scalar_t> shift, double* s1,
-               double* s2) {
+// Accumulators of one reduction: kChains independent (s1, s2) vector pairs
+// and their double totals. Kept in a plain struct that never escapes the
+// loop functions, so the compiler keeps the vectors in registers.
+template <typename Vec>
+struct Accumulators {
+  Vec s1[kChains], s2[kChains];
+  double t1 = 0, t2 = 0;
+  int64_t steps = 0;  // vector steps since the last fold
+  Accumulators() {
+    for (int64_t i = 0; i < kChains; ++i) s1[i] = s2[i] = Vec(0);
+  }
+  inline void fold() {
+    Vec a = s1[0], b = s2[0];
+    for (int64_t i = 1; i < kChains; ++i) {
+      a = a + s1[i];
+      b = b + s2[i];
+    }
+    t1 += horizontal_sum(a);
+    t2 += horizontal_sum(b);
+    for (int64_t i = 0; i < kChains; ++i) s1[i] = s2[i] = Vec(0);
+    steps = 0;
+  }
+};
+
+// a = dy ? dy : x - K;  s1 += a;  s2 += a * (x - K)   over p[0, len) (full vectors only).
+template <typename scalar_t, bool kHasDy>
+inline void accumulate_span(const scalar_t* xp, const scalar_t* dyp, int64_t len,
+                            const typename VecIO<scalar_t>::Vec& k,
+                            Accumulators<typename VecIO<scalar_t>::Vec>& acc) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
-  const Vec k(shift);
-  const Vec zero(0);
-  Vec acc1(0), acc2(0);
-  int64_t iters = 0;
-  double t1 = 0, t2 = 0;
-  auto flush = [&] {
-    t1 += horizontal_sum(acc1);
-    t2 += horizontal_sum(acc2);
-    acc1 = zero;
-    acc2 = zero;
-    iters = 0;
-  };
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int64_t offset = (n * C + c) * S;
-    const scalar_t* xp = x + offset;
-    const scalar_t* dyp = dy ? dy + offset : nullptr;
-    int64_t s = 0;
-    for (; s + L <= S; s += L) {
-      const Vec d = IO::load(xp + s) - k;
-      const Vec a = dyp ? IO::load(dyp + s) : d;
-      acc1 = acc1 + a;
-      acc2 = at::vec::fmadd(a, d, acc2);
-      if (++iters == kFlushIters) flush();
+  int64_t s = 0;
+  while (s < len) {
+    // Up to the next fold, in steps of kChains vectors, then single vectors.
+    const int64_t block_end = s + min64((len - s) / L, kFlushSteps - acc.steps) * L;
+    for (; s + kChains * L <= block_end; s += kChains * L) {
+      for (int64_t i = 0; i < kChains; ++i) {
+        const Vec d = IO::load(xp + s + i * L) - k;
+        const Vec a = kHasDy ? IO::load(dyp + s + i * L) : d;
+        acc.s1[i] = acc.s1[i] + a;
+        acc.s2[i] = at::vec::fmadd(a, d, acc.s2[i]);
+      }
+      acc.steps += kChains;
     }
-    if (s < S) {
-      const int64_t n_tail = S - s;
-      // Masked-off lanes must add nothing: zero them in a (x - K is not 0 there).
-      const Vec d = Vec::set(zero, IO::load(xp + s, n_tail) - k, n_tail);
-      const Vec a = dyp ? IO::load(dyp + s, n_tail) : d;
-      acc1 = acc1 + a;
-      acc2 = at::vec::fmadd(a, d, acc2);
-      if (++iters == kFlushIters) flush();
+    for (; s < block_end; s += L) {
+      const Vec d = IO::load(xp + s) - k;
+      const Vec a = kHasDy ? IO::load(dyp + s) : d;
+      acc.s1[0] = acc.s1[0] + a;
+      acc.s2[0] = at::vec::fmadd(a, d, acc.s2[0]);
+      ++acc.steps;
+    }
+    if (acc.steps >= kFlushSteps) acc.fold();
+  }
+}
+
+// Channels-first: planes are visited in memory order (streaming, which the
+// hardware prefetchers follow), each plane summed with kChains register chains,
+// and the plane's vector sum added into its channel's vector partial sums in
+// scratch ([2][C][L]); those are folded into the double totals every
+// kPlanesPerFold planes of each channel.
+constexpr int64_t kPlanesPerFold = 64;
+
+template <typename scalar_t, bool kHasDy>
+void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
+                    int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* shift,
+                    double* s1, double* s2, at::opmath_type<scalar_t>* scratch) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t full = S / L * L;
+  const int64_t n_tail = S - full;
+  auto* part1 = scratch;
+  auto* part2 = scratch + C * L;
+  zero_fill(scratch, 2 * C * L);
+  auto fold = [&] {
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += horizontal_sum(Vec::loadu(part1 + c * L));
+      s2[c] += horizontal_sum(Vec::loadu(part2 + c * L));
+    }
+    zero_fill(scratch, 2 * C * L);
+  };
+  int64_t planes_since_fold = 0;
+  for (int64_t plane = plane_begin; plane < plane_end; ++plane) {
+    const int64_t c = plane % C;
+    const Vec k(shift[c]);
+    const scalar_t* xp = x + plane * S;
+    const scalar_t* dyp = kHasDy ? dy + plane * S : nullptr;
+    Vec sum1, sum2;
+    if (full > kChains * L) {
+      Accumulators<Vec> acc;
+      accumulate_span<scalar_t, kHasDy>(xp, dyp, full, k, acc);
+      sum1 = acc.s1[0];
+      sum2 = acc.s2[0];
+      for (int64_t i = 1; i < kChains; ++i) {
+        sum1 = sum1 + acc.s1[i];
+        sum2 = sum2 + acc.s2[i];
+      }
+      s1[c] += acc.t1;  // non-zero only for planes longer than one fold
+      s2[c] += acc.t2;
+    } else {  // small planes: a few vectors, no chains needed
+      sum1 = Vec(0);
+      sum2 = Vec(0);
+      for (int64_t i = 0; i < full; i += L) {
+        const Vec d = IO::load(xp + i) - k;
+        const Vec a = kHasDy ? IO::load(dyp + i) : d;
+        sum1 = sum1 + a;
+        sum2 = at::vec::fmadd(a, d, sum2);
+      }
+    }
+    if (n_tail > 0) {
+      // Masked-off lanes must add nothing: zero them in d (x - K is not 0
+      // there); a masked load of dy is already 0 there.
+      const Vec d = Vec::set(Vec(0), IO::load(xp + full, n_tail) - k, n_tail);
+      const Vec a = kHasDy ? IO::load(dyp + full, n_tail) : d;
+      sum1 = sum1 + a;
+      sum2 = at::vec::fmadd(a, d, sum2);
+    }
+    (Vec::loadu(part1 + c * L) + sum1).store(part1 + c * L);
+    (Vec::loadu(part2 + c * L) + sum2).store(part2 + c * L);
+    if (++planes_since_fold == kPlanesPerFold * C) {
+      fold();
+      planes_since_fold = 0;
     }
   }
-  flush();
-  *s1 += t1;
-  *s2 += t2;
+  fold();
 }
 
 template <typename scalar_t>
-void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin, int64_t m_end,
-               const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
+void reduce_cf(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int64_t plane_begin,
+               int64_t plane_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
                at::opmath_type<scalar_t>* scratch) {
+  if (dy) {
+    reduce_cf_impl<scalar_t, true>(x, dy, C, S, plane_begin, plane_end, shift, s1, s2, scratch);
+  } else {
+    reduce_cf_impl<scalar_t, false>(x, dy, C, S, plane_begin, plane_end, shift, s1, s2, scratch);
+  }
+}
+
+// Channels-last: the channel vectors of a row are independent chains already;
+// kRowsPerStep rows are summed in registers before each update of the
+// per-channel partial sums in scratch, which amortizes their loads and stores.
+constexpr int64_t kRowsPerStep = 4;
+
+template <typename scalar_t, bool kHasDy>
+void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin,
+                    int64_t m_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
+                    at::opmath_type<scalar_t>* scratch) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using opmath_t = typename IO::opmath_t;
@@ -140,68 +252,80 @@ void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin
   const int64_t Cp = padded_channels(C);
   opmath_t* acc1 = scratch;
   opmath_t* acc2 = scratch + Cp;
-  const Vec zero(0);
-  auto clear = [&] {
-    for (int64_t i = 0; i < 2 * Cp; ++i) scratch[i] = 0;
+  zero_fill(scratch, 2 * Cp);
+  // The last, partial channel vector reads (and discards) up to L - 1 values
+  // past C in acc1/acc2 (padded) but must not read past the row in x/dy.
+  auto step = [&](int64_t m0, int64_t rows) {
+    for (int64_t i = 0; i < C; i += L) {
+      const int64_t n = min64(L, C - i);
+      const Vec k = n == L ? Vec::loadu(shift + i) : Vec::loadu(shift + i, n);
+      Vec a_sum(0), ad_sum(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t offset = (m0 + r) * C + i;
+        Vec d = (n == L ? IO::load(x + offset) : IO::load(x + offset, n)) - k;
+        if (n < L) d = Vec::set(Vec(0), d, n);
+        const Vec a = kHasDy ? (n == L ? IO::load(dy + offset) : IO::load(dy + offset, n)) : d;
+        a_sum = a_sum + a;
+        ad_sum = at::vec::fmadd(a, d, ad_sum);
+      }
+      (Vec::loadu(acc1 + i) + a_sum).store(acc1 + i);
+      (Vec::loadu(acc2 + i) + ad_sum).store(acc2 + i);
+    }
   };
-  auto flush = [&] {
+  int64_t rows_since_fold = 0;
+  auto fold = [&] {
     for (int64_t i = 0; i < C; ++i) {
       s1[i] += acc1[i];
       s2[i] += acc2[i];
     }
-    clear();
+    zero_fill(scratch, 2 * Cp);
+    rows_since_fold = 0;
   };
-  clear();
-  int64_t rows = 0;
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    const scalar_t* xp = x + m * C;
-    const scalar_t* dyp = dy ? dy + m * C : nullptr;
-    int64_t i = 0;
-    for (; i + L <= C; i += L) {
-      const Vec d = IO::load(xp + i) - Vec::loadu(shift + i);
-      const Vec a = dyp ? IO::load(dyp + i) : d;
-      (Vec::loadu(acc1 + i) + a).store(acc1 + i);
-      at::vec::fmadd(a, d, Vec::loadu(acc2 + i)).store(acc2 + i);
-    }
-    if (i < C) {
-      const int64_t n_tail = C - i;
-      const Vec d = Vec::set(zero, IO::load(xp + i, n_tail) - Vec::loadu(shift + i, n_tail), n_tail);
-      const Vec a = dyp ? IO::load(dyp + i, n_tail) : d;
-      // The scratch rows are padded to a whole vector, so full stores are safe.
-      (Vec::loadu(acc1 + i) + a).store(acc1 + i);
-      at::vec::fmadd(a, d, Vec::loadu(acc2 + i)).store(acc2 + i);
-    }
-    if (++rows == kFlushIters) {
-      flush();
-      rows = 0;
-    }
+  int64_t m = m_begin;
+  for (; m + kRowsPerStep <= m_end; m += kRowsPerStep) {
+    step(m, kRowsPerStep);
+    rows_since_fold += kRowsPerStep;
+    if (rows_since_fold >= kFlushSteps / kChains) fold();
   }
-  flush();
+  if (m < m_end) step(m, m_end - m);
+  fold();
+}
+
+template <typename scalar_t>
+void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin, int64_t m_end,
+               const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
+               at::opmath_type<scalar_t>* scratch) {
+  if (dy) {
+    reduce_cl_impl<scalar_t, true>(x, dy, C, m_begin, m_end, shift, s1, s2, scratch);
+  } else {
+    reduce_cl_impl<scalar_t, false>(x, dy, C, m_begin, m_end, shift, s1, s2, scratch);
+  }
 }
 
 template <typename scalar_t>
 void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
-               int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* p,
-               const at::opmath_type<scalar_t>* q, const at::opmath_type<scalar_t>* r) {
+               int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
+               const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
+               const at::opmath_type<scalar_t>* r) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
   for (int64_t plane = plane_begin; plane < plane_end; ++plane) {
     const int64_t c = plane % C;
-    const Vec pv(p[c]), qv(q[c]);
+    const Vec mv(m[c]), pv(p[c]), qv(q[c]);
     const Vec rv(dy ? r[c] : 0);
     const scalar_t* xp = x + plane * S;
     const scalar_t* dyp = dy ? dy + plane * S : nullptr;
     scalar_t* op = out + plane * S;
     int64_t s = 0;
     for (; s + L <= S; s += L) {
-      Vec y = at::vec::fmadd(IO::load(xp + s), pv, qv);
+      Vec y = at::vec::fmadd(IO::load(xp + s) - mv, pv, qv);
       if (dyp) y = at::vec::fmadd(IO::load(dyp + s), rv, y);
       IO::store(op + s, y);
     }
     if (s < S) {
       const int64_t n_tail = S - s;
-      Vec y = at::vec::fmadd(IO::load(xp + s, n_tail), pv, qv);
+      Vec y = at::vec::fmadd(IO::load(xp + s, n_tail) - mv, pv, qv);
       if (dyp) y = at::vec::fmadd(IO::load(dyp + s, n_tail), rv, y);
       IO::store(op + s, y, n_tail);
     }
@@ -210,25 +334,26 @@ void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, 
 
 template <typename scalar_t>
 void affine_cl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t m_begin,
-               int64_t m_end, const at::opmath_type<scalar_t>* p,
-               const at::opmath_type<scalar_t>* q, const at::opmath_type<scalar_t>* r) {
+               int64_t m_end, const at::opmath_type<scalar_t>* m,
+               const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
+               const at::opmath_type<scalar_t>* r) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    const scalar_t* xp = x + m * C;
-    const scalar_t* dyp = dy ? dy + m * C : nullptr;
-    scalar_t* op = out + m * C;
+  for (int64_t row = m_begin; row < m_end; ++row) {
+    const scalar_t* xp = x + row * C;
+    const scalar_t* dyp = dy ? dy + row * C : nullptr;
+    scalar_t* op = out + row * C;
     int64_t i = 0;
     for (; i + L <= C; i += L) {
-      Vec y = at::vec::fmadd(IO::load(xp + i), Vec::loadu(p + i), Vec::loadu(q + i));
+      Vec y = at::vec::fmadd(IO::load(xp + i) - Vec::loadu(m + i), Vec::loadu(p + i), Vec::loadu(q + i));
       if (dyp) y = at::vec::fmadd(IO::load(dyp + i), Vec::loadu(r + i), y);
       IO::store(op + i, y);
     }
     if (i < C) {
       const int64_t n_tail = C - i;
-      Vec y = at::vec::fmadd(IO::load(xp + i, n_tail), Vec::loadu(p + i, n_tail),
-                             Vec::loadu(q + i, n_tail));
+      Vec y = at::vec::fmadd(IO::load(xp + i, n_tail) - Vec::loadu(m + i, n_tail),
+                             Vec::loadu(p + i, n_tail), Vec::loadu(q + i, n_tail));
       if (dyp) y = at::vec::fmadd(IO::load(dyp + i, n_tail), Vec::loadu(r + i, n_tail), y);
       IO::store(op + i, y, n_tail);
     }
