@@ -1,0 +1,206 @@
+"""The whole bnfast benchmark suite: ``python -m benchmarks``.
+
+Runs, into one output folder:
+
+1. the kernel benchmark (benchmarks/kernels.py) on the CPU, and on CUDA when
+   torch sees a GPU: bnfast.BatchNorm*d vs torch.nn.BatchNorm*d per phase;
+2. the CIFAR-10 training benchmark (benchmarks/train_cifar.py): the seed CNN
+   trained with torch's BatchNorm2d and with bnfast.
+
+then prints a final summary (kernel speed-up table + training summary), also
+written to ``<out>/summary.md``; ``<out>/suite.json`` indexes every part.
+
+Sizes: the default run takes ~10-15 minutes on a 2-core CPU (kernels: the
+default case list, ~3 min; training: train_cifar's default epochs);
+``--quick`` is a 1-2 minute smoke run (CI); ``--full`` runs every kernel case
+and the full training run (10 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from benchmarks import kernels
+
+PARTS = ("kernels", "train")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="bnfast benchmark suite: kernel benchmark (CPU, plus CUDA when available) "
+                    "then the CIFAR-10 training benchmark; one output folder, one summary.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="1-2 minute smoke run (CI)")
+    size.add_argument("--full", action="store_true",
+                      help="every kernel case and the full training run (10 epochs unless --epochs)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default benchmarks/results/run-<timestamp>)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="comma-separated, from %s (default all)" % ", ".join(PARTS))
+    p.add_argument("--devices", default="auto",
+                   help="kernel benchmark devices, comma-separated from cpu, cuda; "
+                        "auto (default): cpu, plus cuda when torch.cuda.is_available()")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every part (default: torch's own choice)")
+    k = p.add_argument_group("kernel benchmark (see python -m benchmarks.kernels -h)")
+    k.add_argument("--cases", nargs="+", default=None, help="case names or groups")
+    k.add_argument("--dtypes", nargs="+", default=None, help="float32, bfloat16")
+    k.add_argument("--formats", nargs="+", default=None, help="nchw, channels_last")
+    t = p.add_argument_group("training benchmark (see python -m benchmarks.train_cifar -h)")
+    t.add_argument("--data", default=None,
+                   help="CIFAR-10 archive or extracted folder, passed to the training benchmark "
+                        "(default: its own search: cache folder, the shared copy, a download)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: the training benchmark's default; "
+                        "--quick: 1; --full: 10)")
+    t.add_argument("--subset", type=int, default=None, help="train on the first N images")
+    t.add_argument("--variants", default=None, help="training variants (default all)")
+    t.add_argument("--synthetic", action="store_true", help="train on random batches (no accuracy)")
+    t.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars / lines")
+    return p
+
+
+def _devices(spec: str) -> list[str]:
+    if spec == "auto":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devs = [d.strip() for d in spec.split(",") if d.strip()]
+    bad = [d for d in devs if d not in ("cpu", "cuda")]
+    if bad:
+        raise ValueError(f"unknown device(s) {bad}; choose from cpu, cuda")
+    return devs
+
+
+def _demote(md: str) -> str:
+    """Shift markdown headings one level down, to nest a part's report."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in md.splitlines())
+
+
+def run_kernels(args, device: str, out: Path) -> dict:
+    opts = {"device": device, "quick": args.quick, "full": args.full, "out": str(out),
+            "cases": args.cases, "dtypes": args.dtypes, "formats": args.formats,
+            "threads": args.threads, "quiet": args.no_progress}
+    return kernels.run(opts)
+
+
+def run_train(args, out: Path) -> dict:
+    from benchmarks import train_cifar
+
+    epochs = args.epochs
+    if epochs is None and args.full:
+        epochs = train_cifar.FULL_EPOCHS
+    opts = {"out": str(out), "data": args.data, "epochs": epochs, "quick": args.quick,
+            "threads": args.threads, "no_progress": args.no_progress, "synthetic": args.synthetic,
+            "no_download": args.no_download, "subset": args.subset}
+    if args.variants:
+        opts["variants"] = args.variants
+    return train_cifar.run(opts)
+
+
+def train_summary(result: dict) -> str:
+    """The training part's own markdown report, nested under the suite's headings."""
+    from benchmarks import train_cifar
+
+    md = train_cifar.markdown(result)
+    # Drop its title line; the suite gives the section its own heading.
+    lines = md.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return _demote("\n".join(lines)).strip()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    try:
+        bad = [p for p in parts if p not in PARTS]
+        if bad:
+            raise ValueError(f"unknown part(s) {bad}; choose from {PARTS}")
+        devices = _devices(args.devices)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else RESULTS / f"run-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    size = "quick" if args.quick else "full" if args.full else "default"
+    print(f"bnfast benchmark suite ({size}): parts {', '.join(parts)}; output in {out}", file=sys.stderr)
+
+    suite = {"benchmark": "bnfast_suite", "size": size, "argv": sys.argv[1:] if argv is None else list(argv),
+             "started": datetime.now().isoformat(timespec="seconds"),
+             "machine": kernels.machine_info("cuda" if "cuda" in devices else "cpu"),
+             "parts": {}, "errors": []}
+    sections = []
+    t_suite = time.perf_counter()
+
+    if "kernels" in parts:
+        for device in devices:
+            name = f"kernels-{device}"
+            print(f"\n== kernel benchmark, {device} ==", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:
+                res = run_kernels(args, device, out / name)
+            except Exception as e:
+                suite["errors"].append(f"{name}: {type(e).__name__}: {e}")
+                suite["parts"][name] = {"ok": False, "error": traceback.format_exc()}
+                print(f"error: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+                sections.append(f"## Kernels, {device}\n\nFAILED: {type(e).__name__}: {e}")
+                continue
+            suite["parts"][name] = {"ok": not res["errors"], "elapsed_s": time.perf_counter() - t0,
+                                    "files": res["files"], "summary": res["summary"],
+                                    "errors": res["errors"]}
+            suite["errors"] += [f"{name}: {e}" for e in res["errors"]]
+            m = res["machine"]
+            dev = m["gpu_name"] if device == "cuda" else f"{m['cpu_model']}, {m['torch_threads']} threads, ISA {m['bnfast_cpu_isa']}"
+            sections.append(f"## Kernels, {device} ({dev})\n\nSpeed-up = torch time / bnfast time "
+                            f"(median; > 1: bnfast faster). Details: {res['files']['markdown']}\n\n"
+                            + (f"**{kernels.busy_note(res)}**\n\n" if kernels.busy_note(res) else "")
+                            + kernels.speedup_table(res))
+
+    if "train" in parts:
+        print("\n== CIFAR-10 training benchmark ==", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            res = run_train(args, out / "cifar10")
+        except Exception as e:
+            suite["errors"].append(f"train: {type(e).__name__}: {e}")
+            suite["parts"]["train"] = {"ok": False, "error": traceback.format_exc()}
+            print(f"error: training benchmark failed:\n{traceback.format_exc()}", file=sys.stderr)
+            sections.append(f"## CIFAR-10 training\n\nFAILED: {type(e).__name__}: {e}")
+        else:
+            suite["parts"]["train"] = {"ok": True, "elapsed_s": time.perf_counter() - t0,
+                                       "files": res["files"], "summary": res["summary"],
+                                       "synthetic": res["data"]["synthetic"], "notes": res["notes"]}
+            sections.append("## CIFAR-10 training\n\nDetails: " + res["files"]["markdown"] + "\n\n"
+                            + train_summary(res))
+
+    suite["elapsed_s"] = time.perf_counter() - t_suite
+    header = (f"# bnfast benchmark suite ({size})\n\nMachine: {suite['machine']['cpu_model']}, "
+              f"{suite['machine']['logical_cpus']} logical CPUs, torch {suite['machine']['torch_version']}"
+              + (f", GPU {suite['machine']['gpu_name']}" if suite["machine"]["gpu_name"] else "")
+              + f". Total {suite['elapsed_s'] / 60:.1f} min.")
+    if suite["errors"]:
+        header += "\n\n**Errors:**\n" + "\n".join(f"- {e}" for e in suite["errors"])
+    summary = header + "\n\n" + "\n\n".join(sections) + "\n"
+    (out / "summary.md").write_text(summary)
+    suite["files"] = {"summary": str(out / "summary.md"), "json": str(out / "suite.json")}
+    with open(out / "suite.json", "w") as f:
+        json.dump(suite, f, indent=1)
+    print("\n" + summary)
+    print(f"suite results: {out}  ({suite['elapsed_s']:.0f} s)")
+    return 1 if suite["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Tests for the benchmark suite: benchmarks/kernels.py (--quick, in process)
+and ``python -m benchmarks --quick`` end to end (subprocess, the CI smoke test)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import kernels
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick kernel run through main, as the CLI runs it: (out dir, JSON)."""
+    out = tmp_path_factory.mktemp("kernels-quick")
+    rc = kernels.main(["--quick", "--quiet", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads((out / "kernels.json").read_text())
+
+
+def test_quick_writes_files(quick):
+    out, res = quick
+    assert (out / "kernels_speedup.png").read_bytes()[:8] == PNG_MAGIC
+    md = (out / "kernels.md").read_text()
+    assert "| case | shape | dtype | format |" in md
+    assert "fwd+bwd" in md and "% copy" in md
+    # One detail line per row.
+    assert sum(1 for line in md.splitlines() if line.startswith("| seed_bn3 ")) >= len(
+        [r for r in res["rows"] if r["case"] == "seed_bn3"])
+    assert res["files"]["json"] == str(out / "kernels.json")
+    assert not res["errors"]
+
+
+def test_quick_machine_info(quick):
+    m = quick[1]["machine"]
+    assert m["logical_cpus"] >= 1 and m["torch_threads"] >= 1
+    assert m["torch_version"] and m["cpu_model"]
+    assert m["bnfast_cpu_isa"]  # e.g. "AVX512", "AVX2", "DEFAULT"
+
+
+def test_quick_covers_the_grid(quick):
+    res = quick[1]
+    rows = res["rows"]
+    assert {r["phase"] for r in rows} == set(kernels.PHASES)
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert {r["format"] for r in rows} == {"nchw", "channels_last"}
+    assert {r["module"] for r in rows} == {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d"}
+    n_configs = sum(2 if len(kernels.CASE_BY_NAME[c].shape) >= 4 else 1 for c in res["options"]["cases"]) * 2
+    assert len(res["configs"]) == n_configs
+    assert len(rows) == n_configs * len(kernels.PHASES)
+    # BatchNorm1d has no channels_last variant; 5-D inputs use channels_last_3d.
+    assert all(r["format"] == "nchw" for r in rows if r["module"] == "BatchNorm1d")
+    assert all(r["format_label"] == "channels_last_3d"
+               for r in rows if r["module"] == "BatchNorm3d" and r["format"] == "channels_last")
+
+
+def test_quick_times_and_speedups_are_sane(quick):
+    for r in quick[1]["rows"]:
+        for impl in ("torch", "bnfast", "copy", "clone"):
+            s = r[impl]
+            assert s["median_ms"] > 0 and s["min_ms"] > 0 and s["n_blocks"] >= 1
+            assert s["q1_ms"] <= s["median_ms"] <= s["q3_ms"]
+            assert s["iqr_ms"] == pytest.approx(s["q3_ms"] - s["q1_ms"])
+        assert r["speedup"] == pytest.approx(r["torch"]["median_ms"] / r["bnfast"]["median_ms"])
+        assert r["speedup_min"] == pytest.approx(r["torch"]["min_ms"] / r["bnfast"]["min_ms"])
+        assert r["torch_frac_copy"] == pytest.approx(r["torch_gbps"] / r["copy_gbps"])
+        assert r["bnfast_frac_copy"] == pytest.approx(r["bnfast_gbps"] / r["copy_gbps"])
+    s = quick[1]["summary"]
+    assert s["overall"] > 0 and set(s["by_phase"]) == set(kernels.PHASES)
+
+
+def test_quick_bandwidth_by_hand(quick):
+    """seed_bn3, float32, NCHW, training forward: 3 passes over 128*64*4*4 floats."""
+    rows = quick[1]["rows"]
+    r = next(r for r in rows if (r["case"], r["dtype"], r["format"], r["phase"])
+             == ("seed_bn3", "float32", "nchw", "fwd_train"))
+    tensor_bytes = 128 * 64 * 4 * 4 * 4  # 524,288 bytes
+    assert r["numel"] * r["elem_bytes"] == tensor_bytes
+    assert r["model_bytes"] == 3 * tensor_bytes
+    t_s = r["bnfast"]["median_ms"] / 1000
+    assert r["bnfast_gbps"] == pytest.approx(3 * 524288 / t_s / 1e9)
+    assert r["torch_gbps"] == pytest.approx(3 * 524288 / (r["torch"]["median_ms"] / 1000) / 1e9)
+    assert r["copy_gbps"] == pytest.approx(2 * 524288 / (r["copy"]["median_ms"] / 1000) / 1e9)
+    assert r["clone_gbps"] == pytest.approx(2 * 524288 / (r["clone"]["median_ms"] / 1000) / 1e9)
+    assert r["bnfast_frac_copy"] == pytest.approx(1.5 * r["copy"]["median_ms"] / r["bnfast"]["median_ms"])
+    # Other phases of the same configuration: eval 2 passes, bwd 5, fwd+bwd 8; bf16 halves s.
+    passes = {r2["phase"]: r2["model_bytes"] // tensor_bytes for r2 in rows
+              if (r2["case"], r2["dtype"], r2["format"]) == ("seed_bn3", "float32", "nchw")}
+    assert passes == {"fwd_train": 3, "fwd_eval": 2, "bwd": 5, "fwd_bwd": 8}
+    bf = next(r2 for r2 in rows if (r2["case"], r2["dtype"], r2["format"], r2["phase"])
+              == ("seed_bn3", "bfloat16", "nchw", "fwd_train"))
+    assert bf["model_bytes"] == 3 * tensor_bytes // 2
+
+
+def test_quick_torch_and_bnfast_agree(quick):
+    """The two timed closures compute the same thing (catches timing a wrong path)."""
+    for c in quick[1]["configs"]:
+        tol = 1e-4 if c["dtype"] == "float32" else 5e-2
+        assert set(c["agreement_rel_err"]) == {"y", "dx", "dw", "db", "y_eval"}
+        assert max(c["agreement_rel_err"].values()) < tol, c
+
+
+def test_case_selection():
+    quick = kernels.select_cases([], "quick")
+    default = kernels.select_cases([], "default")
+    full = kernels.select_cases([], "full")
+    assert set(map(id, default)) < set(map(id, full))
+    assert len(full) == len(default) + 3  # the large ResNet-50 cases
+    assert all(c.numel <= 2 << 20 for c in quick)
+    assert [c.name for c in kernels.select_cases(["seed_bn3", "mlp"], "default")] == ["seed_bn3", "mlp"]
+    assert {c.name for c in kernels.select_cases(["resnet-50"], "default")} == {
+        "r50_stem", "r50_s1", "r50_s2", "r50_s3", "r50_s4"}
+    with pytest.raises(ValueError):
+        kernels.select_cases(["nope"], "default")
+
+
+def test_bad_options_exit_2(capsys):
+    assert kernels.main(["--dtypes", "float64", "--out", "unused"]) == 2
+    assert "unknown dtype" in capsys.readouterr().err
+
+
+def test_stats():
+    s = kernels._stats([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert s["median_ms"] == pytest.approx(3.0)
+    assert s["q1_ms"] == pytest.approx(2.0) and s["q3_ms"] == pytest.approx(4.0)
+    assert s["iqr_ms"] == pytest.approx(2.0) and s["n_blocks"] == 5
+    assert kernels.geomean([2.0, 0.5]) == pytest.approx(1.0)
+    assert math.isclose(kernels.geomean([4.0]), 4.0)
+
+
+def test_suite_quick_end_to_end(tmp_path):
+    """``python -m benchmarks --quick``: the CI smoke test of the whole suite."""
+    out = tmp_path / "suite"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    # --no-download: use the local or shared CIFAR-10 copy if there is one,
+    # else the training part times random batches; never touch the network.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-progress",
+                           "--no-download", "--devices", "cpu", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["size"] == "quick" and not suite["errors"]
+    assert suite["parts"]["kernels-cpu"]["ok"] and suite["parts"]["train"]["ok"]
+    assert json.loads((out / "kernels-cpu" / "kernels.json").read_text())["rows"]
+    assert (out / "kernels-cpu" / "kernels_speedup.png").read_bytes()[:8] == PNG_MAGIC
+    train = json.loads((out / "cifar10" / "cifar10_results.json").read_text())
+    assert train["runs"]
+    summary = (out / "summary.md").read_text()
+    assert "## Kernels, cpu" in summary and "## CIFAR-10 training" in summary
+    assert "fwd+bwd" in summary
+    assert summary.strip() in proc.stdout
