@@ -27,6 +27,8 @@ SHIM = Path(__file__).resolve().parent / "cuda_shim"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 NVCC = shutil.which("nvcc")
 
+pytestmark = pytest.mark.cuda_compile
+
 
 def _cxx_standard():
     # Whatever this torch's CUDAExtension passes to nvcc (c++20 from torch 2.10 on).
