@@ -62,6 +62,9 @@ def batch_norm(
 
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if input.dim() >= 2 and t.numel() != input.size(1):  # (ndim is the kernel's check)
+            raise RuntimeError(f"{name} should contain {input.size(1)} elements not {t.numel()}")
     stats = ops.stats_dtype(input.dtype)
     mean = running_mean.to(stats)
     invstd = torch.rsqrt(running_var.to(stats) + eps)

@@ -56,9 +56,18 @@ def _is_channels_last_dense(t: Tensor) -> bool:
 
 def _empty_output_like(input: Tensor) -> Tensor:
     """Mirror of the kernels' output allocation (layout.h readable + empty_like)."""
-    if input.is_contiguous() or _is_channels_last_dense(input):
+    if input.is_contiguous() or (input.dim() in (4, 5) and _is_channels_last_dense(input)):
         return torch.empty_like(input)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _check_devices(input: Tensor, **tensors: Optional[Tensor]) -> None:
+    """The kernels' device check, for the fake kernels: tensors on a device
+    other than the input's (meta included) must not be silently accepted."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"bnfast: {name} must be on the input's device {input.device}, got {t.device}")
 
 
 def _stats_like(input: Tensor) -> Tensor:
@@ -117,6 +126,7 @@ def stats(input: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
 
 @torch.library.register_fake("bnfast::stats")
 def _stats_fake(input, eps):
+    _check_devices(input)
     return _stats_like(input), _stats_like(input)
 
 
@@ -159,6 +169,7 @@ def gather_stats(mean: Tensor, invstd: Tensor, counts: Tensor, eps: float) -> Tu
 
 @torch.library.register_fake("bnfast::gather_stats")
 def _gather_stats_fake(mean, invstd, counts, eps):
+    _check_devices(mean, invstd=invstd, counts=counts)
     return mean.new_empty((mean.size(1),)), mean.new_empty((mean.size(1),))
 
 
@@ -173,6 +184,7 @@ def update_stats_(running_mean: Tensor, running_var: Tensor, mean: Tensor, invst
 
 @torch.library.register_fake("bnfast::update_stats_")
 def _update_stats_fake(running_mean, running_var, mean, invstd, momentum, eps, count):
+    _check_devices(mean, running_mean=running_mean, running_var=running_var, invstd=invstd)
     return None
 
 
@@ -185,6 +197,7 @@ def elemt(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean:
 
 @torch.library.register_fake("bnfast::elemt")
 def _elemt_fake(input, weight, bias, mean, invstd):
+    _check_devices(input, weight=weight, bias=bias, mean=mean, invstd=invstd)
     return _empty_output_like(input)
 
 
@@ -203,8 +216,9 @@ def _elemt_backward(ctx, grad_out):
     need_input, need_weight, need_bias, need_mean, need_invstd = ctx.needs_input_grad
     grad_input = grad_weight = grad_bias = grad_mean = grad_invstd = None
     if need_input:
-        zeros = torch.zeros_like(mean)
-        grad_input = _ops.backward_elemt(grad_out, input, mean, invstd, weight, zeros, zeros)
+        # dx = dy * invstd * weight: elemt of dy with mean 0 (x is not read, so
+        # a NaN in x does not leak into dx, as in torch).
+        grad_input = _ops.elemt(grad_out, weight, None, torch.zeros_like(mean), invstd)
     if need_weight or need_bias or need_mean or need_invstd:
         sum_dy, sum_dy_xmu = _ops.backward_reduce(grad_out, input, mean, invstd)
         w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
@@ -227,6 +241,7 @@ def backward_reduce(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tenso
 
 @torch.library.register_fake("bnfast::backward_reduce")
 def _backward_reduce_fake(grad_out, input, mean, invstd):
+    _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd)
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
@@ -238,6 +253,8 @@ def backward_elemt(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor
 
 @torch.library.register_fake("bnfast::backward_elemt")
 def _backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
+    _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight,
+                   mean_dy=mean_dy, mean_dy_xmu=mean_dy_xmu)
     return _empty_output_like(input)
 
 
@@ -250,6 +267,7 @@ def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
 
 @torch.library.register_fake("bnfast::forward")
 def _forward_fake(input, weight, bias, eps):
+    _check_devices(input, weight=weight, bias=bias)
     return _empty_output_like(input), _stats_like(input), _stats_like(input)
 
 
@@ -293,4 +311,5 @@ def backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
 
 @torch.library.register_fake("bnfast::backward")
 def _backward_fake(grad_out, input, mean, invstd, weight):
+    _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight)
     return _empty_output_like(input), torch.empty_like(mean), torch.empty_like(mean)

@@ -2,9 +2,11 @@
 //
 // Two layouts are handled natively, without copying the input:
 //   * kChannelsFirst: contiguous NC(D)HW, viewed as [N][C][S] with S = prod(*).
-//   * kChannelsLast:  channels_last / channels_last_3d, and any input whose
-//     spatial size is 1 (NC, NC11...), viewed as [M][C] rows with M = N * S.
-// Any other strides are made contiguous once (kChannelsFirst).
+//   * kChannelsLast:  channels_last (4-D) / channels_last_3d (5-D), and any
+//     contiguous input whose spatial size is 1 (NC, NC11...), viewed as [M][C]
+//     rows with M = N * S.
+// Any other strides are made contiguous once, as torch's memory formats do
+// (a channels-last 3-D (N, C, L) tensor is read, and answered, contiguous).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -54,7 +56,8 @@ inline Layout layout_of(const at::Tensor& contiguous_or_channels_last) {
 // The input as the kernels read it: itself when it is contiguous or dense
 // channels-last, otherwise a contiguous copy (made once).
 inline at::Tensor readable(const at::Tensor& t) {
-  if (t.is_contiguous() || is_channels_last_dense(t)) return t;
+  if (t.is_contiguous()) return t;
+  if ((t.dim() == 4 || t.dim() == 5) && is_channels_last_dense(t)) return t;
   return t.contiguous();
 }
 

@@ -128,12 +128,14 @@ std::vector<opmath_t> channel_values(const c10::optional<at::Tensor>& t, int64_t
 
 // The shift K[c] for statistics: the channel's first element. Any sample of
 // the channel is within a few standard deviations of its mean, which is all
-// the shifted sums need to stay free of cancellation.
+// the shifted sums need to stay free of cancellation. NB: an infinite or NaN
+// first element would poison every x - K; any finite shift is correct, so 0.
 template <typename scalar_t>
 at::opmath_type<scalar_t> first_element(const scalar_t* x, Layout layout, const Shape& shape,
                                         int64_t c) {
-  return static_cast<at::opmath_type<scalar_t>>(
+  const auto k = static_cast<at::opmath_type<scalar_t>>(
       layout == Layout::kChannelsFirst ? x[c * shape.spatial] : x[c]);
+  return std::isfinite(k) ? k : at::opmath_type<scalar_t>(0);
 }
 
 // Per-channel math, in double. Every path (chunked or per-channel tasks) goes

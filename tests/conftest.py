@@ -1,0 +1,77 @@
+"""Shared fixtures, markers and (all of) the skips of the bnfast test suite.
+
+Devices: BNFAST_TEST_DEVICES is a comma list ("cpu", "cuda", "cuda:1"...);
+by default "cpu", plus "cuda" when torch.cuda.is_available() and bnfast was
+built with its CUDA kernels. Every device-dependent test takes the `device`
+fixture, so one test body runs on CPU in CI and on CUDA on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import bnfast  # noqa: F401  (registers torch.ops.bnfast.*)
+
+
+def bnfast_has_kernels(device_type: str) -> bool:
+    """True when bnfast registered kernels for this dispatch key (e.g. 'CUDA')."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bnfast::forward", device_type.upper())
+
+
+def _default_devices() -> list:
+    devices = ["cpu"]
+    if torch.cuda.is_available() and bnfast_has_kernels("cuda"):
+        devices.append("cuda")
+    return devices
+
+
+def _requested_devices() -> list:
+    env = os.environ.get("BNFAST_TEST_DEVICES", "").strip()
+    if not env:
+        return _default_devices()
+    return [d.strip() for d in env.split(",") if d.strip()]
+
+
+DEVICES = _requested_devices()
+
+
+def _skip_reason(device: str):
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA requested in BNFAST_TEST_DEVICES but torch.cuda.is_available() is False"
+        if not bnfast_has_kernels("cuda"):
+            return "bnfast was built without CUDA kernels (CppExtension build)"
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            return f"{device} requested but only {torch.cuda.device_count()} CUDA device(s)"
+    elif kind != "cpu":
+        if not bnfast_has_kernels(kind):
+            return f"bnfast has no kernels for device type {kind!r}"
+    return None
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    reason = _skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore():
+    """Deterministic seeds per test; restore global state tests may touch."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+
+
+def pytest_report_header(config):
+    return f"bnfast test devices: {', '.join(DEVICES)} (BNFAST_TEST_DEVICES to change); torch {torch.__version__}"

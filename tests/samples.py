@@ -1,0 +1,170 @@
+"""The one sample generator every numerics / opcheck / gradcheck test draws from.
+
+A Case is (shape, layout, dtype), chosen at collection time (so it can be a
+pytest parameter with a readable id) and materialized on a device with
+deterministic values. Layouts:
+
+    contiguous        plain row-major (N, C, *)
+    channels_last     4-D torch.channels_last
+    channels_last_3d  5-D torch.channels_last_3d
+    nlc               3-D channels-last: a contiguous (N, L, C) tensor permuted to (N, C, L)
+    strided           non-contiguous: every other element of the last dim of a wider tensor
+
+Values are drawn in float64 (x = offset[c] + scale[c] * randn) and then
+rounded to the case dtype, so the float64 reference sees exactly the values
+the kernel sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+_DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+# (shape, why it is here)
+SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
+    ((96, 512), "BatchNorm1d (N, C), wide: 2 row chunks of the channels-last path, many lanes"),
+    ((16, 5), "BatchNorm1d (N, C), small"),
+    ((4, 5, 9), "BatchNorm1d (N, C, L)"),
+    ((4, 6, 7, 5), "BatchNorm2d"),
+    ((2, 3, 4, 5, 3), "BatchNorm3d"),
+    ((5, 1, 4, 4), "C = 1"),
+    ((2, 3), "N * HW = 2, 2-D"),
+    ((1, 3, 2, 1), "N * HW = 2, 4-D with a size-1 dim"),
+    ((7, 13), "sizes not a multiple of 8 or 16"),
+    ((3, 13, 7, 5), "odd sizes, 4-D"),
+    ((2, 1000, 3), "large C"),
+    ((3, 1, 96, 128), "> 32768 elements per channel: 2 work chunks per channel in both layouts"),
+    ((0, 3, 4, 4), "empty batch"),
+)
+
+
+def layouts_for(shape: Sequence[int]) -> Tuple[str, ...]:
+    dim = len(shape)
+    extra = {3: ("nlc",), 4: ("channels_last",), 5: ("channels_last_3d",)}.get(dim, ())
+    return ("contiguous",) + extra + ("strided",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: Tuple[int, ...]
+    layout: str
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return f"{'x'.join(map(str, self.shape))}-{self.layout}-{_DTYPE_NAMES[self.dtype]}"
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def count(self) -> int:
+        n = 1
+        for i, s in enumerate(self.shape):
+            if i != 1:
+                n *= s
+        return n
+
+    @property
+    def empty(self) -> bool:
+        return math.prod(self.shape) == 0
+
+    @property
+    def low_precision(self) -> bool:
+        return self.dtype in LOW_PRECISION
+
+    def _values(self, seed: int, offset_range: float = 2.0) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        c = self.channels
+        offset = (torch.rand(c, generator=g, dtype=torch.float64) * 2 - 1) * offset_range
+        scale = torch.rand(c, generator=g, dtype=torch.float64) * 1.5 + 0.5
+        x = torch.randn(self.shape, generator=g, dtype=torch.float64)
+        view = [1, -1] + [1] * (len(self.shape) - 2)
+        return x * scale.view(view) + offset.view(view)
+
+    def arrange(self, values: Tensor) -> Tensor:
+        """values (any layout, right dtype/device) in this case's memory layout."""
+        if self.layout == "contiguous":
+            return values.contiguous()
+        if self.layout == "channels_last":
+            return values.contiguous(memory_format=torch.channels_last)
+        if self.layout == "channels_last_3d":
+            return values.contiguous(memory_format=torch.channels_last_3d)
+        if self.layout == "nlc":
+            return values.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+        if self.layout == "strided":
+            wide = list(values.shape)
+            wide[-1] *= 2
+            big = torch.full(wide, float("nan"), dtype=values.dtype, device=values.device)
+            big[..., ::2] = values
+            out = big[..., ::2]
+            assert out.numel() == 0 or not out.is_contiguous() or out.size(-1) <= 1
+            return out
+        raise ValueError(self.layout)
+
+    def input(self, device="cpu", seed: int = 0, requires_grad: bool = False, offset_range: float = 2.0) -> Tensor:
+        x = self.arrange(self._values(seed, offset_range).to(dtype=self.dtype, device=device))
+        return x.requires_grad_(requires_grad)
+
+    def grad_out(self, device="cpu", seed: int = 1) -> Tensor:
+        g = torch.Generator().manual_seed(seed + 1000)
+        dy = torch.randn(self.shape, generator=g, dtype=torch.float64) + 0.5
+        return self.arrange(dy.to(dtype=self.dtype, device=device))
+
+    def params(self, device="cpu", dtype: Optional[torch.dtype] = None, seed: int = 2):
+        """(weight, bias) [C] in dtype (default: the input dtype)."""
+        g = torch.Generator().manual_seed(seed)
+        c = self.channels
+        w = torch.rand(c, generator=g, dtype=torch.float64) * 1.5 + 0.25
+        b = torch.randn(c, generator=g, dtype=torch.float64)
+        dtype = dtype or self.dtype
+        return w.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+
+    def running(self, device="cpu", dtype: Optional[torch.dtype] = None, seed: int = 3):
+        """(running_mean, running_var) [C], not the defaults, so updates are visible."""
+        g = torch.Generator().manual_seed(seed)
+        c = self.channels
+        rm = torch.randn(c, generator=g, dtype=torch.float64) * 0.5
+        rv = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+        dtype = dtype or self.dtype
+        return rm.to(dtype=dtype, device=device), rv.to(dtype=dtype, device=device)
+
+
+def cases(dtypes: Iterable[torch.dtype] = FLOAT_DTYPES, shapes: Optional[Iterable[Tuple[int, ...]]] = None,
+          layouts: Optional[Iterable[str]] = None, include_empty: bool = True,
+          max_numel: Optional[int] = None) -> list:
+    """All (shape, layout, dtype) cases, filtered."""
+    shapes = [s for s, _ in SHAPES] if shapes is None else list(shapes)
+    out = []
+    for shape in shapes:
+        if not include_empty and math.prod(shape) == 0:
+            continue
+        if max_numel is not None and math.prod(shape) > max_numel:
+            continue
+        for layout in layouts_for(shape):
+            if layouts is not None and layout not in layouts:
+                continue
+            for dtype in dtypes:
+                out.append(Case(tuple(shape), layout, dtype))
+    return out
+
+
+ALL = cases()
+
+
+def small_cases(dtypes=FLOAT_DTYPES, max_numel: int = 200) -> list:
+    """Cases small enough for opcheck / gradcheck."""
+    return cases(dtypes=dtypes, max_numel=max_numel)
+
+
+def by_id(items: Sequence[Case]) -> dict:
+    return {"argvalues": list(items), "ids": [str(c) for c in items]}

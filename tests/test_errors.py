@@ -1,0 +1,151 @@
+"""Bad arguments raise the same exception type as torch.nn.functional.batch_norm,
+with a message that names the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnfast
+
+ONE_D_BUG = ("bnfast differs (low priority): 1-D input in training without running stats raises RuntimeError "
+             "(a clear message); torch raises IndexError ('Dimension out of range') from _verify_batch_size")
+
+
+def _both_raise(device, fn_args, match=None, training=True):
+    """Call torch and bnfast with the same arguments; return the two exceptions."""
+    errors = []
+    for fn in (F.batch_norm, bnfast.batch_norm):
+        args, kwargs = fn_args()
+        with pytest.raises(Exception) as info:
+            fn(*args, **kwargs)
+        errors.append(info.value)
+    theirs, ours = errors
+    assert type(ours) is type(theirs), f"bnfast raised {type(ours).__name__}: {ours}; torch {type(theirs).__name__}"
+    if match is not None:
+        assert match in str(ours), f"{match!r} not in bnfast's message: {ours}"
+    return theirs, ours
+
+
+def _x(device, shape=(4, 3, 5), dtype=torch.float32):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(5,), (3,), ()], ids=["1D_5", "1D_3", "0D"])
+def test_wrong_ndim(shape, training, device):
+    """With running stats (the module path): torch raises RuntimeError (or IndexError for 0-D
+    in training); bnfast must raise the same type and name the problem."""
+    theirs, ours = _both_raise(device, lambda: (
+        (_x(device, shape), torch.zeros(3, device=device), torch.ones(3, device=device)), dict(training=training)))
+    if isinstance(ours, RuntimeError):
+        assert "at least 2 dimensions" in str(ours)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3,)], ids=["1D_5", "1D_3"])
+@pytest.mark.xfail(strict=True, reason=ONE_D_BUG)
+def test_wrong_ndim_training_no_running_stats(shape, device):
+    _both_raise(device, lambda: ((_x(device, shape), None, None), dict(training=True)))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_param_channel_mismatch(which, training, device):
+    def args():
+        kw = {which: torch.ones(4, device=device), "training": training}
+        return (_x(device), torch.zeros(3, device=device), torch.ones(3, device=device)), kw
+    _, ours = _both_raise(device, args, match=f"{which} should contain 3 elements")
+    assert isinstance(ours, RuntimeError)
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+@pytest.mark.parametrize("training", [
+    pytest.param(True, id="train"),
+    pytest.param(False, id="eval")])
+def test_running_stats_channel_mismatch(which, training, device):
+    def args():
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        if which == "running_mean":
+            rm = torch.zeros(4, device=device)
+        else:
+            rv = torch.ones(4, device=device)
+        return (_x(device), rm, rv), dict(training=training)
+    _, ours = _both_raise(device, args, match=f"{which} should contain 3 elements")
+    assert isinstance(ours, RuntimeError)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1), (1, 3, 1, 1, 1)])
+def test_one_value_per_channel_in_training(shape, device):
+    _both_raise(device, lambda: ((_x(device, shape), None, None), dict(training=True)),
+                match="Expected more than 1 value per channel when training")
+
+
+def test_one_value_per_channel_ok_in_eval(device):
+    x = _x(device, (1, 3))
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    torch.testing.assert_close(bnfast.batch_norm(x, rm, rv), F.batch_norm(x, rm, rv))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+def test_integer_dtype(dtype, training, device):
+    def args():
+        x = torch.ones(4, 3, 2, device=device, dtype=dtype)
+        return (x, torch.zeros(3, device=device), torch.ones(3, device=device)), dict(training=training)
+    theirs, ours = _both_raise(device, args)
+    assert isinstance(ours, NotImplementedError)
+    assert "not implemented for" in str(ours)
+
+
+@pytest.mark.parametrize("what", ["weight", "running_stats", "running_stats_eval"])
+def test_tensors_on_different_devices(what, device):
+    """A second device is simulated with 'meta' (works with a single real device)."""
+    def args():
+        x = _x(device)
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        kw = dict(training=what != "running_stats_eval")
+        if what == "weight":
+            kw["weight"] = torch.ones(3, device="meta")
+        else:
+            rm, rv = rm.to("meta"), rv.to("meta")
+        return (x, rm, rv), kw
+    _, ours = _both_raise(device, args)
+    assert isinstance(ours, RuntimeError)
+
+
+def test_tensors_on_different_devices_ops_directly(device):
+    """The ops themselves (not the Python wrapper) check devices: a meta weight with a real input."""
+    x = _x(device)
+    with pytest.raises(RuntimeError):
+        torch.ops.bnfast.forward(x, torch.ones(3, device="meta"), None, 1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_eps_not_positive_in_training(eps, device):
+    _both_raise(device, lambda: ((_x(device), None, None), dict(training=True, eps=eps)),
+                match="eps must be positive")
+
+
+def test_eps_negative_in_eval(device):
+    _both_raise(device, lambda: ((_x(device), torch.zeros(3, device=device), torch.ones(3, device=device)),
+                                 dict(training=False, eps=-1.0)), match="eps must be non-negative")
+
+
+def test_eval_without_running_stats(device):
+    _both_raise(device, lambda: ((_x(device), None, None), dict(training=False)),
+                match="must be defined in evaluation mode")
+
+
+def test_grad_out_shape_mismatch_in_ops(device):
+    x = _x(device)
+    mean, invstd = torch.ops.bnfast.stats(x, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        torch.ops.bnfast.backward(torch.randn(4, 3, 6, device=device), x, mean, invstd, None)
+
+
+def test_stats_dtype_mismatch_in_ops(device):
+    x = _x(device, dtype=torch.bfloat16)
+    mean = torch.zeros(3, dtype=torch.bfloat16, device=device)  # must be float32 for bf16 input
+    with pytest.raises(RuntimeError, match="mean must be"):
+        torch.ops.bnfast.elemt(x, None, None, mean, torch.ones(3, device=device))

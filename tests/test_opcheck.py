@@ -1,0 +1,104 @@
+"""torch.library.opcheck on every bnfast op (schema, fake kernel, autograd
+registration, AOT dispatch), with samples from tests/samples.py: contiguous and
+channels_last, float32 / float64 / bfloat16, with and without weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import samples
+
+EPS = 1e-5
+OPS = torch.ops.bnfast
+
+OPCHECK_CASES = [samples.Case(s, l, d) for s in ((3, 4, 3, 2), (5, 3)) for l in samples.layouts_for(s)
+                 if l in ("contiguous", "channels_last") for d in (torch.float32, torch.float64, torch.bfloat16)]
+
+
+def _sd(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+@pytest.fixture(params=[True, False], ids=["weight", "no_weight"])
+def with_weight(request):
+    return request.param
+
+
+def _inputs(case, device, with_weight, requires_grad=True):
+    x = case.input(device, requires_grad=requires_grad and case.dtype != torch.bfloat16)
+    w, b = case.params(device)
+    if not with_weight:
+        w = b = None
+    elif requires_grad:
+        w.requires_grad_(True)
+        b.requires_grad_(True)
+    mean, invstd = (t.detach() for t in OPS.stats(x.detach(), EPS))
+    return x, w, b, mean, invstd
+
+
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+def test_opcheck_stats(case, device):
+    _opcheck(OPS.stats.default, (case.input(device, requires_grad=True), EPS))
+
+
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+def test_opcheck_elemt(case, device, with_weight):
+    x, w, b, mean, invstd = _inputs(case, device, with_weight)
+    _opcheck(OPS.elemt.default, (x, w, b, mean, invstd))
+    # stats as differentiable inputs too (SyncBN differentiates through them)
+    _opcheck(OPS.elemt.default, (x, w, b, mean.requires_grad_(True), invstd.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+def test_opcheck_forward(case, device, with_weight):
+    x, w, b, _, _ = _inputs(case, device, with_weight)
+    _opcheck(OPS.forward.default, (x, w, b, EPS))
+
+
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+def test_opcheck_backward_ops(case, device, with_weight):
+    x, w, _, mean, invstd = _inputs(case, device, with_weight, requires_grad=False)
+    dy = case.grad_out(device)
+    sd = _sd(case.dtype)
+    _opcheck(OPS.backward_reduce.default, (dy, x, mean, invstd))
+    mean_dy = torch.randn(case.channels, dtype=sd, device=device)
+    mean_dy_xmu = torch.randn(case.channels, dtype=sd, device=device)
+    _opcheck(OPS.backward_elemt.default, (dy, x, mean, invstd, w, mean_dy, mean_dy_xmu))
+    _opcheck(OPS.backward.default, (dy, x, mean, invstd, w))
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+def test_opcheck_update_stats(running_dtype, device):
+    sd = torch.float64 if running_dtype == torch.float64 else torch.float32
+    rm = torch.randn(4, dtype=running_dtype, device=device)
+    rv = torch.rand(4, dtype=running_dtype, device=device) + 0.5
+    mean = torch.randn(4, dtype=sd, device=device)
+    invstd = torch.rand(4, dtype=sd, device=device) + 0.5
+    _opcheck(OPS.update_stats_.default, (rm.clone(), rv.clone(), mean, invstd, 0.1, EPS, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_opcheck_gather_stats(dtype, device):
+    mean = torch.randn(3, 4, dtype=dtype, device=device)
+    invstd = torch.rand(3, 4, dtype=dtype, device=device) + 0.5
+    counts = torch.tensor([4.0, 0.0, 7.0], dtype=dtype, device=device)
+    _opcheck(OPS.gather_stats.default, (mean, invstd, counts, EPS))
+
+
+def test_fake_tensor_shapes_match_real(device):
+    """The fakes promise what the kernels return (dtype, shape, strides), incl. channels_last."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for case in OPCHECK_CASES:
+        x = case.input(device)
+        w, b = case.params(device)
+        real = OPS.forward(x, w, b, EPS)
+        with FakeTensorMode() as mode:
+            fx = mode.from_tensor(x)
+            fake = OPS.forward(fx, mode.from_tensor(w), mode.from_tensor(b), EPS)
+        for r, f in zip(real, fake):
+            assert r.dtype == f.dtype and r.shape == f.shape and r.stride() == f.stride(), (case, r.stride(), f.stride())

@@ -1,0 +1,231 @@
+"""Each torch.ops.bnfast op called directly, against the float64 reference.
+
+Tolerances: results in the stats dtype (float32 / float64) are compared with
+a few ulps of that dtype at the result's natural scale; results in the input
+dtype (elemt, backward_elemt) with 2 ulps of the input dtype at their natural
+scale (one for the final rounding, one for float32 opmath intermediates).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import reference as ref
+from tests import samples
+
+EPS = 1e-5
+OPS = torch.ops.bnfast
+
+CASES = samples.cases(include_empty=False)
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_ulps(name, actual, truth, dtype, scale, ulps):
+    err = ref.max_err(actual, truth)
+    bound = ulps * ref.ulp_floor(dtype, scale)
+    assert err <= bound, f"{name}: max error {err:.3e} > {ulps} ulp ({bound:.3e}) of {dtype} at scale {scale:.3e}"
+
+
+def _exact_stats(case, x):
+    mean, var, invstd = ref.stats(x, EPS)
+    sd = _stats_dtype(case.dtype)
+    return mean, var, invstd, mean.to(sd).to(x.device), invstd.to(sd).to(x.device)
+
+
+@pytest.mark.parametrize("case", **samples.by_id(CASES))
+def test_stats(case, device):
+    x = case.input(device)
+    mean, invstd = OPS.stats(x, EPS)
+    sd = _stats_dtype(case.dtype)
+    assert mean.dtype == invstd.dtype == sd and mean.shape == invstd.shape == (case.channels,)
+    assert mean.device == x.device
+    m64, v64, i64 = ref.stats(x, EPS)
+    spread = (x.double().cpu() - ref.bcast(m64, x)).abs().amax(ref.reduce_dims(x))
+    # Mean: a few ulps at max |x|; invstd: relative (it is 1/sqrt of a var).
+    assert_ulps("mean", mean, m64, sd, (m64.abs() + spread).max().item(), 4)
+    rel = ((invstd.double().cpu() - i64) / i64).abs().max().item()
+    assert rel <= 32 * torch.finfo(sd).eps, f"invstd relative error {rel:.3e}"
+
+
+@pytest.mark.parametrize("case", **samples.by_id(samples.cases(dtypes=(torch.float32, torch.float64),
+                                                               include_empty=False)))
+def test_stats_invstd_precision(case, device, request):
+    """Stricter: invstd within 8 (float32) / 16 (float64) ulps, relative, of the truth. (The one-pass
+    shifted variance loses a few bits when the shift is far from the mean; see test_robust.)"""
+    x = case.input(device)
+    _, invstd = OPS.stats(x, EPS)
+    i64 = ref.stats(x, EPS)[2]
+    rel = ((invstd.double().cpu() - i64) / i64).abs().max().item()
+    ulps = 8 if case.dtype == torch.float32 else 16
+    assert rel <= ulps * torch.finfo(invstd.dtype).eps, f"invstd relative error {rel:.3e}"
+
+
+@pytest.mark.parametrize("with_empty", [False, True], ids=["3_replicas", "with_empty_replica"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gather_stats(dtype, with_empty, device):
+    """Split a batch into uneven replicas: gathered stats == stats of the whole."""
+    x = samples.Case((11, 5, 3, 4), "contiguous", dtype).input(device)
+    sizes = [2, 0, 6, 3] if with_empty else [2, 6, 3]
+    parts = torch.split(x, sizes, dim=0)
+    means, invstds, counts = [], [], []
+    for p in parts:
+        if p.size(0) == 0:  # an empty replica sends placeholders with count 0
+            means.append(torch.zeros(5, dtype=dtype, device=device))
+            invstds.append(torch.ones(5, dtype=dtype, device=device))
+        else:
+            m, i = OPS.stats(p, EPS)
+            means.append(m)
+            invstds.append(i)
+        counts.append(p.numel() // p.size(1))
+    counts_t = torch.tensor(counts, dtype=dtype, device=device)
+    mean, invstd = OPS.gather_stats(torch.stack(means), torch.stack(invstds), counts_t, EPS)
+    m64, _, i64 = ref.stats(x, EPS)
+    assert mean.dtype == invstd.dtype == dtype and mean.shape == (5,)
+    tol = dict(rtol=8 * torch.finfo(dtype).eps, atol=8 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(mean.double().cpu(), m64, **tol)
+    torch.testing.assert_close(invstd.double().cpu(), i64, **tol)
+    whole_m, whole_i = OPS.stats(x, EPS)
+    torch.testing.assert_close(mean, whole_m, **tol)
+    torch.testing.assert_close(invstd, whole_i, **tol)
+
+
+def test_gather_stats_all_empty_is_nan(device):
+    mean, invstd = OPS.gather_stats(torch.zeros(2, 3, device=device), torch.ones(2, 3, device=device),
+                                    torch.zeros(2, device=device), EPS)
+    assert torch.isnan(mean).all() and torch.isnan(invstd).all()
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+@pytest.mark.parametrize(("momentum", "count"), [(0.1, 12), (0.5, 2), (1.0, 7), (0.0, 5), (0.3, 0)])
+def test_update_stats(momentum, count, running_dtype, device):
+    sd = torch.float64 if running_dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(0)
+    rm = torch.randn(6, generator=g, dtype=torch.float64)
+    rv = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    mean = torch.randn(6, generator=g, dtype=torch.float64)
+    var = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    invstd = 1.0 / torch.sqrt(var + EPS)
+    rm_t, rv_t = rm.to(device, running_dtype, copy=True), rv.to(device, running_dtype, copy=True)
+    out = OPS.update_stats_(rm_t, rv_t, mean.to(device, sd), invstd.to(device, sd), momentum, EPS, count)
+    assert out is None
+    # truth from the values the op actually received
+    var_in = 1.0 / invstd.to(sd).double() ** 2 - EPS
+    e_rm, e_rv = ref.update_stats(rm.to(running_dtype).double(),
+                                  rv.to(running_dtype).double(), mean.to(sd).double(), var_in, momentum, count)
+    assert rm_t.dtype == rv_t.dtype == running_dtype
+    if count == 0:
+        assert torch.equal(rm_t.cpu(), rm.to(running_dtype)) and torch.equal(rv_t.cpu(), rv.to(running_dtype))
+        return
+    fin = torch.finfo(running_dtype)
+    torch.testing.assert_close(rm_t.double().cpu(), e_rm, rtol=fin.eps, atol=fin.eps * 4)
+    torch.testing.assert_close(rv_t.double().cpu(), e_rv, rtol=fin.eps, atol=fin.eps * 4)
+
+
+def test_update_stats_count_one_is_inf_or_nan(device):
+    """count == 1: the unbiased variance divides by 0, as torch's (inf/nan, no crash)."""
+    rm, rv = torch.zeros(2, device=device), torch.ones(2, device=device)
+    OPS.update_stats_(rm, rv, torch.zeros(2, device=device), torch.ones(2, device=device), 0.1, EPS, 1)
+    assert not torch.isfinite(rv).any()
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("case", **samples.by_id(CASES))
+def test_elemt(case, affine, device):
+    x = case.input(device)
+    w, b = case.params(device) if affine else (None, None)
+    _, _, i64, mean, invstd = _exact_stats(case, x)
+    y = OPS.elemt(x, w, b, mean, invstd)
+    assert y.dtype == case.dtype and y.shape == x.shape and y.device == x.device
+    truth = ref.elemt(x, w, b, mean, invstd)
+    wmax = 1.0 if w is None else w.double().abs().max().item()
+    bmax = 0.0 if b is None else b.double().abs().max().item()
+    xs = (x.double().abs().max().item() + mean.double().abs().max().item()) * invstd.double().max().item()
+    assert_ulps("elemt", y, truth, case.dtype, truth.abs().max().item(), 2) if case.low_precision else \
+        assert_ulps("elemt", y, truth, case.dtype, xs * wmax + bmax, 4)
+
+
+@pytest.mark.parametrize("case", **samples.by_id(CASES))
+def test_backward_reduce(case, device):
+    x = case.input(device)
+    dy = case.grad_out(device)
+    _, _, _, mean, invstd = _exact_stats(case, x)
+    sum_dy, sum_dy_xmu = OPS.backward_reduce(dy, x, mean, invstd)
+    sd = _stats_dtype(case.dtype)
+    assert sum_dy.dtype == sum_dy_xmu.dtype == sd and sum_dy.shape == (case.channels,)
+    t_dy, t_dyx = ref.backward_reduce(dy, x, mean)
+    dims = ref.reduce_dims(x)
+    dy64, x64 = dy.double().cpu(), x.double().cpu()
+    s1 = dy64.abs().sum(dims).max().item()
+    s2 = (dy64 * (x64 - ref.bcast(mean.double().cpu(), x64))).abs().sum(dims).max().item()
+    assert_ulps("sum_dy", sum_dy, t_dy, sd, s1, 2)
+    assert_ulps("sum_dy_xmu", sum_dy_xmu, t_dyx, sd, s2, 2)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("case", **samples.by_id(CASES))
+def test_backward_elemt(case, affine, device):
+    x = case.input(device)
+    dy = case.grad_out(device)
+    w = case.params(device)[0] if affine else None
+    _, _, _, mean, invstd = _exact_stats(case, x)
+    sd = _stats_dtype(case.dtype)
+    g = torch.Generator().manual_seed(5)
+    mean_dy = torch.randn(case.channels, generator=g, dtype=torch.float64).to(device, sd)
+    mean_dy_xmu = torch.randn(case.channels, generator=g, dtype=torch.float64).to(device, sd)
+    dx = OPS.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xmu)
+    assert dx.dtype == case.dtype and dx.shape == x.shape
+    truth = ref.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xmu)
+    wmax = 1.0 if w is None else w.double().abs().max().item()
+    i = invstd.double().abs().max().item()
+    xm = (x.double() - ref.bcast(mean.double(), x)).abs().max().item()
+    natural = (dy.double().abs().max().item() + mean_dy.double().abs().max().item()
+               + xm * i * i * mean_dy_xmu.double().abs().max().item()) * i * wmax
+    assert_ulps("backward_elemt", dx, truth, case.dtype, natural, 4)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("case", **samples.by_id(CASES))
+def test_forward(case, affine, device):
+    x = case.input(device)
+    w, b = case.params(device) if affine else (None, None)
+    y, mean, invstd = OPS.forward(x, w, b, EPS)
+    sd = _stats_dtype(case.dtype)
+    assert y.dtype == case.dtype and y.shape == x.shape and mean.dtype == invstd.dtype == sd
+    # stats equal the stats op's, bitwise (same kernel math)
+    m2, i2 = OPS.stats(x, EPS)
+    assert torch.equal(mean, m2) and torch.equal(invstd, i2)
+    y64 = ref.batch_norm_train(x, w, b, EPS)[0]
+    wmax = 1.0 if w is None else w.double().abs().max().item()
+    bmax = 0.0 if b is None else b.double().abs().max().item()
+    scale = (x.double() - ref.bcast(mean.double(), x)).abs().max().item() * invstd.double().max().item() * wmax + bmax
+    # y inherits the stats' rounding (mean / invstd are float32 for low-precision input)
+    assert_ulps("forward output", y, y64, case.dtype, scale, 2 if case.low_precision else 48)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("case", **samples.by_id(CASES))
+def test_backward(case, affine, device):
+    x = case.input(device)
+    dy = case.grad_out(device)
+    w = case.params(device)[0] if affine else None
+    _, _, _, mean, invstd = _exact_stats(case, x)
+    dx, dw, db = OPS.backward(dy, x, mean, invstd, w)
+    sd = _stats_dtype(case.dtype)
+    assert dx.dtype == case.dtype and dx.shape == x.shape
+    assert dw.dtype == db.dtype == sd and dw.shape == db.shape == (case.channels,)
+    t_dx, t_dw, t_db = ref.batch_norm_train_backward(dy, x, w, EPS)
+    # the reference uses exact float64 stats; bnfast got them rounded to sd
+    wmax = 1.0 if w is None else w.double().abs().max().item()
+    i = invstd.double().abs().max().item()
+    dims = ref.reduce_dims(x)
+    x64, dy64 = x.double().cpu(), dy.double().cpu()
+    xhat = (x64 - ref.bcast(mean.double().cpu(), x64)) * ref.bcast(invstd.double().cpu(), x64)
+    assert_ulps("grad_weight", dw, t_dw, sd, (dy64 * xhat).abs().sum(dims).max().item(), 16)
+    assert_ulps("grad_bias", db, t_db, sd, dy64.abs().sum(dims).max().item(), 2)
+    natural = 3 * dy64.abs().max().item() * (1 + xhat.abs().max().item()) * i * wmax
+    assert_ulps("grad_input", dx, t_dx, case.dtype, natural, 2 if case.low_precision else 16)
