@@ -25,12 +25,19 @@ struct WelfordState {
 template <typename T>
 C10_HOST_DEVICE inline WelfordState<T> welford_merge(const WelfordState<T>& a,
                                                      const WelfordState<T>& b) {
-  const T n = a.n + b.n;
-  if (b.n == T(0)) return a;
+  if (b.n == T(0)) return a;  // an empty side (count 0) contributes nothing
   if (a.n == T(0)) return b;
+  const T n = a.n + b.n;
   const T delta = b.mean - a.mean;
   const T nb_over_n = b.n / n;
-  return {a.mean + delta * nb_over_n, a.m2 + b.m2 + delta * delta * a.n * nb_over_n, n};
+  // NB: with an infinite mean on either side, mean_a + delta * n_b / n gives
+  // inf + (-inf) = NaN when the infinite side is a, so the result would depend
+  // on the merge order. The weighted average keeps +-inf (NaN for +inf with
+  // -inf), as the plain sum (the CPU kernels) and torch's CUDA kernels do.
+  // (delta - delta == 0 is false exactly when delta is infinite or NaN.)
+  const T mean = (delta - delta == T(0)) ? a.mean + delta * nb_over_n
+                                         : a.mean * (a.n / n) + b.mean * nb_over_n;
+  return {mean, a.m2 + b.m2 + delta * delta * a.n * nb_over_n, n};
 }
 
 // Merge k samples x[0..k) (held by the caller) into a state: their own mean and
@@ -47,7 +54,4 @@ C10_HOST_DEVICE inline void welford_add_chunk(WelfordState<T>& s, const T (&x)[K
   s = welford_merge(s, WelfordState<T>{m, m2, T(K)});
 }
 
-// invstd = 1 / sqrt(biased variance + eps); variance clamped at 0.
-// NB: an empty state (n == 0) yields NaN mean and NaN invstd, as torch's CUDA
-// batch_norm_stats does for an empty batch.
 }  // namespace bnfast

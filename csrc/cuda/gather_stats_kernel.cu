@@ -4,7 +4,7 @@
 //   (n, mean, M2) <- merge((n, mean, M2), (n_r, mean[r, c], M2_r))  for n_r > 0
 //   invstd[c] = 1 / sqrt(M2 / n + eps)
 // Replicas with count <= 0 contribute nothing; if all do, mean and invstd are
-// NaN (as on CPU). Arithmetic in double, like the CPU kernel.
+// NaN (as on CPU). Arithmetic in double, the CPU kernel's operations in its order.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,19 +27,26 @@ __global__ void gather_stats_kernel(const scalar_t* mean, const scalar_t* invstd
                                     double eps) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  WelfordState<double> s{0, 0, 0};
+  // The CPU kernel's arithmetic, operation for operation (gather_stats_kernel.cpp),
+  // so both backends agree, special values (NaN counts, infinite means) included.
+  double total = 0, m = 0, m2 = 0;
   for (int64_t r = 0; r < R; ++r) {
-    const double n = counts[r];
-    if (!(n > 0)) continue;
+    const double nr = counts[r];
+    if (nr <= 0) continue;
+    const double mr = static_cast<double>(mean[r * C + c]);
     const double is = static_cast<double>(invstd[r * C + c]);
-    const double var = 1.0 / (is * is) - eps;
-    s = welford_merge(s, WelfordState<double>{static_cast<double>(mean[r * C + c]), var * n, n});
+    const double var_r = 1.0 / (is * is) - eps;
+    const double merged = total + nr;
+    const double delta = mr - m;
+    m += delta * nr / merged;
+    m2 += var_r * nr + delta * delta * total * nr / merged;
+    total = merged;
   }
-  if (s.n == 0) {
+  if (total == 0) {
     out_mean[c] = out_invstd[c] = std::numeric_limits<scalar_t>::quiet_NaN();
   } else {
-    out_mean[c] = static_cast<scalar_t>(s.mean);
-    out_invstd[c] = static_cast<scalar_t>(1.0 / sqrt(s.m2 / s.n + eps));
+    out_mean[c] = static_cast<scalar_t>(m);
+    out_invstd[c] = static_cast<scalar_t>(1.0 / sqrt(m2 / total + eps));
   }
 }
 
