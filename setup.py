@@ -87,7 +87,11 @@ def make_extension():
     debug = env_flag("BNFAST_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + [f"-DBNFAST_HAVE_{isa}" for isa in isas if isa != "DEFAULT"]
+    # -fopenmp at compile time only: at::parallel_for is inline and runs
+    # serially without it; the GOMP symbols resolve at load time to the OpenMP
+    # runtime libtorch_cpu already links (torch's own, so torch.set_num_threads
+    # governs bnfast's threads too). Linking another libgomp would split them.
+    cxx = opt + ["-fopenmp"] + [f"-DBNFAST_HAVE_{isa}" for isa in isas if isa != "DEFAULT"]
     extra = {"cxx": cxx}
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
