@@ -13,4 +13,10 @@ from bnfast.functional import batch_norm
 from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert", "empty_cache"]
+
+
+def empty_cache() -> None:
+    """Free the idle buffers of bnfast's CPU output cache (large y / grad_input
+    buffers kept for reuse, at most BNFAST_CPU_CACHE_MB MiB; see README)."""
+    torch.ops.bnfast.empty_cpu_cache()

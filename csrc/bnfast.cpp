@@ -68,4 +68,8 @@ TORCH_LIBRARY(bnfast, m) {
   m.def(
       "backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The CPU output cache (csrc/cpu/output_cache.h): free its idle buffers;
+  // how many bytes it holds idle.
+  m.def("empty_cpu_cache() -> ()");
+  m.def("cpu_cache_idle_bytes() -> int");
 }

@@ -6,6 +6,7 @@
 
 #include "../common/checks.h"
 #include "host.h"
+#include "output_cache.h"
 
 namespace bnfast {
 namespace {
@@ -25,7 +26,7 @@ at::Tensor backward_elemt_cpu(const at::Tensor& grad_out_, const at::Tensor& inp
   const auto grad_out = readable_as(grad_out_, input);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
-  auto grad_input = empty_output_like(input);
+  auto grad_input = cpu::empty_cached_like(input);
   if (input.numel() == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::backward_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

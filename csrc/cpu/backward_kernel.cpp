@@ -12,6 +12,7 @@
 
 #include "../common/checks.h"
 #include "host.h"
+#include "output_cache.h"
 
 namespace bnfast {
 namespace {
@@ -28,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const auto grad_out = readable_as(grad_out_, input);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
-  auto grad_input = empty_output_like(input);
+  auto grad_input = cpu::empty_cached_like(input);
   auto grad_weight = at::empty({shape.channels}, mean.options());
   auto grad_bias = at::empty({shape.channels}, mean.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::backward", [&] {

@@ -6,6 +6,7 @@
 
 #include "../common/checks.h"
 #include "host.h"
+#include "output_cache.h"
 
 namespace bnfast {
 namespace {
@@ -21,7 +22,7 @@ at::Tensor elemt_cpu(const at::Tensor& input_, const c10::optional<at::Tensor>& 
   const auto input = readable(input_);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
-  auto output = empty_output_like(input);
+  auto output = cpu::empty_cached_like(input);
   if (input.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

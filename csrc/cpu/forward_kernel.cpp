@@ -9,6 +9,7 @@
 
 #include "../common/checks.h"
 #include "host.h"
+#include "output_cache.h"
 
 namespace bnfast {
 namespace {
@@ -25,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   const auto options = input.options().dtype(stats_dtype(input.scalar_type()));
   auto mean = at::empty({shape.channels}, options);
   auto invstd = at::empty({shape.channels}, options);
-  auto output = empty_output_like(input);
+  auto output = cpu::empty_cached_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = shape.channels;
