@@ -180,8 +180,10 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
     zero_fill(scratch, 2 * C * L);
   };
   int64_t planes_since_fold = 0;
-  for (int64_t plane = plane_begin; plane < plane_end; ++plane) {
-    const int64_t c = plane % C;
+  // The channel is tracked incrementally: a 64-bit modulo per plane costs as
+  // much as summing a small (4x4) plane.
+  int64_t c = plane_begin % C;
+  for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec k(shift[c]);
     const scalar_t* xp = x + plane * S;
     const scalar_t* dyp = kHasDy ? dy + plane * S : nullptr;
@@ -310,8 +312,8 @@ void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, 
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
-  for (int64_t plane = plane_begin; plane < plane_end; ++plane) {
-    const int64_t c = plane % C;
+  int64_t c = plane_begin % C;
+  for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec mv(m[c]), pv(p[c]), qv(q[c]);
     const Vec rv(dy ? r[c] : 0);
     const scalar_t* xp = x + plane * S;
