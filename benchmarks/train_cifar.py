@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -270,19 +269,9 @@ def resolve_options(options=None, **overrides) -> argparse.Namespace:
 
 
 def machine_info() -> dict:
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu_model": cpu or platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+    from benchmarks.kernels import machine_info as kernel_machine_info  # one description of the machine
+
+    return kernel_machine_info("cpu")
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +320,7 @@ def _fmt(v, spec=".2f", none="n/a"):
 def markdown(result: dict) -> str:
     o, m = result["options"], result["machine"]
     lines = ["# CIFAR-10 training benchmark: torch BatchNorm2d vs bnfast", ""]
-    lines.append(f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch "
+    lines.append(f"Machine: {m['cpu_model']}, {m['logical_cpus']} CPUs, {m['torch_threads']} torch "
                  f"threads, torch {m['torch_version']}"
                  + (f"; CPU share during training {100 * result['cpu_share']:.0f}%."
                     if result.get("cpu_share") is not None else "."))
