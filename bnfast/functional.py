@@ -55,9 +55,9 @@ def batch_norm(
         if running_mean is not None or running_var is not None:
             if running_mean is None or running_var is None:
                 raise RuntimeError("batch_norm: running_mean and running_var must be given together")
-            with torch.no_grad():
-                ops.update_stats_(running_mean, running_var, mean.detach(), invstd.detach(),
-                                  momentum, eps, input.numel() // input.size(1))
+            with torch.no_grad():  # statistics, not part of the graph
+                ops.update_stats_(running_mean, running_var, mean, invstd, momentum, eps,
+                                  input.numel() // input.size(1))
         return output
 
     if running_mean is None or running_var is None:

@@ -114,7 +114,7 @@ def _differentiate_composite(fn, inputs: Sequence[Optional[Tensor]], grads: Sequ
 def _cast_like(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
     if grad is None or like is None:
         return None
-    return grad.to(like.dtype)
+    return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
 # ---------------------------------------------------------------- stats

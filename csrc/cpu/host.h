@@ -25,8 +25,13 @@ namespace cpu {
 // Elements per chunk of work: large enough to amortize a task, small enough
 // to split the seed CNN's smallest layer (128x64x4x4) across cores.
 constexpr int64_t kGrain = 32768;
-// Partial sums are [chunks][2][C] doubles; cap the chunk count.
+// Reductions keep [chunks][2][C] partial sums in double, zeroed and added up
+// serially, so their chunks are larger: a chunk holds at least
+// kReduceGrain elements (and, channels-last, kMinRowsPerChunk rows, so the
+// partial sums stay small next to the data) and there are at most kMaxChunks.
+constexpr int64_t kReduceGrain = 1 << 16;
 constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMinRowsPerChunk = 64;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -41,7 +46,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
     // Tasks are ranges of planes in memory order; each keeps [2][C] partial
     // sums (only the channels it touches are non-zero).
     const int64_t planes = shape.batch * C;
-    const int64_t planes_per_task = std::max(ceil_div(kGrain, std::max<int64_t>(shape.spatial, 1)),
+    const int64_t planes_per_task = std::max(ceil_div(kReduceGrain, std::max<int64_t>(shape.spatial, 1)),
                                              ceil_div(planes, kMaxChunks));
     const int64_t tasks = ceil_div(planes, planes_per_task);
     std::vector<double> partial(2 * C * tasks, 0.0);
@@ -66,7 +71,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
   } else {
     const int64_t M = shape.per_channel();
     const int64_t rows_per_chunk =
-        std::max(ceil_div(kGrain, C), ceil_div(M, kMaxChunks));
+        std::max({ceil_div(kReduceGrain, C), ceil_div(M, kMaxChunks), kMinRowsPerChunk});
     const int64_t chunks = ceil_div(M, rows_per_chunk);
     std::vector<double> partial(2 * C * chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

@@ -8,6 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../common/checks.h"
 
 namespace bnfast {
@@ -36,22 +38,28 @@ void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const a
   TORCH_CHECK(count >= 0, "bnfast: count must be >= 0, got ", count);
   if (count == 0) return;
   const double correction = static_cast<double>(count) / static_cast<double>(count - 1);
-  const auto mean_d = mean.to(at::kDouble).contiguous();
-  const auto invstd_d = invstd.to(at::kDouble).contiguous();
-  const double* mu = mean_d.const_data_ptr<double>();
-  const double* is = invstd_d.const_data_ptr<double>();
+  // Read mean / invstd (float or double, any stride) into double once.
+  const int64_t C = mean.numel();
+  std::vector<double> mu(C), var(C);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnfast::update_stats_", [&] {
+    const auto m = mean.accessor<scalar_t, 1>();
+    const auto is = invstd.accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < C; ++c) {
+      mu[c] = m[c];
+      var[c] = 1.0 / (static_cast<double>(is[c]) * is[c]) - eps;
+    }
+  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "bnfast::update_stats_", [&] {
     auto rm = running_mean.accessor<scalar_t, 1>();
-    for (int64_t c = 0; c < rm.size(0); ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       rm[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rm[c]) + momentum * mu[c]);
     }
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_var.scalar_type(), "bnfast::update_stats_", [&] {
     auto rv = running_var.accessor<scalar_t, 1>();
-    for (int64_t c = 0; c < rv.size(0); ++c) {
-      const double var = 1.0 / (is[c] * is[c]) - eps;
+    for (int64_t c = 0; c < C; ++c) {
       rv[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rv[c]) +
-                                    momentum * var * correction);
+                                    momentum * var[c] * correction);
     }
   });
 }

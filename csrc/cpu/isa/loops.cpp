@@ -158,7 +158,7 @@ inline void accumulate_span(const scalar_t* xp, const scalar_t* dyp, int64_t len
 // and the plane's vector sum added into its channel's vector partial sums in
 // scratch ([2][C][L]); those are folded into the double totals every
 // kPlanesPerFold planes of each channel.
-constexpr int64_t kPlanesPerFold = 64;
+constexpr int64_t kPlanesPerFold = 16;
 
 template <typename scalar_t, bool kHasDy>
 void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
