@@ -22,8 +22,8 @@
 namespace bnfast {
 namespace cpu {
 
-// Elements per chunk of work: large enough to amortize a task, small enough
-// to split the seed CNN's smallest layer (128x64x4x4) across cores.
+// Elements per chunk of elementwise work: large enough to amortize a task,
+// small enough to split the seed CNN's smallest layer (128x64x4x4) across cores.
 constexpr int64_t kGrain = 32768;
 // Reductions keep [chunks][2][C] partial sums in double, zeroed and added up
 // serially, so their chunks are larger: a chunk holds at least
