@@ -1,0 +1,52 @@
+"""Every instruction-set build of the CPU loops (csrc/cpu/isa/) is exercised:
+bnfast follows torch's CPU capability, which ATEN_CPU_CAPABILITY caps, so each
+build runs in a subprocess with that variable set and is checked against a
+float64 reference over dtypes, layouts and odd shapes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CHECK = r"""
+import torch, bnfast
+torch.manual_seed(0)
+worst = 0.0
+for shape in [(2, 3), (5, 7, 13), (4, 3, 7, 9), (3, 17, 4, 4), (2, 5, 3, 4, 6), (64, 40)]:
+    for dtype, tol in [(torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)]:
+        for channels_last in [False, True]:
+            x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+            xs = x.to(dtype)
+            if channels_last and xs.dim() in (4, 5):
+                xs = xs.contiguous(memory_format=torch.channels_last if xs.dim() == 4 else torch.channels_last_3d)
+            dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+            y, mean, invstd = torch.ops.bnfast.forward(xs, None, None, 1e-5)
+            dx = torch.ops.bnfast.backward(dy, xs, mean, invstd, None)[0]
+            xr = xs.double().requires_grad_()
+            yr = torch.nn.functional.batch_norm(xr, None, None, training=True, eps=1e-5)
+            (dxr,) = torch.autograd.grad(yr, xr, dy.double())
+            err = max((y.double() - yr).abs().max().item(), (dx.double() - dxr).abs().max().item())
+            assert err <= tol * max(1.0, dxr.abs().max().item()), (shape, dtype, channels_last, err)
+            worst = max(worst, err)
+print(torch.backends.cpu.get_cpu_capability(), worst)
+"""
+
+
+def _supported():
+    # torch's own capability is the widest this CPU (and torch) supports.
+    widest = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    return order[: order.index(widest) + 1] if widest in order else ["DEFAULT"]
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_isa_build(capability):
+    if capability not in _supported():
+        pytest.skip(f"this CPU (or torch build) does not run {capability}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    used, _ = out.stdout.split()
+    assert used == capability
