@@ -13,6 +13,10 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
 namespace bnfast {
 
 template <typename T>
@@ -52,6 +56,35 @@ C10_HOST_DEVICE inline void welford_add_chunk(WelfordState<T>& s, const T (&x)[K
 #pragma unroll
   for (int i = 0; i < K; ++i) m2 += (x[i] - m) * (x[i] - m);
   s = welford_merge(s, WelfordState<T>{m, m2, T(K)});
+}
+
+// gather_stats for channel c: Chan's merge, in double, of R replicas'
+// (mean, invstd) ([R, C], var_r = 1 / invstd_r^2 - eps) over counts[r]
+// elements each, skipping replicas with count <= 0. No data at all gives NaN.
+// One function for the CPU and CUDA kernels, so both backends agree to the bit.
+template <typename in_t, typename count_t>
+C10_HOST_DEVICE inline void merge_replica_stats(const in_t* mean, const in_t* invstd,
+                                                const count_t* counts, int64_t R, int64_t C,
+                                                int64_t c, double eps, double* out_mean,
+                                                double* out_invstd) {
+  double total = 0, m = 0, m2 = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const double nr = static_cast<double>(counts[r]);
+    if (nr <= 0) continue;
+    const double is = static_cast<double>(invstd[r * C + c]);
+    const double var_r = 1.0 / (is * is) - eps;
+    const double merged = total + nr;
+    const double delta = static_cast<double>(mean[r * C + c]) - m;
+    m += delta * nr / merged;
+    m2 += var_r * nr + delta * delta * total * nr / merged;
+    total = merged;
+  }
+  if (total == 0) {
+    *out_mean = *out_invstd = std::numeric_limits<double>::quiet_NaN();
+  } else {
+    *out_mean = m;
+    *out_invstd = 1.0 / ::sqrt(m2 / total + eps);
+  }
 }
 
 }  // namespace bnfast

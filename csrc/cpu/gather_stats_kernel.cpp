@@ -9,6 +9,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../common/welford.h"
+
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -32,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> gather_stats_cpu(const at::Tensor& mean, cons
   const auto invstd_d = invstd.to(at::kDouble).contiguous();
   const auto counts_d = counts.to(at::kDouble).contiguous();
   const double* mu = mean_d.const_data_ptr<double>();
-  const double* is = invstd_d.const_data_ptr<double>();
+  const double* inv = invstd_d.const_data_ptr<double>();
   const double* n = counts_d.const_data_ptr<double>();
   auto out_mean = at::empty({C}, mean.options());
   auto out_invstd = at::empty({C}, mean.options());
@@ -40,24 +42,10 @@ std::tuple<at::Tensor, at::Tensor> gather_stats_cpu(const at::Tensor& mean, cons
     auto* om = out_mean.mutable_data_ptr<scalar_t>();
     auto* oi = out_invstd.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      double total = 0, m = 0, m2 = 0;
-      for (int64_t r = 0; r < R; ++r) {
-        const double nr = n[r];
-        if (nr <= 0) continue;
-        const double mr = mu[r * C + c];
-        const double var_r = 1.0 / (is[r * C + c] * is[r * C + c]) - eps;
-        const double merged = total + nr;
-        const double delta = mr - m;
-        m += delta * nr / merged;
-        m2 += var_r * nr + delta * delta * total * nr / merged;
-        total = merged;
-      }
-      if (total == 0) {
-        om[c] = oi[c] = std::numeric_limits<scalar_t>::quiet_NaN();
-      } else {
-        om[c] = static_cast<scalar_t>(m);
-        oi[c] = static_cast<scalar_t>(1.0 / std::sqrt(m2 / total + eps));
-      }
+      double m, is;
+      merge_replica_stats(mu, inv, n, R, C, c, eps, &m, &is);
+      om[c] = static_cast<scalar_t>(m);
+      oi[c] = static_cast<scalar_t>(is);
     }
   });
   return {out_mean, out_invstd};

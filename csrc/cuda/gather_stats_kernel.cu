@@ -27,27 +27,10 @@ __global__ void gather_stats_kernel(const scalar_t* mean, const scalar_t* invstd
                                     double eps) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  // The CPU kernel's arithmetic, operation for operation (gather_stats_kernel.cpp),
-  // so both backends agree, special values (NaN counts, infinite means) included.
-  double total = 0, m = 0, m2 = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const double nr = counts[r];
-    if (nr <= 0) continue;
-    const double mr = static_cast<double>(mean[r * C + c]);
-    const double is = static_cast<double>(invstd[r * C + c]);
-    const double var_r = 1.0 / (is * is) - eps;
-    const double merged = total + nr;
-    const double delta = mr - m;
-    m += delta * nr / merged;
-    m2 += var_r * nr + delta * delta * total * nr / merged;
-    total = merged;
-  }
-  if (total == 0) {
-    out_mean[c] = out_invstd[c] = std::numeric_limits<scalar_t>::quiet_NaN();
-  } else {
-    out_mean[c] = static_cast<scalar_t>(m);
-    out_invstd[c] = static_cast<scalar_t>(1.0 / sqrt(m2 / total + eps));
-  }
+  double m, is;
+  merge_replica_stats(mean, invstd, counts, R, C, c, eps, &m, &is);
+  out_mean[c] = static_cast<scalar_t>(m);
+  out_invstd[c] = static_cast<scalar_t>(is);
 }
 
 template <typename scalar_t>
