@@ -28,10 +28,10 @@ struct Loops {
   //   a = dy ? dy : (x - K);   s1 += a;   s2 += a * (x - K)
   // Channels-first: planes [plane_begin, plane_end) of the N * C planes (plane
   // p is channel p % C), shifts K[C]; adds into s1[C], s2[C]. scratch holds
-  // 2 * C * kMaxLanes opmath_t.
+  // 2 * C * kMaxLanes opmath_t, lane_totals 2 * C * kMaxLanes double.
   void (*reduce_cf)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* shift, double* s1,
-                    double* s2, opmath_t* scratch);
+                    double* s2, opmath_t* scratch, double* lane_totals);
   // Channels-last: rows [m_begin, m_end), all C channels, shifts K[C]; adds
   // into s1[C], s2[C]. scratch holds 2 * padded_channels(C) opmath_t.
   void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin,
