@@ -86,7 +86,7 @@ def make_extension():
     cuda = use_cuda()
     debug = env_flag("BNFAST_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp at compile time only: at::parallel_for is inline and runs
     # serially without it; the GOMP symbols resolve at load time to the OpenMP
     # runtime libtorch_cpu already links (torch's own, so torch.set_num_threads

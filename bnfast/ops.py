@@ -9,11 +9,13 @@ CUDA kernels in csrc/cpu and csrc/cuda.
 Shapes: input (N, C, *); per-channel tensors [C]. "Stats" tensors (mean,
 invstd, sums) are float32, or float64 for float64 input.
 
-Double backward: the first-order backward runs the fused ``bnfast::backward``
-kernel. When the backward itself is being differentiated (create_graph=True,
-so grad mode is on inside backward), it is instead computed by differentiating
-a composite of torch ops that equals the forward, which autograd can
-differentiate again.
+Double backward: a first-order backward runs bnfast kernels. When the
+backward itself is being differentiated (create_graph=True, so grad mode is on
+inside backward), it is instead computed by differentiating a composite of
+torch ops that equals the op, which autograd can differentiate again.
+
+Exception: ``bnfast::forward`` (the fused training forward) has its autograd in
+C++, csrc/autograd/forward_autograd.cpp, for speed; the same rules hold there.
 """
 
 from __future__ import annotations
@@ -74,17 +76,7 @@ def _stats_like(input: Tensor) -> Tensor:
     return input.new_empty((input.size(1),), dtype=stats_dtype(input.dtype))
 
 
-# Composite (torch-op) forms of the differentiable ops, used to differentiate
-# the backward (double backward) and as the float64 cross-check in tests.
-
-def forward_composite(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
-    dims = _reduce_dims(input)
-    x = input.to(stats_dtype(input.dtype))
-    mean = x.mean(dims)
-    var = x.var(dims, unbiased=False)
-    invstd = torch.rsqrt(var + eps)
-    return elemt_composite(input, weight, bias, mean, invstd), mean, invstd
-
+# Composite (torch-op) form of elemt, differentiated for its double backward.
 
 def elemt_composite(input, weight, bias, mean, invstd):
     x = input.to(stats_dtype(input.dtype))
@@ -271,36 +263,9 @@ def _forward_fake(input, weight, bias, eps):
     return _empty_output_like(input), _stats_like(input), _stats_like(input)
 
 
-def _forward_setup(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, mean, invstd = output
-    ctx.save_for_backward(input, weight, bias, mean, invstd)
-    ctx.eps = eps
-    ctx.set_materialize_grads(False)
-
-
-def _forward_backward(ctx, grad_out, grad_mean, grad_invstd):
-    input, weight, bias, mean, invstd = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: a differentiable backward
-        grads = _differentiate_composite(
-            lambda x, w, b: forward_composite(x, w, b, ctx.eps),
-            (input, weight, bias),
-            (grad_out, grad_mean, grad_invstd),
-        )
-        return grads + (None,)
-    need_input, need_weight, need_bias, _ = ctx.needs_input_grad
-    grad_input = grad_weight = grad_bias = None
-    if grad_out is not None:
-        grad_input, grad_weight, grad_bias = _ops.backward(grad_out, input, mean, invstd, weight)
-        grad_weight = _cast_like(grad_weight, weight) if need_weight else None
-        grad_bias = _cast_like(grad_bias, bias) if need_bias else None
-    if need_input and (grad_mean is not None or grad_invstd is not None):
-        grad_stats = _stats_grad(input, mean, invstd, grad_mean, grad_invstd)
-        grad_input = grad_stats if grad_input is None else grad_input + grad_stats
-    return (grad_input if need_input else None), grad_weight, grad_bias, None
-
-
-torch.library.register_autograd("bnfast::forward", _forward_backward, setup_context=_forward_setup)
+# Its autograd is registered in C++ (csrc/autograd/forward_autograd.cpp): this
+# op is the training hot path, and the Python wrapper's overhead matched the
+# kernels' own time on small layers.
 
 
 def backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,

@@ -66,3 +66,14 @@ def test_forward_op(case, device):
     x, w, b = _leaves(case, device)
     _check(lambda *a: OPS.forward(*a, EPS), (x, w, b))
     _check(lambda x: OPS.forward(x, None, None, EPS), (x,))
+
+
+@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES))
+def test_forward_op_partial_inputs(case, device):
+    """Gradients land on the right arguments when weight or bias is None or
+    does not require grad (the C++ autograd counts only the tensors given)."""
+    x, w, b = _leaves(case, device)
+    _check(lambda x, w: OPS.forward(x, w, None, EPS), (x, w))
+    _check(lambda x, b: OPS.forward(x, None, b, EPS), (x, b))
+    _check(lambda x, b: OPS.forward(x, w.detach(), b, EPS), (x, b))
+    _check(lambda w, b: OPS.forward(x.detach(), w, b, EPS)[0], (w, b))
