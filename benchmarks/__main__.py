@@ -11,7 +11,7 @@ then prints a final summary (kernel speed-up table + training summary), also
 written to ``<out>/summary.md``; ``<out>/suite.json`` indexes every part.
 
 Sizes: the default run takes ~10-15 minutes on a 2-core CPU (kernels: the
-default case list, ~3 min; training: train_cifar's default epochs);
+default case list, ~3 min; training: train_cifar.SUITE_EPOCHS = 5 epochs);
 ``--quick`` is a 1-2 minute smoke run (CI); ``--full`` runs every kernel case
 and the full training run (10 epochs).
 """
@@ -61,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CIFAR-10 archive or extracted folder, passed to the training benchmark "
                         "(default: its own search: cache folder, the shared copy, a download)")
     t.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: the training benchmark's default; "
-                        "--quick: 1; --full: 10)")
+                   help="training epochs (default 5; --quick: 1; --full: 10)")
     t.add_argument("--subset", type=int, default=None, help="train on the first N images")
     t.add_argument("--variants", default=None, help="training variants (default all)")
     t.add_argument("--synthetic", action="store_true", help="train on random batches (no accuracy)")
@@ -93,13 +92,20 @@ def run_kernels(args, device: str, out: Path) -> dict:
     return kernels.run(opts)
 
 
+def train_epochs(args):
+    """Epochs for the training part: --epochs, else 10 with --full, 5 by
+    default, and None with --quick (train_cifar's quick settings)."""
+    from benchmarks import train_cifar
+
+    if args.epochs is not None or args.quick:
+        return args.epochs
+    return train_cifar.FULL_EPOCHS if args.full else train_cifar.SUITE_EPOCHS
+
+
 def run_train(args, out: Path) -> dict:
     from benchmarks import train_cifar
 
-    epochs = args.epochs
-    if epochs is None and args.full:
-        epochs = train_cifar.FULL_EPOCHS
-    opts = {"out": str(out), "data": args.data, "epochs": epochs, "quick": args.quick,
+    opts = {"out": str(out), "data": args.data, "epochs": train_epochs(args), "quick": args.quick,
             "threads": args.threads, "no_progress": args.no_progress, "synthetic": args.synthetic,
             "no_download": args.no_download, "subset": args.subset}
     if args.variants:

@@ -157,3 +157,19 @@ def test_suite_quick_end_to_end(tmp_path):
     assert "## Kernels, cpu" in summary and "## CIFAR-10 training" in summary
     assert "fwd+bwd" in summary
     assert summary.strip() in proc.stdout
+
+
+def test_suite_training_epochs():
+    """The suite trains 5 epochs by default (its 10-15 minute budget), the full
+    10 with --full, train_cifar's quick settings with --quick; --epochs wins."""
+    import benchmarks.__main__ as suite
+    from benchmarks import train_cifar
+
+    def epochs(*argv):
+        return suite.train_epochs(suite.build_parser().parse_args(list(argv)))
+
+    assert epochs() == train_cifar.SUITE_EPOCHS == 5
+    assert epochs("--full") == train_cifar.FULL_EPOCHS == train_cifar.DEFAULT_EPOCHS == 10
+    assert epochs("--quick") is None
+    assert train_cifar.resolve_options({"quick": True}).epochs == 1
+    assert epochs("--full", "--epochs", "3") == 3
