@@ -309,9 +309,12 @@ def summarize(runs: list[dict]) -> dict:
                 s[f"bn_share_{impl}"] = 1.0 - no_bn["median_step_ms"] / r["median_step_ms"]
         out[variant] = s
     seed = out.get("seed", {})
-    bar = {"speedup_min": BAR_SPEEDUP, "acc_tol_points": BAR_ACC_POINTS,
+    # The accuracy bar is for the full run: a shorter run's final accuracy is
+    # a mid-training value that moves by points from epoch to epoch.
+    epochs = max((len(r["epochs"]) for r in runs), default=0)
+    bar = {"speedup_min": BAR_SPEEDUP, "acc_tol_points": BAR_ACC_POINTS, "acc_min_epochs": FULL_EPOCHS,
            "speedup_met": None if seed.get("speedup") is None else seed["speedup"] >= BAR_SPEEDUP,
-           "accuracy_met": None if seed.get("acc_diff_points") is None
+           "accuracy_met": None if seed.get("acc_diff_points") is None or epochs < FULL_EPOCHS
            else abs(seed["acc_diff_points"]) <= BAR_ACC_POINTS}
     return {"variants": out, "bar": bar}
 
@@ -361,8 +364,12 @@ def markdown(result: dict) -> str:
                      f"{share(s['bn_share_torch'])} | {share(s['bn_share_bnfast'])} |")
     b = result["summary"]["bar"]
     yes = {True: "met", False: "NOT met", None: "not measured"}
+    epochs = max((len(r["epochs"]) for r in result["runs"]), default=0)
+    acc = yes[b["accuracy_met"]]
+    if b["accuracy_met"] is None and not d["synthetic"] and 0 < epochs < b["acc_min_epochs"]:
+        acc = f"not judged ({epochs} epoch(s); the bar is for the full {b['acc_min_epochs']}-epoch run)"
     lines += ["", f"Bar (seed CNN): step speed-up >= {b['speedup_min']}x: {yes[b['speedup_met']]}; "
-              f"final accuracy within {b['acc_tol_points']} point of torch: {yes[b['accuracy_met']]}.",
+              f"final accuracy within {b['acc_tol_points']} point of torch: {acc}.",
               "", "Speed-up = torch median step / bnfast median step; paired = median over steps of "
               "the per-step ratio (all runs step in lockstep on the same batches). "
               "BN share = 1 - (no_bn step time / step time): the part of the step BN costs."]

@@ -123,7 +123,20 @@ def test_quick_cli_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "cifar10_summary.md").read_text()
     assert "| seed | torch |" in md and "speed-up" in md
+    assert res["summary"]["bar"]["accuracy_met"] is None and "not judged (1 epoch(s)" in md
     assert "| seed | torch |" in proc.stdout  # summary printed too
+
+
+def _fake_run(variant, impl, step_ms, acc, epochs):
+    return {"variant": variant, "impl": impl, "median_step_ms": step_ms, "step_time_s": [step_ms / 1e3] * 3,
+            "final_test_acc": acc, "epochs": [{}] * epochs}
+
+
+@pytest.mark.parametrize("epochs, acc_bnfast, met", [(5, 60.0, None), (10, 70.5, True), (10, 68.0, False)])
+def test_accuracy_bar_is_judged_on_the_full_run(epochs, acc_bnfast, met):
+    runs = [_fake_run("seed", "torch", 30.0, 70.0, epochs), _fake_run("seed", "bnfast", 25.0, acc_bnfast, epochs)]
+    bar = train_cifar.summarize(runs)["bar"]
+    assert bar["accuracy_met"] is met and bar["speedup_met"] is False
 
 
 def test_no_data_reports_step_times_but_no_accuracy(tmp_path, monkeypatch):
