@@ -63,6 +63,21 @@ std::vector<T> per_column(const T* per_channel, int64_t C, int64_t S) {
   return columns;
 }
 
+// s1, s2 = the per-task partial sums [tasks][2][n] added in task order (a
+// fixed order: results do not depend on which thread ran which task).
+inline void add_partials(const std::vector<double>& partial, int64_t tasks, int64_t n, double* s1,
+                         double* s2) {
+  std::fill(s1, s1 + n, 0.0);
+  std::fill(s2, s2 + n, 0.0);
+  for (int64_t task = 0; task < tasks; ++task) {
+    const double* p = &partial[2 * n * task];
+    for (int64_t j = 0; j < n; ++j) {
+      s1[j] += p[j];
+      s2[j] += p[n + j];
+    }
+  }
+}
+
 // Sums of reduce over rows [M][W] (channels-last; or short planes with W = C * S).
 template <typename scalar_t>
 void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
@@ -82,15 +97,7 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
       loop.reduce_cl(x, dy, W, m0, m1, shift, p, p + W, scratch.data());
     }
   });
-  std::fill(s1, s1 + W, 0.0);
-  std::fill(s2, s2 + W, 0.0);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const double* p = &partial[2 * W * chunk];
-    for (int64_t j = 0; j < W; ++j) {
-      s1[j] += p[j];
-      s2[j] += p[W + j];
-    }
-  }
+  add_partials(partial, chunks, W, s1, s2);
 }
 
 // s1[c], s2[c] = per-channel sums of reduce (see loops.h) over the whole input.
@@ -133,15 +140,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
                      scratch.data(), lane_totals.data());
     }
   });
-  std::fill(s1, s1 + C, 0.0);
-  std::fill(s2, s2 + C, 0.0);
-  for (int64_t task = 0; task < tasks; ++task) {
-    const double* p = &partial[2 * C * task];
-    for (int64_t c = 0; c < C; ++c) {
-      s1[c] += p[c];
-      s2[c] += p[C + c];
-    }
-  }
+  add_partials(partial, tasks, C, s1, s2);
 }
 
 // out = (x - m[c]) * p[c] + q[c] (+ dy * r[c]) over the whole input; m, p, q,
