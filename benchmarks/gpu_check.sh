@@ -58,11 +58,13 @@ step tests 240 "$PY" -m pytest tests -m "not slow and not cuda_compile" -q -p no
   --ignore=tests/test_benchmarks.py --ignore=tests/test_train_cifar.py --ignore=tests/test_cifar10.py \
   --junitxml="$OUT/tests.xml"
 step benchmark 150 "$PY" -m benchmarks.kernels --device cuda --out "$OUT"
+step bars 30 "$PY" -m benchmarks.cuda_bars "$OUT/kernels.json"
 
 {
   echo "bnfast GPU check on $DEVICE ($(date -u +%Y-%m-%dT%H:%MZ))"
   printf '%-20s %-12s %s\n' step status time
   for i in "${!NAMES[@]}"; do printf '%-20s %-12s %s\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${TIMES[$i]}"; done
   tail -n 1 "$OUT/tests.log" 2>/dev/null | sed 's/^/tests: /'
+  cat "$OUT/bars.log" 2>/dev/null
 } | tee "$OUT/summary.txt"
 exit $FAILED

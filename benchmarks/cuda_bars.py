@@ -1,0 +1,83 @@
+"""The CUDA kernels' acceptance bars, judged from a kernel benchmark's JSON.
+
+    python -m benchmarks.cuda_bars benchmarks/results/gpu-<device>/kernels.json
+
+Bars (on an H100; see the CUDA issue):
+  * bandwidth: on large tensors (>= LARGE_BYTES), bnfast's effective bandwidth
+    under the streaming model (fwd train 3 passes, bwd 5, ...) is at least
+    85% of a measured device-to-device copy of the same tensor, every phase;
+  * float32 NCHW at the seed-CNN and ResNet shapes: at least 1.2x torch
+    (cuDNN), training forward+backward;
+  * bfloat16 channels_last (4-D and 5-D): at least 1.5x torch, training
+    forward+backward.
+Prints one line per bar with its worst case, and exits 1 if any bar is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+LARGE_BYTES = 32 << 20
+BANDWIDTH_FRACTION = 0.85
+FP32_NCHW_SPEEDUP = 1.2
+BF16_CL_SPEEDUP = 1.5
+FP32_NCHW_GROUPS = ("seed CNN", "ResNet-18 CIFAR", "ResNet-50 ImageNet")
+
+
+def bars(result: dict) -> list[dict]:
+    """[{name, threshold, worst (value), worst_row (label), met, n}] for the
+    rows of one kernel benchmark result; met is None when no row applies."""
+    rows = result["rows"]
+
+    def label(r):
+        return f"{r['case']} {'x'.join(map(str, r['shape']))} {r['dtype']} {r['format']} {r['phase']}"
+
+    def judge(name, threshold, selected, value):
+        if not selected:
+            return {"name": name, "threshold": threshold, "worst": None, "worst_row": None,
+                    "met": None, "n": 0}
+        worst = min(selected, key=value)
+        return {"name": name, "threshold": threshold, "worst": value(worst), "worst_row": label(worst),
+                "met": value(worst) >= threshold, "n": len(selected)}
+
+    large = [r for r in rows if r["numel"] * r["elem_bytes"] >= LARGE_BYTES]
+    fp32_nchw = [r for r in rows if r["dtype"] == "float32" and r["format"] == "nchw"
+                 and r["group"] in FP32_NCHW_GROUPS and r["phase"] == "fwd_bwd"]
+    bf16_cl = [r for r in rows if r["dtype"] == "bfloat16" and r["format"] == "channels_last"
+               and len(r["shape"]) in (4, 5) and r["phase"] == "fwd_bwd"]
+    return [
+        judge(f"bandwidth >= {BANDWIDTH_FRACTION:.0%} of copy, tensors >= {LARGE_BYTES >> 20} MB",
+              BANDWIDTH_FRACTION, large, lambda r: r["bnfast_frac_copy"]),
+        judge("float32 NCHW fwd+bwd speed-up, seed CNN and ResNet shapes", FP32_NCHW_SPEEDUP, fp32_nchw,
+              lambda r: r["speedup"]),
+        judge("bfloat16 channels_last fwd+bwd speed-up", BF16_CL_SPEEDUP, bf16_cl, lambda r: r["speedup"]),
+    ]
+
+
+def report(result: dict) -> tuple[str, bool]:
+    """A short table of the bars, and whether all that apply are met."""
+    lines = [f"CUDA bars ({result.get('machine', {}).get('gpu_name') or result.get('device')}):"]
+    all_met = True
+    for b in bars(result):
+        status = {True: "met", False: "NOT met", None: "no rows"}[b["met"]]
+        worst = "n/a" if b["worst"] is None else f"{b['worst']:.2f} ({b['worst_row']})"
+        lines.append(f"  {status:8s} {b['name']}: need >= {b['threshold']:.2f}, worst {worst}, {b['n']} rows")
+        all_met = all_met and b["met"] is not False
+    return "\n".join(lines), all_met
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cuda_bars", description=__doc__.splitlines()[0])
+    p.add_argument("kernels_json", help="kernels.json written by python -m benchmarks.kernels --device cuda")
+    args = p.parse_args(argv)
+    with open(args.kernels_json) as f:
+        result = json.load(f)
+    text, ok = report(result)
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
