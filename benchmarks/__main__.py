@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -78,6 +79,12 @@ def _devices(spec: str) -> list[str]:
     if bad:
         raise ValueError(f"unknown device(s) {bad}; choose from cpu, cuda")
     return devs
+
+
+def _relative(path: str, out: Path) -> str:
+    """A part's file as summary.md refers to it: relative to the suite folder,
+    so the summary stays right when the folder is moved or published."""
+    return os.path.relpath(path, out)
 
 
 def _demote(md: str) -> str:
@@ -170,7 +177,7 @@ def main(argv=None) -> int:
             m = res["machine"]
             dev = m["gpu_name"] if device == "cuda" else f"{m['cpu_model']}, {m['torch_threads']} threads, ISA {m['bnfast_cpu_isa']}"
             sections.append(f"## Kernels, {device} ({dev})\n\nSpeed-up = torch time / bnfast time "
-                            f"(median; > 1: bnfast faster). Details: {res['files']['markdown']}\n\n"
+                            f"(median; > 1: bnfast faster). Details: {_relative(res['files']['markdown'], out)}\n\n"
                             + (f"**{kernels.busy_note(res)}**\n\n" if kernels.busy_note(res) else "")
                             + kernels.speedup_table(res))
 
@@ -188,7 +195,7 @@ def main(argv=None) -> int:
             suite["parts"]["train"] = {"ok": True, "elapsed_s": time.perf_counter() - t0,
                                        "files": res["files"], "summary": res["summary"],
                                        "synthetic": res["data"]["synthetic"], "notes": res["notes"]}
-            sections.append("## CIFAR-10 training\n\nDetails: " + res["files"]["markdown"] + "\n\n"
+            sections.append("## CIFAR-10 training\n\nDetails: " + _relative(res["files"]["markdown"], out) + "\n\n"
                             + train_summary(res))
 
     suite["elapsed_s"] = time.perf_counter() - t_suite

@@ -156,6 +156,8 @@ def test_suite_quick_end_to_end(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Kernels, cpu" in summary and "## CIFAR-10 training" in summary
     assert "fwd+bwd" in summary
+    # Links to the parts are relative to the suite folder (it can be moved).
+    assert "Details: kernels-cpu/kernels.md" in summary and "Details: cifar10/cifar10_summary.md" in summary
     assert summary.strip() in proc.stdout
 
 
