@@ -10,7 +10,8 @@ Bars (on an H100; see the CUDA issue):
     (cuDNN), training forward+backward;
   * bfloat16 channels_last (4-D and 5-D): at least 1.5x torch, training
     forward+backward.
-Prints one line per bar with its worst case, and exits 1 if any bar is missed.
+Prints one line per bar with its worst case, and exits 1 if any bar is missed,
+has no rows to judge, or the benchmark reported errors.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def report(result: dict) -> tuple[str, bool]:
     lines = [f"CUDA bars ({result.get('machine', {}).get('gpu_name') or result.get('device')}):"]
     all_met = True
     for b in bars(result):
-        status = {True: "met", False: "NOT met", None: "no rows"}[b["met"]]
+        status = {True: "met", False: "NOT met", None: "NO ROWS"}[b["met"]]
         worst = "n/a" if b["worst"] is None else f"{b['worst']:.2f} ({b['worst_row']})"
         lines.append(f"  {status:8s} {b['name']}: need >= {b['threshold']:.2f}, worst {worst}, {b['n']} rows")
-        all_met = all_met and b["met"] is not False
+        all_met = all_met and b["met"] is True  # a bar nothing measured is not met
+    for error in result.get("errors", []):  # configurations that failed to run are missing rows
+        lines.append(f"  ERROR    {error}")
+        all_met = False
     return "\n".join(lines), all_met
 
 

@@ -202,4 +202,7 @@ def test_cuda_bars_judge_worst_rows():
     assert bf16["n"] == 1 and bf16["met"] is True
     text, ok = cuda_bars.report({"rows": rows, "device": "cuda"})
     assert not ok and "NOT met" in text and "r18_s1 128x64x32x32 float32 nchw bwd" in text
-    assert cuda_bars.report({"rows": rows[:1], "device": "cuda"})[1]  # bars without rows do not fail
+    good = [dict(r, bnfast_frac_copy=0.9, speedup=1.6) for r in rows]
+    assert cuda_bars.report({"rows": good, "device": "cuda"})[1]
+    assert not cuda_bars.report({"rows": good[:1], "device": "cuda"})[1]  # a bar with no rows is not met
+    assert not cuda_bars.report({"rows": good, "device": "cuda", "errors": ["r50_s2 bfloat16: OOM"]})[1]

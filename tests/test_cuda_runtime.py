@@ -67,9 +67,11 @@ def test_cuda_graph_capture_and_replay(device):
         static_x.copy_(new_x)
         graph.replay()
         torch.cuda.synchronize(dev)
-        torch.testing.assert_close(static_y, y)
+        # NB: cuDNN may pick a different (or non-deterministic) convolution
+        # algorithm inside the graph, hence a tolerance above float32 rounding.
+        torch.testing.assert_close(static_y, y, rtol=1e-5, atol=1e-5)
         for got, want in zip(static_grads, grads):
-            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         # The replayed forward updated the running statistics as eager did.
         for got, want in zip(model.buffers(), reference.buffers()):
             torch.testing.assert_close(got, want)
@@ -119,7 +121,7 @@ def test_concurrent_streams_match_serial(device):
 
 def test_more_than_2_31_elements(device):
     dev = _cuda_only(device)
-    need = 4 * (2**31 + 2**20) * 2  # x, y, dy, dx in bfloat16
+    need = 8 * (2**31 + 2**20)  # x and y in bfloat16 and the float32 copy of x
     if torch.cuda.get_device_properties(dev).total_memory < need + (8 << 30):
         pytest.skip("needs about 25 GB of GPU memory")
     shape = (2, 4, 2**28 + 2**17)  # 2**31 + 2**20 elements: indices past 2**31 in both channels-first passes

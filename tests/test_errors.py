@@ -81,6 +81,24 @@ def test_one_value_per_channel_in_training(shape, device):
                 match="Expected more than 1 value per channel when training")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 0), (2, 0, 3, 3), (2, 0, 40, 40)])
+def test_zero_channels(shape, training, device):
+    def args():
+        empty = torch.zeros(0, device=device)
+        return (_x(device, shape), empty, empty + 1, empty + 1, empty), dict(training=training)
+    _both_raise(device, args, match="0 channels")
+
+
+@pytest.mark.parametrize("op", ["stats", "forward", "elemt"])
+def test_zero_channels_ops_directly(op, device):
+    x, empty = _x(device, (2, 0, 3, 3)), torch.zeros(0, device=device)
+    call = {"stats": lambda: bnfast.ops.stats(x, 1e-5), "forward": lambda: bnfast.ops.forward(x, None, None, 1e-5),
+            "elemt": lambda: bnfast.ops.elemt(x, None, None, empty, empty)}[op]
+    with pytest.raises(IndexError, match="0 channels"):
+        call()
+
+
 def test_one_value_per_channel_ok_in_eval(device):
     x = _x(device, (1, 3))
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)

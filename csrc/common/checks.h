@@ -19,6 +19,11 @@ inline void check_input(const at::Tensor& input, const char* name = "input") {
   TORCH_CHECK(input.dim() >= 2, "bnfast: expected ", name,
               " of shape (N, C, *) with at least 2 dimensions, got ", input.dim(),
               "D input of size ", input.sizes());
+  // IndexError, as torch's batch_norm raises for zero channels (there is no
+  // statistic to compute; the kernels' work split also assumes C >= 1).
+  TORCH_CHECK_INDEX(input.size(1) > 0, "bnfast: ", name,
+                    " has 0 channels (size of dim 1); batch norm needs at least one, got size ",
+                    input.sizes());
   const auto dtype = input.scalar_type();
   // NotImplementedError, as torch's own batch_norm raises for integer input.
   TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kDouble ||
