@@ -94,7 +94,7 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
       const int64_t m0 = chunk * rows_per_chunk;
       const int64_t m1 = std::min(M, m0 + rows_per_chunk);
       double* p = &partial[2 * W * chunk];
-      loop.reduce_cl(x, dy, W, m0, m1, shift, p, p + W, scratch.data());
+      loop.reduce_cl(x, dy, W, W, m0, m1, shift, p, p + W, scratch.data());
     }
   });
   add_partials(partial, chunks, W, s1, s2);
@@ -155,7 +155,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   const int64_t S = shape.spatial;
   auto rows = [&](int64_t W, int64_t M, const auto* m, const auto* p, const auto* q, const auto* r) {
     at::parallel_for(0, M, std::max<int64_t>(1, kGrain / W), [&](int64_t begin, int64_t end) {
-      loop.affine_cl(x, dy, out, W, begin, end, m, p, q, r);
+      loop.affine_cl(x, dy, out, W, W, begin, end, m, p, q, r);
     });
   };
   if (layout == Layout::kChannelsLast) {
@@ -170,6 +170,62 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
       loop.affine_cf(x, dy, out, C, S, begin, end, m, p, q, r);
     });
   }
+}
+
+// Short planes, both passes fused: a task owns a block of whole channels,
+// i.e. a band of columns of the [N][C * S] rows, and runs the reduction and
+// then the affine pass over it, so one parallel region does the work of two
+// and the band is still in that core's cache for the second pass. Used when a
+// block of at least kMinBlockRowBytes per row fits in kChannelBlockBytes
+// (below that, strided reads of short row segments waste cache lines).
+constexpr int64_t kChannelBlockBytes = 256 << 10;
+constexpr int64_t kMinBlockRowBytes = 256;
+
+// Channels per block for tensors of elem_bytes per value (per tensor read),
+// or 0 when blocks would be too narrow.
+inline int64_t channels_per_block(Layout layout, const Shape& shape, int64_t elem_bytes) {
+  if (!short_planes_as_rows(layout, shape) || shape.per_channel() == 0) return 0;
+  const int64_t per_block = kChannelBlockBytes / (shape.per_channel() * elem_bytes);
+  return per_block * shape.spatial * elem_bytes >= kMinBlockRowBytes ? per_block : 0;
+}
+
+// reduce (see loops.h) per channel with shifts K[C], then
+// out = (x - m) * p + q (+ dy * r) with channel c's m, p, q, r from
+// coefficients(c, s1[c], s2[c], &m, &p, &q, &r), block by block.
+template <typename scalar_t, typename Coefficients>
+void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& shape,
+                          int64_t per_block, const at::opmath_type<scalar_t>* shift,
+                          const Coefficients& coefficients) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto& loop = loops<scalar_t>();
+  const int64_t C = shape.channels, S = shape.spatial, N = shape.batch, W = C * S;
+  const int64_t padded = padded_channels(per_block * S);
+  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> scratch(2 * padded), columns(4 * padded, opmath_t(0));
+    std::vector<double> sums(2 * per_block * S);
+    opmath_t *m = columns.data(), *p = m + padded, *q = p + padded, *r = q + padded;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * per_block, c1 = std::min(C, c0 + per_block);
+      const int64_t width = (c1 - c0) * S, col0 = c0 * S;
+      for (int64_t c = c0; c < c1; ++c) std::fill_n(m + (c - c0) * S, S, shift[c]);
+      std::fill_n(sums.begin(), 2 * width, 0.0);
+      loop.reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, W, 0, N, m, sums.data(),
+                     sums.data() + width, scratch.data());
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t k = (c - c0) * S;
+        const double s1 = std::accumulate(&sums[k], &sums[k + S], 0.0);
+        const double s2 = std::accumulate(&sums[width + k], &sums[width + k + S], 0.0);
+        opmath_t mc, pc, qc, rc;
+        coefficients(c, s1, s2, &mc, &pc, &qc, &rc);
+        std::fill_n(m + k, S, mc);
+        std::fill_n(p + k, S, pc);
+        std::fill_n(q + k, S, qc);
+        std::fill_n(r + k, S, rc);
+      }
+      loop.affine_cl(x + col0, dy ? dy + col0 : nullptr, out + col0, width, W, 0, N, m, p, q,
+                     dy ? r : nullptr);
+    }
+  });
 }
 
 // A per-channel vector (weight, bias, mean...) read as opmath_t whatever its
@@ -271,6 +327,23 @@ template <typename scalar_t>
 void forward_train(const scalar_t* x, scalar_t* out, Layout layout, const Shape& shape,
                    double eps, at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* invstd,
                    const at::opmath_type<scalar_t>* weight, const at::opmath_type<scalar_t>* bias) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t per_block = channels_per_block(layout, shape, sizeof(scalar_t));
+  if (per_block > 0) {
+    const int64_t count = shape.per_channel();
+    std::vector<opmath_t> shift(shape.channels);
+    for (int64_t c = 0; c < shape.channels; ++c) shift[c] = first_element(x, layout, shape, c);
+    fused_channel_blocks<scalar_t>(
+        x, nullptr, out, shape, per_block, shift.data(),
+        [&](int64_t c, double s1, double s2, opmath_t* m, opmath_t* p, opmath_t* q, opmath_t* r) {
+          stats_from_sums(s1, s2, count, shift[c], eps, &mean[c], &invstd[c]);
+          *m = mean[c];  // as normalize does
+          *p = static_cast<opmath_t>(static_cast<double>(invstd[c]) * weight[c]);
+          *q = bias[c];
+          *r = 0;
+        });
+    return;
+  }
   batch_stats<scalar_t>(x, layout, shape, eps, mean, invstd);
   if (shape.per_channel() > 0) normalize<scalar_t>(x, out, layout, shape, mean, invstd, weight, bias);
 }
@@ -307,8 +380,21 @@ void backward_train(const scalar_t* dy, const scalar_t* x, scalar_t* dx, Layout 
                     const Shape& shape, const at::opmath_type<scalar_t>* mean,
                     const at::opmath_type<scalar_t>* invstd, const at::opmath_type<scalar_t>* weight,
                     double* sum_dy, double* sum_dy_xmu) {
+  using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
   const int64_t count = shape.per_channel();
+  const int64_t per_block = channels_per_block(layout, shape, 2 * sizeof(scalar_t));
+  if (per_block > 0) {
+    fused_channel_blocks<scalar_t>(
+        x, dy, dx, shape, per_block, mean,
+        [&](int64_t c, double s1, double s2, opmath_t* m, opmath_t* p, opmath_t* q, opmath_t* r) {
+          sum_dy[c] = s1;
+          sum_dy_xmu[c] = s2;
+          *m = mean[c];  // as grad_input does
+          grad_coefficients(invstd[c], weight[c], s1 / count, s2 / count, p, q, r);
+        });
+    return;
+  }
   grad_sums<scalar_t>(dy, x, layout, shape, mean, sum_dy, sum_dy_xmu);
   std::vector<double> mean_dy(C), mean_dy_xmu(C);
   for (int64_t c = 0; c < C; ++c) {

@@ -32,9 +32,10 @@ struct Loops {
   void (*reduce_cf)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* shift, double* s1,
                     double* s2, opmath_t* scratch, double* lane_totals);
-  // Channels-last: rows [m_begin, m_end), all C channels, shifts K[C]; adds
-  // into s1[C], s2[C]. scratch holds 2 * padded_channels(C) opmath_t.
-  void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin,
+  // Channels-last: rows [m_begin, m_end) of C values each, row_stride apart
+  // (C for a whole channels-last tensor), shifts K[C]; adds into s1[C], s2[C].
+  // scratch holds 2 * padded_channels(C) opmath_t.
+  void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const opmath_t* shift, double* s1, double* s2,
                     opmath_t* scratch);
   // Per-channel affine map, centred:
@@ -46,10 +47,11 @@ struct Loops {
   void (*affine_cf)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* m, const opmath_t* p,
                     const opmath_t* q, const opmath_t* r);
-  // Channels-last: rows [m_begin, m_end).
+  // Channels-last: rows [m_begin, m_end) of C values, row_stride apart (in
+  // x, dy and out alike).
   void (*affine_cl)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
-                    int64_t m_begin, int64_t m_end, const opmath_t* m, const opmath_t* p,
-                    const opmath_t* q, const opmath_t* r);
+                    int64_t row_stride, int64_t m_begin, int64_t m_end, const opmath_t* m,
+                    const opmath_t* p, const opmath_t* q, const opmath_t* r);
 };
 
 struct LoopTable {

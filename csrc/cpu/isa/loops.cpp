@@ -257,7 +257,7 @@ void reduce_cf(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int6
 constexpr int64_t kRowsPerStep = 4;
 
 template <typename scalar_t, bool kHasDy>
-void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin,
+void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
                     at::opmath_type<scalar_t>* scratch) {
   using IO = VecIO<scalar_t>;
@@ -276,7 +276,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_
       const Vec k = n == L ? Vec::loadu(shift + i) : Vec::loadu(shift + i, n);
       Vec a_sum(0), ad_sum(0);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t offset = (m0 + r) * C + i;
+        const int64_t offset = (m0 + r) * row_stride + i;
         Vec d = (n == L ? IO::load(x + offset) : IO::load(x + offset, n)) - k;
         if (n < L) d = Vec::set(Vec(0), d, n);
         const Vec a = kHasDy ? (n == L ? IO::load(dy + offset) : IO::load(dy + offset, n)) : d;
@@ -307,13 +307,13 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_
 }
 
 template <typename scalar_t>
-void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t m_begin, int64_t m_end,
+void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin, int64_t m_end,
                const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
                at::opmath_type<scalar_t>* scratch) {
   if (dy) {
-    reduce_cl_impl<scalar_t, true>(x, dy, C, m_begin, m_end, shift, s1, s2, scratch);
+    reduce_cl_impl<scalar_t, true>(x, dy, C, row_stride, m_begin, m_end, shift, s1, s2, scratch);
   } else {
-    reduce_cl_impl<scalar_t, false>(x, dy, C, m_begin, m_end, shift, s1, s2, scratch);
+    reduce_cl_impl<scalar_t, false>(x, dy, C, row_stride, m_begin, m_end, shift, s1, s2, scratch);
   }
 }
 
@@ -352,7 +352,7 @@ void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, 
 // loads would otherwise outnumber the data loads).
 template <typename scalar_t, bool kHasDy>
 void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
-                    int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
+                    int64_t row_stride, int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
                     const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
                     const at::opmath_type<scalar_t>* r) {
   using IO = VecIO<scalar_t>;
@@ -364,7 +364,7 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
       const Vec mv = Vec::loadu(m + i), pv = Vec::loadu(p + i), qv = Vec::loadu(q + i);
       const Vec rv = kHasDy ? Vec::loadu(r + i) : Vec(0);
       for (int64_t k = 0; k < rows; ++k) {
-        const int64_t offset = (row0 + k) * C + i;
+        const int64_t offset = (row0 + k) * row_stride + i;
         Vec y = at::vec::fmadd(IO::load(x + offset) - mv, pv, qv);
         if (kHasDy) y = at::vec::fmadd(IO::load(dy + offset), rv, y);
         IO::store(out + offset, y);
@@ -375,7 +375,7 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
       const Vec mv = Vec::loadu(m + i, n), pv = Vec::loadu(p + i, n), qv = Vec::loadu(q + i, n);
       const Vec rv = kHasDy ? Vec::loadu(r + i, n) : Vec(0);
       for (int64_t k = 0; k < rows; ++k) {
-        const int64_t offset = (row0 + k) * C + i;
+        const int64_t offset = (row0 + k) * row_stride + i;
         Vec y = at::vec::fmadd(IO::load(x + offset, n) - mv, pv, qv);
         if (kHasDy) y = at::vec::fmadd(IO::load(dy + offset, n), rv, y);
         IO::store(out + offset, y, n);
@@ -388,14 +388,15 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
 }
 
 template <typename scalar_t>
-void affine_cl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t m_begin,
+void affine_cl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t row_stride,
+               int64_t m_begin,
                int64_t m_end, const at::opmath_type<scalar_t>* m,
                const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
                const at::opmath_type<scalar_t>* r) {
   if (dy) {
-    affine_cl_impl<scalar_t, true>(x, dy, out, C, m_begin, m_end, m, p, q, r);
+    affine_cl_impl<scalar_t, true>(x, dy, out, C, row_stride, m_begin, m_end, m, p, q, r);
   } else {
-    affine_cl_impl<scalar_t, false>(x, dy, out, C, m_begin, m_end, m, p, q, r);
+    affine_cl_impl<scalar_t, false>(x, dy, out, C, row_stride, m_begin, m_end, m, p, q, r);
   }
 }
 
