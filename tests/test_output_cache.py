@@ -9,7 +9,7 @@ import torch
 
 import bnfast
 
-SHAPE = (16, 8, 64, 64)  # 2 MiB of float32: above the 1 MiB threshold
+SHAPE = (16, 8, 64, 64)  # 2 MiB of float32: above the 256 KiB threshold
 
 
 def test_large_outputs_reuse_freed_buffers():
@@ -40,6 +40,15 @@ def test_small_outputs_bypass_the_cache():
     y = torch.ops.bnfast.forward(torch.randn(4, 3, 5, 5), None, None, 1e-5)[0]
     del y
     assert torch.ops.bnfast.cpu_cache_idle_bytes() == 0
+
+
+def test_seed_cnn_smallest_layer_is_cached():
+    """128x64x4x4 float32 (512 KiB): the seed CNN's smallest BN output is reused."""
+    bnfast.empty_cache()
+    y = torch.ops.bnfast.forward(torch.randn(128, 64, 4, 4), None, None, 1e-5)[0]
+    del y
+    assert torch.ops.bnfast.cpu_cache_idle_bytes() >= 128 * 64 * 4 * 4 * 4
+    bnfast.empty_cache()
 
 
 def test_empty_cache_releases_idle_buffers():

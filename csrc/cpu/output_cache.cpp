@@ -15,7 +15,7 @@ namespace bnfast {
 namespace cpu {
 namespace {
 
-constexpr size_t kMinCachedBytes = size_t(1) << 20;
+constexpr size_t kMinCachedBytes = size_t(1) << 18;
 constexpr size_t kPageBytes = 4096;
 // Each block starts with a header holding its size; the data follows at a
 // 64-byte offset, keeping c10::alloc_cpu's alignment.
