@@ -19,7 +19,6 @@ and the full training run (10 epochs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import kernels
+from benchmarks import kernels, write_report
 
 PARTS = ("kernels", "train")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -206,10 +205,8 @@ def main(argv=None) -> int:
     if suite["errors"]:
         header += "\n\n**Errors:**\n" + "\n".join(f"- {e}" for e in suite["errors"])
     summary = header + "\n\n" + "\n\n".join(sections) + "\n"
-    (out / "summary.md").write_text(summary)
     suite["files"] = {"summary": str(out / "summary.md"), "json": str(out / "suite.json")}
-    with open(out / "suite.json", "w") as f:
-        json.dump(suite, f, indent=1)
+    write_report(suite, out / "suite.json", out / "summary.md", summary)
     print("\n" + summary)
     print(f"suite results: {out}  ({suite['elapsed_s']:.0f} s)")
     return 1 if suite["errors"] else 0

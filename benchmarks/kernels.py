@@ -36,7 +36,6 @@ Library use: ``run(options) -> dict`` with an argparse.Namespace or a dict.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -47,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from benchmarks import merge_options, write_report
 
 PHASES = ("fwd_train", "fwd_eval", "bwd", "fwd_bwd")
 PHASE_TITLES = {"fwd_train": "fwd train", "fwd_eval": "fwd eval", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
@@ -166,13 +167,7 @@ def _split(values) -> list[str]:
 
 def resolve_options(options=None, **overrides) -> argparse.Namespace:
     """Parser defaults <- options (Namespace or dict) <- overrides; lists parsed and checked."""
-    args = build_parser().parse_args([])
-    if options is not None:
-        items = vars(options) if isinstance(options, argparse.Namespace) else dict(options)
-        for k, v in items.items():
-            setattr(args, k.replace("-", "_"), v)
-    for k, v in overrides.items():
-        setattr(args, k, v)
+    args = merge_options(build_parser(), options, overrides)
     if args.quick and args.full:
         raise ValueError("--quick and --full exclude each other")
     args.selection = "quick" if args.quick else "full" if args.full else "default"
@@ -631,9 +626,7 @@ def run(options=None, **overrides) -> dict:
     result["files"] = files
     if not args.no_plot:
         files["plot"] = plot(result, out / "kernels_speedup.png")
-    Path(files["markdown"]).write_text(markdown(result))
-    with open(files["json"], "w") as f:
-        json.dump(result, f, indent=1)
+    write_report(result, files["json"], files["markdown"], markdown(result))
     return result
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks import cifar10
+from benchmarks import cifar10, merge_options, write_report
 
 VARIANTS = ("seed", "conv_bn_relu", "no_bn")
 IMPLS = ("torch", "bnfast")
@@ -245,13 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_options(options=None, **overrides) -> argparse.Namespace:
     """Parser defaults <- options (Namespace or dict) <- overrides; applies --quick."""
-    args = build_parser().parse_args([])
-    if options is not None:
-        items = vars(options) if isinstance(options, argparse.Namespace) else dict(options)
-        for k, v in items.items():
-            setattr(args, k.replace("-", "_"), v)
-    for k, v in overrides.items():
-        setattr(args, k, v)
+    args = merge_options(build_parser(), options, overrides)
     for k, v in QUICK.items():
         if getattr(args, k) is None and args.quick:
             setattr(args, k, v)
@@ -534,9 +527,7 @@ def run(options=None, **overrides) -> dict:
     files = {"json": str(out / f"{PREFIX}results.json"), "markdown": str(out / f"{PREFIX}summary.md")}
     result["files"] = files
     files["plots"] = plot(result, out) if runs else []
-    Path(files["markdown"]).write_text(markdown(result))
-    with open(files["json"], "w") as f:
-        json.dump(result, f, indent=1)
+    write_report(result, files["json"], files["markdown"], markdown(result))
     return result
 
 

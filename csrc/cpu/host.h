@@ -254,6 +254,15 @@ at::opmath_type<scalar_t> first_element(const scalar_t* x, Layout layout, const 
   return std::isfinite(k) ? k : at::opmath_type<scalar_t>(0);
 }
 
+// K[c] = first_element for every channel, padded for the row loops.
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> channel_shifts(const scalar_t* x, Layout layout,
+                                                      const Shape& shape) {
+  std::vector<at::opmath_type<scalar_t>> shift(padded_channels(shape.channels), 0);
+  for (int64_t c = 0; c < shape.channels; ++c) shift[c] = first_element(x, layout, shape, c);
+  return shift;
+}
+
 // Per-channel math, in double. Every path (chunked or per-channel tasks) goes
 // through these, so they agree bitwise.
 
@@ -295,8 +304,7 @@ void batch_stats(const scalar_t* x, Layout layout, const Shape& shape, double ep
     std::fill(invstd, invstd + C, std::numeric_limits<opmath_t>::quiet_NaN());
     return;
   }
-  std::vector<opmath_t> shift(padded_channels(C), 0);
-  for (int64_t c = 0; c < C; ++c) shift[c] = first_element(x, layout, shape, c);
+  const auto shift = channel_shifts(x, layout, shape);
   std::vector<double> s1(C), s2(C);
   channel_sums<scalar_t>(x, nullptr, layout, shape, shift.data(), s1.data(), s2.data());
   for (int64_t c = 0; c < C; ++c) {
@@ -331,8 +339,7 @@ void forward_train(const scalar_t* x, scalar_t* out, Layout layout, const Shape&
   const int64_t per_block = channels_per_block(layout, shape, sizeof(scalar_t));
   if (per_block > 0) {
     const int64_t count = shape.per_channel();
-    std::vector<opmath_t> shift(shape.channels);
-    for (int64_t c = 0; c < shape.channels; ++c) shift[c] = first_element(x, layout, shape, c);
+    const auto shift = channel_shifts(x, layout, shape);
     fused_channel_blocks<scalar_t>(
         x, nullptr, out, shape, per_block, shift.data(),
         [&](int64_t c, double s1, double s2, opmath_t* m, opmath_t* p, opmath_t* q, opmath_t* r) {
