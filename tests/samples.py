@@ -44,7 +44,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((2, 1000, 3), "large C"),
     ((3, 1, 96, 128), "> 32768 elements per channel: 2 work chunks per channel in both layouts"),
     ((3, 6, 7, 9), "planes of 63 values: the channels-first plane loops, with a vector tail"),
-    ((130, 64, 4, 4), "short planes: fused channel blocks (a partial last block); rows in 3 chunks (stats, elemt)"),
+    ((130, 64, 4, 4), "short planes: fused channel blocks (backward: a partial last block); rows in 3 chunks (stats, elemt)"),
     ((2, 2100, 2, 4), "short planes too wide to read as rows (C * S > 16384): plane loops"),
     ((0, 3, 4, 4), "empty batch"),
 )

@@ -180,15 +180,27 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
 // (below that, strided reads of short row segments waste cache lines).
 constexpr int64_t kChannelBlockBytes = 256 << 10;
 constexpr int64_t kMinBlockRowBytes = 256;
+constexpr int64_t kMinSplitElements = 8192;
 
 // Channels per block for tensors of elem_bytes per value (per tensor read),
 // or 0 when blocks would be too narrow.
 inline int64_t channels_per_block(Layout layout, const Shape& shape, int64_t elem_bytes) {
   if (!short_planes_as_rows(layout, shape) || shape.per_channel() == 0) return 0;
-  const int64_t per_block = kChannelBlockBytes / (shape.per_channel() * elem_bytes);
-  return per_block * shape.spatial * elem_bytes >= kMinBlockRowBytes ? per_block : 0;
+  const int64_t C = shape.channels, row_bytes = shape.spatial * elem_bytes;
+  const int64_t widest = std::min(C, kChannelBlockBytes / (shape.per_channel() * elem_bytes));
+  if (widest * row_bytes < kMinBlockRowBytes) return 0;
+  // Equal blocks, as many as a multiple of the thread count (three blocks on
+  // two cores take as long as four), unless that makes them too narrow or
+  // the tensor is too small to be worth a second thread. This depends on the
+  // thread count, but results do not: a channel's sums never leave its block.
+  int64_t blocks = ceil_div(C, widest);
+  if (shape.numel() >= kMinSplitElements) {
+    const int64_t threads = at::get_num_threads();
+    const int64_t narrowest = ceil_div(kMinBlockRowBytes, row_bytes);
+    blocks = std::max(blocks, std::min(ceil_div(blocks, threads) * threads, C / narrowest));
+  }
+  return ceil_div(C, blocks);
 }
-
 // reduce (see loops.h) per channel with shifts K[C], then
 // out = (x - m) * p + q (+ dy * r) with channel c's m, p, q, r from
 // coefficients(c, s1[c], s2[c], &m, &p, &q, &r), block by block.
