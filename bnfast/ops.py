@@ -14,13 +14,14 @@ backward itself is being differentiated (create_graph=True, so grad mode is on
 inside backward), it is instead computed by differentiating a composite of
 torch ops that equals the op, which autograd can differentiate again.
 
-Exception: ``bnfast::forward`` (the fused training forward) has its autograd in
-C++, csrc/autograd/forward_autograd.cpp, for speed; the same rules hold there.
+Exceptions: ``bnfast::forward`` (the fused training forward) and
+``bnfast::elemt`` (the eval forward) have their autograd in C++,
+csrc/autograd/, for speed; the same rules hold there.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -74,39 +75,6 @@ def _check_devices(input: Tensor, **tensors: Optional[Tensor]) -> None:
 
 def _stats_like(input: Tensor) -> Tensor:
     return input.new_empty((input.size(1),), dtype=stats_dtype(input.dtype))
-
-
-# Composite (torch-op) form of elemt, differentiated for its double backward.
-
-def elemt_composite(input, weight, bias, mean, invstd):
-    x = input.to(stats_dtype(input.dtype))
-    y = (x - _per_channel(mean, x)) * _per_channel(invstd, x)
-    if weight is not None:
-        y = y * _per_channel(weight, x)
-    if bias is not None:
-        y = y + _per_channel(bias, x)
-    return y.to(input.dtype)
-
-
-def _differentiate_composite(fn, inputs: Sequence[Optional[Tensor]], grads: Sequence[Optional[Tensor]]):
-    """Gradients of fn(*inputs) w.r.t. inputs, as a differentiable graph."""
-    with torch.enable_grad():
-        outputs = fn(*inputs)
-        if isinstance(outputs, Tensor):
-            outputs = (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-        wrt = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
-        found = torch.autograd.grad(
-            [o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True, allow_unused=True
-        )
-    it = iter(found)
-    return tuple(next(it) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
-
-
-def _cast_like(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
-    if grad is None or like is None:
-        return None
-    return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
 # ---------------------------------------------------------------- stats
@@ -193,35 +161,9 @@ def _elemt_fake(input, weight, bias, mean, invstd):
     return _empty_output_like(input)
 
 
-def _elemt_setup(ctx, inputs, output):
-    input, weight, bias, mean, invstd = inputs
-    ctx.save_for_backward(input, weight, bias, mean, invstd)
-    ctx.set_materialize_grads(False)
-
-
-def _elemt_backward(ctx, grad_out):
-    input, weight, bias, mean, invstd = ctx.saved_tensors
-    if grad_out is None:
-        return None, None, None, None, None
-    if torch.is_grad_enabled():  # create_graph: a differentiable backward
-        return _differentiate_composite(elemt_composite, (input, weight, bias, mean, invstd), (grad_out,))
-    need_input, need_weight, need_bias, need_mean, need_invstd = ctx.needs_input_grad
-    grad_input = grad_weight = grad_bias = grad_mean = grad_invstd = None
-    if need_input:
-        # dx = dy * invstd * weight: elemt of dy with mean 0 (x is not read, so
-        # a NaN in x does not leak into dx, as in torch).
-        grad_input = _ops.elemt(grad_out, weight, None, torch.zeros_like(mean), invstd)
-    if need_weight or need_bias or need_mean or need_invstd:
-        sum_dy, sum_dy_xmu = _ops.backward_reduce(grad_out, input, mean, invstd)
-        w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
-        grad_weight = _cast_like(sum_dy_xmu * invstd, weight) if need_weight else None
-        grad_bias = _cast_like(sum_dy, bias) if need_bias else None
-        grad_mean = -(sum_dy * invstd * w) if need_mean else None
-        grad_invstd = sum_dy_xmu * w if need_invstd else None
-    return grad_input, grad_weight, grad_bias, grad_mean, grad_invstd
-
-
-torch.library.register_autograd("bnfast::elemt", _elemt_backward, setup_context=_elemt_setup)
+# Its autograd is registered in C++ (csrc/autograd/elemt_autograd.cpp): this
+# op is the eval-mode forward, and the Python wrapper's overhead, paid even
+# under no_grad, matched the kernel's own time on small layers.
 
 
 # ---------------------------------------------------------------- backward_reduce / backward_elemt

@@ -77,3 +77,15 @@ def test_forward_op_partial_inputs(case, device):
     _check(lambda x, b: OPS.forward(x, None, b, EPS), (x, b))
     _check(lambda x, b: OPS.forward(x, w.detach(), b, EPS), (x, b))
     _check(lambda w, b: OPS.forward(x.detach(), w, b, EPS)[0], (w, b))
+
+
+@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES))
+def test_elemt_op_partial_inputs(case, device):
+    """As for forward: elemt's C++ autograd with weight or bias None or not
+    requiring grad, and with only the statistics requiring grad."""
+    x, w, b = _leaves(case, device)
+    mean, invstd = (t.requires_grad_(True) for t in OPS.stats(x.detach(), EPS))
+    _check(lambda x, w, m, i: OPS.elemt(x, w, None, m, i), (x, w, mean, invstd))
+    _check(lambda x, b, i: OPS.elemt(x, None, b, mean.detach(), i), (x, b, invstd))
+    _check(lambda b, m: OPS.elemt(x.detach(), w.detach(), b, m, invstd.detach()), (b, mean))
+    _check(lambda m, i: OPS.elemt(x.detach(), None, None, m, i), (mean, invstd))

@@ -1,5 +1,6 @@
 // Autograd of bnfast::forward, the fused training forward, registered in C++
-// under the Autograd key (the other ops register theirs in bnfast/ops.py).
+// under the Autograd key (as is elemt's, csrc/autograd/elemt_autograd.cpp;
+// the other ops register theirs in bnfast/ops.py).
 //
 // Why C++ for this op: it is the training hot path, and the Python
 // register_autograd wrapper costs about 10 us per forward and 6 us per
@@ -16,19 +17,18 @@
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
+#include "composite.h"
+
 namespace bnfast {
 namespace {
 
 using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptionalTensor = c10::optional<at::Tensor>;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Triple call_forward(const at::Tensor& input, const OptionalTensor& weight,
@@ -49,23 +49,14 @@ Triple call_backward(const at::Tensor& grad_out, const at::Tensor& input, const 
   return op.call(grad_out, input, mean, invstd, weight);
 }
 
-OptionalTensor optional(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : c10::nullopt; }
-
-// [C] -> [1, C, 1, ...], broadcastable against input.
-at::Tensor per_channel(const at::Tensor& t, int64_t dim) {
-  std::vector<int64_t> shape(dim, 1);
-  shape[1] = -1;
-  return t.view(shape);
-}
-
 // The forward from differentiable ATen ops: the same math as the kernels
 // (statistics in float32, or float64 for float64 input; biased variance).
-std::vector<at::Tensor> composite_forward(const at::Tensor& input, const at::Tensor& weight,
-                                          const at::Tensor& bias, double eps) {
+std::vector<at::Tensor> composite_forward(const std::vector<at::Tensor>& args, double eps) {
+  const auto &input = args[0], &weight = args[1], &bias = args[2];
   const int64_t dim = input.dim();
   std::vector<int64_t> dims{0};
   for (int64_t d = 2; d < dim; ++d) dims.push_back(d);
-  const auto x = input.to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto x = input.to(stats_type(input));
   const auto mean = x.mean(dims);
   const auto invstd = at::rsqrt(at::var(x, dims, /*unbiased=*/false) + eps);
   auto y = (x - per_channel(mean, dim)) * per_channel(invstd, dim);
@@ -94,59 +85,23 @@ class ForwardFunction : public torch::autograd::Function<ForwardFunction> {
     const auto &input = saved[0], &weight = saved[1], &bias = saved[2];
     const auto &mean = saved[3], &invstd = saved[4];
     const auto &grad_out = grads[0], &grad_mean = grads[1], &grad_invstd = grads[2];
-    // needs_input_grad counts only the tensors that were given (weight and
-    // bias may be None).
-    const bool need_input = ctx->needs_input_grad(0);
-    const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
-    const bool need_bias = bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1);
 
     if (at::GradMode::is_enabled() || grad_mean.defined() || grad_invstd.defined()) {
-      return composite_backward(input, weight, bias, ctx->saved_data["eps"].toDouble(), grads);
+      const double eps = ctx->saved_data["eps"].toDouble();
+      auto result = differentiate_composite(
+          [eps](const std::vector<at::Tensor>& args) { return composite_forward(args, eps); },
+          {input, weight, bias}, grads);
+      result.emplace_back();  // eps
+      return result;
     }
     if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto need = needs_grad(ctx, {input, weight, bias});
     auto [grad_input, grad_weight, grad_bias] =
         call_backward(grad_out, input, mean, invstd, optional(weight));
     // The op returns grad_weight / grad_bias in the stats dtype.
-    return {need_input ? grad_input : at::Tensor(),
-            need_weight ? grad_weight.to(weight.scalar_type()) : at::Tensor(),
-            need_bias ? grad_bias.to(bias.scalar_type()) : at::Tensor(), at::Tensor()};
-  }
-
- private:
-  // Gradients of composite_forward for the given output gradients, as a
-  // graph when grad mode is on (create_graph).
-  static variable_list composite_backward(const at::Tensor& input, const at::Tensor& weight,
-                                          const at::Tensor& bias, double eps,
-                                          const variable_list& grads) {
-    const bool create_graph = at::GradMode::is_enabled();
-    const std::vector<at::Tensor> inputs{input, weight, bias};
-    std::vector<at::Tensor> wrt;
-    for (const auto& t : inputs) {
-      if (t.defined() && t.requires_grad()) wrt.push_back(t);
-    }
-    variable_list result(4);
-    if (wrt.empty()) return result;
-    variable_list outputs, grad_outputs;
-    {
-      at::AutoGradMode enable_grad(true);
-      const auto recomputed = composite_forward(input, weight, bias, eps);
-      for (size_t i = 0; i < recomputed.size(); ++i) {
-        // An output that does not depend on wrt (mean when only weight
-        // requires grad) contributes nothing.
-        if (grads[i].defined() && recomputed[i].requires_grad()) {
-          outputs.push_back(recomputed[i]);
-          grad_outputs.push_back(grads[i]);
-        }
-      }
-    }
-    if (outputs.empty()) return result;
-    const auto found = torch::autograd::grad(outputs, wrt, grad_outputs, /*retain_graph=*/create_graph,
-                                             create_graph, /*allow_unused=*/true);
-    size_t next = 0;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      if (inputs[i].defined() && inputs[i].requires_grad()) result[i] = found[next++];
-    }
-    return result;
+    return {need[0] ? grad_input : at::Tensor(),
+            need[1] ? grad_weight.to(weight.scalar_type()) : at::Tensor(),
+            need[2] ? grad_bias.to(bias.scalar_type()) : at::Tensor(), at::Tensor()};
   }
 };
 
