@@ -195,3 +195,21 @@ def test_module_steps(case, momentum, track, device):
     else:  # eval without buffers uses batch statistics
         y64 = ref.batch_norm_train(x, w, b, EPS)[0]
     ref.assert_error_within_torch("eval output", y_bn, y_th, y64, case.dtype)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reduced_precision_rounding(dtype, memory_format, device):
+    """Outputs in bf16/fp16 are the float result rounded exactly as torch
+    rounds (to nearest even; NaN, +-inf and subnormals kept), on the
+    vector path and its tail: y = x * 1.37 through elemt."""
+    x = torch.randn(64, 3, 50, 7) * 100
+    x.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 65504.0, -0.0, 1e-40])
+    x = x.to(dtype).contiguous(memory_format=memory_format).to(device)
+    invstd = torch.full((3,), 1.37, device=device)
+    y = torch.ops.bnfast.elemt(x, None, None, torch.zeros(3, device=device), invstd)
+    expected = ((x.float() - 0.0) * 1.37 + 0.0).to(dtype)  # the kernel's formula, bias 0
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(expected))
+    finite_or_inf = ~expected.isnan()  # a NaN's sign carries nothing
+    assert torch.equal(y.signbit()[finite_or_inf], expected.signbit()[finite_or_inf])

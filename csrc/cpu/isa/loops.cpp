@@ -73,7 +73,17 @@ struct VecIO<scalar_t, true> {
     return load(buf);
   }
   static void store(scalar_t* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // One conversion and a plain 256-bit store: the generic path below
+    // converts v twice and stores with a mask (bfloat16 elemt on a
+    // channels-last 32x512x28x28, 2 cores: 1.55 -> 1.18 ms).
+    const __m256i packed = std::is_same<scalar_t, at::BFloat16>::value
+                               ? at::vec::CPU_CAPABILITY::cvtfp32_bf16(v)
+                               : at::vec::CPU_CAPABILITY::cvtfp32_fp16(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+#else
     at::vec::convert_from_float<scalar_t>(v, v).store(p, kLanes);
+#endif
   }
   static void store(scalar_t* p, const Vec& v, int64_t n) {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
@@ -255,6 +265,7 @@ void reduce_cf(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int6
 // kRowsPerStep rows are summed in registers before each update of the
 // per-channel partial sums in scratch, which amortizes their loads and stores.
 constexpr int64_t kRowsPerStep = 4;
+constexpr int64_t kWide = 4;
 
 template <typename scalar_t, bool kHasDy>
 void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
@@ -271,7 +282,31 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   // The last, partial channel vector reads (and discards) up to L - 1 values
   // past C in acc1/acc2 (padded) but must not read past the row in x/dy.
   auto step = [&](int64_t m0, int64_t rows) {
-    for (int64_t i = 0; i < C; i += L) {
+    int64_t i = 0;
+    // kWide channel vectors at a time: their sums are independent chains,
+    // interleaved here so the add latency is hidden (one vector at a time,
+    // the loop waited on each chain: ~8 cycles per vector).
+    for (; i + kWide * L <= C; i += kWide * L) {
+      Vec k[kWide], a_sum[kWide], ad_sum[kWide];
+      for (int64_t j = 0; j < kWide; ++j) {
+        k[j] = Vec::loadu(shift + i + j * L);
+        a_sum[j] = ad_sum[j] = Vec(0);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t offset = (m0 + r) * row_stride + i;
+        for (int64_t j = 0; j < kWide; ++j) {
+          const Vec d = IO::load(x + offset + j * L) - k[j];
+          const Vec a = kHasDy ? IO::load(dy + offset + j * L) : d;
+          a_sum[j] = a_sum[j] + a;
+          ad_sum[j] = at::vec::fmadd(a, d, ad_sum[j]);
+        }
+      }
+      for (int64_t j = 0; j < kWide; ++j) {
+        (Vec::loadu(acc1 + i + j * L) + a_sum[j]).store(acc1 + i + j * L);
+        (Vec::loadu(acc2 + i + j * L) + ad_sum[j]).store(acc2 + i + j * L);
+      }
+    }
+    for (; i < C; i += L) {
       const int64_t n = min64(L, C - i);
       const Vec k = n == L ? Vec::loadu(shift + i) : Vec::loadu(shift + i, n);
       Vec a_sum(0), ad_sum(0);
