@@ -43,6 +43,10 @@ def batch_norm(
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
             running_var, weight=weight, bias=bias, training=training, momentum=momentum, eps=eps)
+    if training and input.dim() == 1 and running_mean is None and running_var is None:
+        # torch.batch_norm reads the channel count, size(1), first here.
+        raise IndexError(f"batch_norm: input of shape {tuple(input.shape)} has no channel dimension "
+                         "(dimension 1 out of range); expected (N, C, *)")
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:

@@ -9,9 +9,6 @@ import torch.nn.functional as F
 
 import bnfast
 
-ONE_D_BUG = ("bnfast differs (low priority): 1-D input in training without running stats raises RuntimeError "
-             "(a clear message); torch raises IndexError ('Dimension out of range') from _verify_batch_size")
-
 
 def _both_raise(device, fn_args, match=None, training=True):
     """Call torch and bnfast with the same arguments; return the two exceptions."""
@@ -44,9 +41,11 @@ def test_wrong_ndim(shape, training, device):
 
 
 @pytest.mark.parametrize("shape", [(5,), (3,)], ids=["1D_5", "1D_3"])
-@pytest.mark.xfail(strict=True, reason=ONE_D_BUG)
 def test_wrong_ndim_training_no_running_stats(shape, device):
-    _both_raise(device, lambda: ((_x(device, shape), None, None), dict(training=True)))
+    """torch raises IndexError here (it reads size(1) first); so does bnfast,
+    with a message naming the missing channel dimension."""
+    _, ours = _both_raise(device, lambda: ((_x(device, shape), None, None), dict(training=True)))
+    assert isinstance(ours, IndexError) and "no channel dimension" in str(ours)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
