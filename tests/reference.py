@@ -42,6 +42,14 @@ def reduce_dims(x: Tensor) -> list:
     return [0] + list(range(2, x.dim()))
 
 
+def channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sums [C] of t (N, C, *), each over one contiguous row of a
+    [C, M] copy: torch sums a contiguous row with its cascade, within about an
+    ulp, while summing over dims (0, 2, ...) in place can drift by ~10 ulps on
+    long channels, too coarse a truth for float64 kernels."""
+    return t.transpose(0, 1).reshape(t.size(1), -1).sum(1)
+
+
 def bcast(v: Tensor, x: Tensor) -> Tensor:
     """[C] -> [1, C, 1, ...]."""
     return v.reshape([1, -1] + [1] * (x.dim() - 2))
@@ -58,9 +66,8 @@ def stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     if m == 0:
         nan = torch.full((x.size(1),), float("nan"), dtype=F64)
         return nan, nan.clone(), nan.clone()
-    dims = reduce_dims(x)
-    mean = x.sum(dims) / m
-    var = ((x - bcast(mean, x)) ** 2).sum(dims) / m
+    mean = channel_sum(x) / m
+    var = channel_sum((x - bcast(mean, x)) ** 2) / m
     return mean, var, 1.0 / torch.sqrt(var + eps)
 
 
@@ -87,8 +94,7 @@ def update_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: T
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
     """(sum_dy, sum_dy_xmu) in float64."""
     dy, x, mean = map(_d, (dy, x, mean))
-    dims = reduce_dims(x)
-    return dy.sum(dims), (dy * (x - bcast(mean, x))).sum(dims)
+    return channel_sum(dy), channel_sum(dy * (x - bcast(mean, x)))
 
 
 def backward_elemt(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, w: Optional[Tensor],
@@ -118,11 +124,11 @@ def batch_norm_train_backward(dy: Tensor, x: Tensor, w: Optional[Tensor], eps: f
         zeros = torch.zeros(x.size(1), dtype=F64)
         return torch.zeros_like(x), zeros, zeros.clone()
     mean, _, invstd = stats(x, eps)
-    dims = reduce_dims(x)
     xhat = (x - bcast(mean, x)) * bcast(invstd, x)
     scale = invstd if w is None else invstd * w
-    dx = bcast(scale, x) * (dy - bcast(dy.mean(dims), x) - xhat * bcast((dy * xhat).mean(dims), x))
-    return dx, (dy * xhat).sum(dims), dy.sum(dims)
+    sum_dy, sum_dy_xhat = channel_sum(dy), channel_sum(dy * xhat)
+    dx = bcast(scale, x) * (dy - bcast(sum_dy / m, x) - xhat * bcast(sum_dy_xhat / m, x))
+    return dx, sum_dy_xhat, sum_dy
 
 
 def batch_norm_eval_backward(dy: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor,
@@ -131,8 +137,7 @@ def batch_norm_eval_backward(dy: Tensor, x: Tensor, running_mean: Tensor, runnin
     invstd = 1.0 / torch.sqrt(rv + eps)
     scale = invstd if w is None else invstd * w
     xhat = (x - bcast(rm, x)) * bcast(invstd, x)
-    dims = reduce_dims(x)
-    return dy * bcast(scale, x), (dy * xhat).sum(dims), dy.sum(dims)
+    return dy * bcast(scale, x), channel_sum(dy * xhat), channel_sum(dy)
 
 
 # ----------------------------------------------------------------- comparison

@@ -46,6 +46,8 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((3, 6, 7, 9), "planes of 63 values: the channels-first plane loops, with a vector tail"),
     ((130, 64, 4, 4), "short planes: fused channel blocks (backward: a partial last block); rows in 3 chunks (stats, elemt)"),
     ((2, 2100, 2, 4), "short planes too wide to read as rows (C * S > 16384): plane loops"),
+    ((4100, 3, 2, 2), "long short-plane channels: one row chunk of 4100 rows (64 folds), float64 accuracy"),
+    ((1100, 3, 1, 2), "long short-plane channels, a partial fold"),
     ((0, 3, 4, 4), "empty batch"),
 )
 

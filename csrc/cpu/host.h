@@ -89,7 +89,7 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
   const int64_t chunks = ceil_div(M, rows_per_chunk);
   std::vector<double> partial(2 * W * chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> scratch(2 * padded_channels(W));
+    std::vector<opmath_t> scratch(kReduceClScratch * padded_channels(W));
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t m0 = chunk * rows_per_chunk;
       const int64_t m1 = std::min(M, m0 + rows_per_chunk);
@@ -213,7 +213,7 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
   const int64_t C = shape.channels, S = shape.spatial, N = shape.batch, W = C * S;
   const int64_t padded = padded_channels(per_block * S);
   at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> scratch(2 * padded), columns(4 * padded, opmath_t(0));
+    std::vector<opmath_t> scratch(kReduceClScratch * padded), columns(4 * padded, opmath_t(0));
     std::vector<double> sums(2 * per_block * S);
     opmath_t *m = columns.data(), *p = m + padded, *q = p + padded, *r = q + padded;
     for (int64_t block = begin; block < end; ++block) {

@@ -34,7 +34,7 @@ struct Loops {
                     double* s2, opmath_t* scratch, double* lane_totals);
   // Channels-last: rows [m_begin, m_end) of C values each, row_stride apart
   // (C for a whole channels-last tensor), shifts K[C]; adds into s1[C], s2[C].
-  // scratch holds 2 * padded_channels(C) opmath_t.
+  // scratch holds kReduceClScratch * padded_channels(C) opmath_t.
   void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const opmath_t* shift, double* s1, double* s2,
                     opmath_t* scratch);
@@ -86,6 +86,10 @@ template <> inline const Loops<c10::BFloat16>& loops<c10::BFloat16>() { return l
 // Largest vector width over all instruction sets (AVX-512 float: 16 lanes);
 // channels-last scratch rows are padded to it.
 constexpr int64_t kMaxLanes = 16;
+// reduce_cl's scratch, in padded_channels(C) units: partial sums (2) and,
+// for float64, their compensation (2).
+constexpr int64_t kReduceClScratch = 4;
+
 inline int64_t padded_channels(int64_t C) { return (C + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
 
 }  // namespace cpu

@@ -293,9 +293,29 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   using opmath_t = typename IO::opmath_t;
   constexpr int64_t L = IO::kLanes;
   const int64_t Cp = padded_channels(C);
+  // NB: float64 partial sums are as wide as the totals, so their run sums
+  // would round at every step and lose a few ulps to torch's cascade sums on
+  // long channels ((4100, 3, 2, 2): 9 ulps). They are compensated instead
+  // (Neumaier): each step's rounding error is kept in res1/res2 and added
+  // back at the fold. float/half runs are short enough not to need it.
+  constexpr bool kCompensated = std::is_same<opmath_t, double>::value;
+  const int64_t scratch_size = (kCompensated ? 4 : 2) * Cp;
   opmath_t* acc1 = scratch;
   opmath_t* acc2 = scratch + Cp;
-  zero_fill(scratch, 2 * Cp);
+  opmath_t* res1 = scratch + 2 * Cp;
+  opmath_t* res2 = scratch + 3 * Cp;
+  zero_fill(scratch, scratch_size);
+  // acc[i..i+L) += v, compensated for float64.
+  auto accumulate = [&](opmath_t* acc, opmath_t* res, int64_t i, const Vec& v) {
+    const Vec total = Vec::loadu(acc + i);
+    const Vec sum = total + v;
+    if constexpr (kCompensated) {
+      const Vec total_is_larger = total.abs() >= v.abs();
+      const Vec error = Vec::blendv((v - sum) + total, (total - sum) + v, total_is_larger);
+      (Vec::loadu(res + i) + error).store(res + i);
+    }
+    sum.store(acc + i);
+  };
   // The last, partial channel vector reads (and discards) up to L - 1 values
   // past C in acc1/acc2 (padded) but must not read past the row in x/dy.
   auto step = [&](int64_t m0, int64_t rows) {
@@ -319,8 +339,8 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
         }
       }
       for (int64_t j = 0; j < kWide; ++j) {
-        (Vec::loadu(acc1 + i + j * L) + a_sum[j]).store(acc1 + i + j * L);
-        (Vec::loadu(acc2 + i + j * L) + ad_sum[j]).store(acc2 + i + j * L);
+        accumulate(acc1, res1, i + j * L, a_sum[j]);
+        accumulate(acc2, res2, i + j * L, ad_sum[j]);
       }
     }
     for (; i < C; i += L) {
@@ -335,17 +355,17 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
         a_sum = a_sum + a;
         ad_sum = at::vec::fmadd(a, d, ad_sum);
       }
-      (Vec::loadu(acc1 + i) + a_sum).store(acc1 + i);
-      (Vec::loadu(acc2 + i) + ad_sum).store(acc2 + i);
+      accumulate(acc1, res1, i, a_sum);
+      accumulate(acc2, res2, i, ad_sum);
     }
   };
   int64_t rows_since_fold = 0;
   auto fold = [&] {
     for (int64_t i = 0; i < C; ++i) {
-      s1[i] += acc1[i];
-      s2[i] += acc2[i];
+      s1[i] += kCompensated ? acc1[i] + res1[i] : acc1[i];
+      s2[i] += kCompensated ? acc2[i] + res2[i] : acc2[i];
     }
-    zero_fill(scratch, 2 * Cp);
+    zero_fill(scratch, scratch_size);
     rows_since_fold = 0;
   };
   int64_t m = m_begin;
