@@ -35,6 +35,18 @@ inline at::ScalarType stats_type(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// (x - mean) * invstd * weight + bias from differentiable ATen ops, for x
+// already in the stats dtype (the kernels' math); weight and bias optional.
+inline at::Tensor normalize_composite(const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& bias, const at::Tensor& mean,
+                                      const at::Tensor& invstd) {
+  const int64_t dim = x.dim();
+  auto y = (x - per_channel(mean, dim)) * per_channel(invstd, dim);
+  if (weight.defined()) y = y * per_channel(weight, dim);
+  if (bias.defined()) y = y + per_channel(bias, dim);
+  return y;
+}
+
 // Per tensor argument, whether its gradient is needed. The context's
 // needs_input_grad counts only the tensors that were given (an optional weight
 // or bias may be None), so undefined entries are skipped and get false.

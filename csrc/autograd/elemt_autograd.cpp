@@ -57,12 +57,8 @@ std::tuple<at::Tensor, at::Tensor> call_backward_reduce(const at::Tensor& grad_o
 std::vector<at::Tensor> composite_elemt(const std::vector<at::Tensor>& args) {
   const auto &input = args[0], &weight = args[1], &bias = args[2];
   const auto &mean = args[3], &invstd = args[4];
-  const int64_t dim = input.dim();
   const auto x = input.to(stats_type(input));
-  auto y = (x - per_channel(mean, dim)) * per_channel(invstd, dim);
-  if (weight.defined()) y = y * per_channel(weight, dim);
-  if (bias.defined()) y = y + per_channel(bias, dim);
-  return {y.to(input.scalar_type())};
+  return {normalize_composite(x, weight, bias, mean, invstd).to(input.scalar_type())};
 }
 
 at::Tensor cast_like(const at::Tensor& grad, const at::Tensor& like) {

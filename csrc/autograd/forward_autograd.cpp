@@ -59,9 +59,7 @@ std::vector<at::Tensor> composite_forward(const std::vector<at::Tensor>& args, d
   const auto x = input.to(stats_type(input));
   const auto mean = x.mean(dims);
   const auto invstd = at::rsqrt(at::var(x, dims, /*unbiased=*/false) + eps);
-  auto y = (x - per_channel(mean, dim)) * per_channel(invstd, dim);
-  if (weight.defined()) y = y * per_channel(weight, dim);
-  if (bias.defined()) y = y + per_channel(bias, dim);
+  const auto y = normalize_composite(x, weight, bias, mean, invstd);
   return {y.to(input.scalar_type()), mean, invstd};
 }
 

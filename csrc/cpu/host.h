@@ -201,6 +201,7 @@ inline int64_t channels_per_block(Layout layout, const Shape& shape, int64_t ele
   }
   return ceil_div(C, blocks);
 }
+
 // reduce (see loops.h) per channel with shifts K[C], then
 // out = (x - m) * p + q (+ dy * r) with channel c's m, p, q, r from
 // coefficients(c, s1[c], s2[c], &m, &p, &q, &r), block by block.
