@@ -86,7 +86,8 @@ def make_extension():
     cuda = use_cuda()
     debug = env_flag("BNFAST_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/autograd/*.cpp")
+                     + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp at compile time only: at::parallel_for is inline and runs
     # serially without it; the GOMP symbols resolve at load time to the OpenMP
     # runtime libtorch_cpu already links (torch's own, so torch.set_num_threads
@@ -95,7 +96,9 @@ def make_extension():
     extra = {"cxx": cxx}
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # The op files (*.cpp, host compiler: checks, allocation, launches) and
+        # their kernels (*.cu, nvcc, torch-free; see csrc/cuda/launch.h).
+        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = opt + ["-lineinfo"]
     print(f"bnfast build: torch {torch.__version__}, CUDA kernels {'on' if cuda else 'off'}"
           f"{' (TORCH_CUDA_ARCH_LIST=' + os.environ['TORCH_CUDA_ARCH_LIST'] + ')' if cuda else ''}, "

@@ -1,11 +1,19 @@
-"""Compile every CUDA kernel file with nvcc, without a GPU.
+"""Compile every CUDA source without a GPU, and check what can be checked on
+the host.
 
-The CPU torch wheel ships the CUDA headers except the generated
-c10/cuda/impl/cuda_cmake_macros.h; tests/cuda_shim provides it (test-only).
-Each csrc/cuda/*.cu is compiled with torch's include paths and the flags
-torch.utils.cpp_extension.CUDAExtension uses, for sm_90. All files are
-compiled once, in parallel (one process per core), the first time any
-parametrized case runs; each case then reports its own file's result.
+* The kernels (csrc/cuda/*.cu) are compiled by nvcc for sm_90 with no torch
+  include path at all: they must stay torch-free (csrc/cuda/launch.h says
+  why), and this is what keeps them so.
+* The CUDA op files (csrc/cuda/*.cpp: checks, allocation, launches) are
+  compiled by the host compiler through nvcc (which adds the CUDA include
+  path), against the CPU wheel's torch headers. The wheel lacks one generated
+  header, c10/cuda/impl/cuda_cmake_macros.h; tests/cuda_shim provides it
+  (test-only).
+* The kernels' 32-bit index divider (csrc/cuda/divider.h) is host-callable:
+  tests/native/divider_check.cpp checks it against integer division.
+
+All files compile once, in parallel (one process per core), the first time a
+case needs them; each case then reports its own file's result.
 """
 
 import concurrent.futures
@@ -22,12 +30,15 @@ import torch
 import torch.utils.cpp_extension as cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_DIR = ROOT / "csrc" / "cuda"
+CSRC = ROOT / "csrc"
+CUDA_DIR = CSRC / "cuda"
 SHIM = Path(__file__).resolve().parent / "cuda_shim"
-SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+KERNELS = sorted(CUDA_DIR.glob("*.cu"))
+OP_FILES = sorted(CUDA_DIR.glob("*.cpp"))
+DIVIDER_CHECK = Path(__file__).resolve().parent / "native" / "divider_check.cpp"
 NVCC = shutil.which("nvcc")
 
-pytestmark = pytest.mark.cuda_compile
+pytestmark = [pytest.mark.cuda_compile, pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")]
 
 
 def _cxx_standard():
@@ -35,34 +46,43 @@ def _cxx_standard():
     return "c++20" if "'-std=c++20'" in inspect.getsource(cpp_extension) else "c++17"
 
 
-def nvcc_command(source, output):
-    flags = getattr(cpp_extension, "COMMON_NVCC_FLAGS", [
-        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-        "--expt-relaxed-constexpr"])
-    includes = [f"-I{SHIM}", f"-I{ROOT / 'csrc'}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
+# The defines CUDAExtension gives nvcc; the kernels must build under them.
+NVCC_FLAGS = getattr(cpp_extension, "COMMON_NVCC_FLAGS", [
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr"])
+
+
+def kernel_command(source, output):
+    """nvcc for a kernel file: csrc only on the include path (no torch)."""
+    return [NVCC, "-c", str(source), "-o", str(output), f"-I{CSRC}", f"-std={_cxx_standard()}",
+            "-gencode", "arch=compute_90,code=sm_90", *NVCC_FLAGS, "-O3", "-Xcompiler", "-fPIC"]
+
+
+def op_file_command(source, output):
+    """The host compiler (via nvcc, for the CUDA include path) for an op file, with torch's headers."""
+    includes = [f"-I{SHIM}", f"-I{CSRC}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [NVCC, "-c", str(source), "-o", str(output), *includes, f"-std={_cxx_standard()}",
-            "-gencode", "arch=compute_90,code=sm_90", *flags, "-DTORCH_EXTENSION_NAME=_C",
-            "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            "-Xcompiler", "-fPIC", "-diag-suppress", "3306"]
+    return [NVCC, "-x", "c++", "-c", str(source), "-o", str(output), *includes, f"-std={_cxx_standard()}",
+            "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            "-Xcompiler", "-fPIC,-Wall"]
 
 
-def _compile(source, outdir):
+def _run(command):
     start = time.perf_counter()
-    proc = subprocess.run(nvcc_command(source, Path(outdir) / (source.stem + ".o")),
-                          capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
 
 
 @functools.lru_cache(maxsize=None)
 def _compile_all(outdir):
-    workers = max(1, min(len(SOURCES), os.cpu_count() or 1))
+    jobs = {s: kernel_command(s, Path(outdir) / (s.stem + ".o")) for s in KERNELS}
+    jobs.update({s: op_file_command(s, Path(outdir) / (s.stem + ".op.o")) for s in OP_FILES})
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = dict(zip(SOURCES, pool.map(lambda s: _compile(s, outdir), SOURCES)))
-    print(f"\ncompiled {len(SOURCES)} CUDA files with {workers} workers in "
-          f"{time.perf_counter() - start:.1f}s")
+        results = dict(zip(jobs, pool.map(_run, jobs.values())))
+    print(f"\ncompiled {len(jobs)} CUDA files with {workers} workers in {time.perf_counter() - start:.1f}s")
     return results
 
 
@@ -72,11 +92,23 @@ def compiled(tmp_path_factory):
 
 
 def test_cuda_sources_exist():
-    assert SOURCES, f"no .cu files under {CUDA_DIR}"
+    assert KERNELS and OP_FILES, f"no .cu / .cpp files under {CUDA_DIR}"
+    # Every op file has its kernel file and the other way round.
+    assert {s.stem for s in OP_FILES} == {s.stem.removesuffix("_kernel") for s in KERNELS}
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
-@pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
-def test_cuda_compiles(source, compiled):
+@pytest.mark.parametrize("source", KERNELS + OP_FILES, ids=[s.name for s in KERNELS + OP_FILES])
+def test_cuda_source_compiles(source, compiled):
     returncode, log, seconds = compiled[source]
-    assert returncode == 0, f"nvcc failed on {source.name} ({seconds:.1f}s):\n{log[-20000:]}"
+    assert returncode == 0, f"compiling {source.name} failed ({seconds:.1f}s):\n{log[-20000:]}"
+    assert "warning" not in log.lower(), f"{source.name} compiled with warnings:\n{log[-20000:]}"
+
+
+def test_index_divider_matches_integer_division(tmp_path):
+    binary = tmp_path / "divider_check"
+    compiler = cpp_extension.get_cxx_compiler()
+    build = subprocess.run([compiler, "-O2", "-std=c++17", f"-I{CSRC}", str(DIVIDER_CHECK), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

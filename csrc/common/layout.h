@@ -1,28 +1,16 @@
-// How a kernel sees an (N, C, *) input in memory.
-//
-// Two layouts are handled natively, without copying the input:
-//   * kChannelsFirst: contiguous NC(D)HW, viewed as [N][C][S] with S = prod(*).
-//   * kChannelsLast:  channels_last (4-D) / channels_last_3d (5-D), and any
-//     contiguous input whose spatial size is 1 (NC, NC11...), viewed as [M][C]
-//     rows with M = N * S.
-// Any other strides are made contiguous once, as torch's memory formats do
-// (a channels-last 3-D (N, C, L) tensor is read, and answered, contiguous).
+// The layouts the kernels read (csrc/common/shape.h) and how a tensor is
+// brought into one of them.
+// Any strides other than contiguous and dense channels-last are copied once
+// into one of them (a channels-last 3-D (N, C, L) tensor is read, and
+// answered, contiguous, as torch's CPU kernel and cuDNN answer it).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
+#include "shape.h"
+
 namespace bnfast {
-
-enum class Layout { kChannelsFirst, kChannelsLast };
-
-struct Shape {
-  int64_t batch;     // N
-  int64_t channels;  // C
-  int64_t spatial;   // S = prod of the dims after C (1 for 2-D input)
-  int64_t numel() const { return batch * channels * spatial; }
-  int64_t per_channel() const { return batch * spatial; }  // M = N * S
-};
 
 inline Shape shape_of(const at::Tensor& input) {
   Shape s{input.size(0), input.size(1), 1};
@@ -54,11 +42,12 @@ inline Layout layout_of(const at::Tensor& contiguous_or_channels_last) {
 }
 
 // The input as the kernels read it: itself when it is contiguous or dense
-// channels-last, otherwise a contiguous copy (made once).
+// channels-last, otherwise a copy (made once) in the memory format torch
+// suggests for its strides, the format torch's batch_norm answers in then.
 inline at::Tensor readable(const at::Tensor& t) {
   if (t.is_contiguous()) return t;
   if ((t.dim() == 4 || t.dim() == 5) && is_channels_last_dense(t)) return t;
-  return t.contiguous();
+  return t.contiguous(t.suggest_memory_format());
 }
 
 // A second tensor (grad_out) read in the same layout as the input it pairs with.

@@ -11,11 +11,17 @@
 // point: callers merge in a fixed order so results are deterministic.
 #pragma once
 
-#include <c10/macros/Macros.h>
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+// Callable from host and device code; no torch headers, so the CUDA kernels
+// can include this file (csrc/cuda/launch.h).
+#ifdef __CUDACC__
+#define BNFAST_HOST_DEVICE __host__ __device__
+#else
+#define BNFAST_HOST_DEVICE
+#endif
 
 namespace bnfast {
 
@@ -27,7 +33,7 @@ struct WelfordState {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline WelfordState<T> welford_merge(const WelfordState<T>& a,
+BNFAST_HOST_DEVICE inline WelfordState<T> welford_merge(const WelfordState<T>& a,
                                                      const WelfordState<T>& b) {
   if (b.n == T(0)) return a;  // an empty side (count 0) contributes nothing
   if (a.n == T(0)) return b;
@@ -47,7 +53,7 @@ C10_HOST_DEVICE inline WelfordState<T> welford_merge(const WelfordState<T>& a,
 // Merge k samples x[0..k) (held by the caller) into a state: their own mean and
 // M2 are exact two-pass values, then one Chan merge (one division per k samples).
 template <typename T, int K>
-C10_HOST_DEVICE inline void welford_add_chunk(WelfordState<T>& s, const T (&x)[K]) {
+BNFAST_HOST_DEVICE inline void welford_add_chunk(WelfordState<T>& s, const T (&x)[K]) {
   T sum = T(0);
 #pragma unroll
   for (int i = 0; i < K; ++i) sum += x[i];
@@ -63,7 +69,7 @@ C10_HOST_DEVICE inline void welford_add_chunk(WelfordState<T>& s, const T (&x)[K
 // elements each, skipping replicas with count <= 0. No data at all gives NaN.
 // One function for the CPU and CUDA kernels, so both backends agree to the bit.
 template <typename in_t, typename count_t>
-C10_HOST_DEVICE inline void merge_replica_stats(const in_t* mean, const in_t* invstd,
+BNFAST_HOST_DEVICE inline void merge_replica_stats(const in_t* mean, const in_t* invstd,
                                                 const count_t* counts, int64_t R, int64_t C,
                                                 int64_t c, double eps, double* out_mean,
                                                 double* out_invstd) {

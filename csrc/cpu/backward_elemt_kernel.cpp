@@ -13,15 +13,9 @@ namespace {
 
 at::Tensor backward_elemt_cpu(const at::Tensor& grad_out_, const at::Tensor& input_,
                               const at::Tensor& mean, const at::Tensor& invstd,
-                              const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
+                              const OptionalTensor& weight, const at::Tensor& mean_dy,
                               const at::Tensor& mean_dy_xmu) {
-  check_input(input_);
-  check_like_input(grad_out_, "grad_out", input_);
-  check_channel_vector(mean, "mean", input_, /*allow_input_dtype=*/false);
-  check_channel_vector(invstd, "invstd", input_, /*allow_input_dtype=*/false);
-  check_optional_channel_vector(weight, "weight", input_);
-  check_channel_vector(mean_dy, "mean_dy", input_, /*allow_input_dtype=*/false);
-  check_channel_vector(mean_dy_xmu, "mean_dy_xmu", input_, /*allow_input_dtype=*/false);
+  check_backward_elemt(grad_out_, input_, mean, invstd, weight, mean_dy, mean_dy_xmu);
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
   const auto layout = layout_of(input);

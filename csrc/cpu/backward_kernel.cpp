@@ -19,12 +19,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean,
-    const at::Tensor& invstd, const c10::optional<at::Tensor>& weight) {
-  check_input(input_);
-  check_like_input(grad_out_, "grad_out", input_);
-  check_channel_vector(mean, "mean", input_, /*allow_input_dtype=*/false);
-  check_channel_vector(invstd, "invstd", input_, /*allow_input_dtype=*/false);
-  check_optional_channel_vector(weight, "weight", input_);
+    const at::Tensor& invstd, const OptionalTensor& weight) {
+  check_backward(grad_out_, input_, mean, invstd, weight);
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
   const auto layout = layout_of(input);

@@ -17,10 +17,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_ou
                                                         const at::Tensor& input_,
                                                         const at::Tensor& mean,
                                                         const at::Tensor& invstd) {
-  check_input(input_);
-  check_like_input(grad_out_, "grad_out", input_);
-  check_channel_vector(mean, "mean", input_, /*allow_input_dtype=*/false);
-  check_channel_vector(invstd, "invstd", input_, /*allow_input_dtype=*/false);
+  check_backward_reduce(grad_out_, input_, mean, invstd);
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
   const auto layout = layout_of(input);

@@ -11,14 +11,10 @@
 namespace bnfast {
 namespace {
 
-at::Tensor elemt_cpu(const at::Tensor& input_, const c10::optional<at::Tensor>& weight,
-                     const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+at::Tensor elemt_cpu(const at::Tensor& input_, const OptionalTensor& weight,
+                     const OptionalTensor& bias, const at::Tensor& mean,
                      const at::Tensor& invstd) {
-  check_input(input_);
-  check_optional_channel_vector(weight, "weight", input_);
-  check_optional_channel_vector(bias, "bias", input_);
-  check_channel_vector(mean, "mean", input_, /*allow_input_dtype=*/false);
-  check_channel_vector(invstd, "invstd", input_, /*allow_input_dtype=*/false);
+  check_elemt(input_, weight, bias, mean, invstd);
   const auto input = readable(input_);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);

@@ -15,11 +15,9 @@ namespace bnfast {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& input_, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps) {
-  check_input(input_);
-  check_optional_channel_vector(weight, "weight", input_);
-  check_optional_channel_vector(bias, "bias", input_);
+    const at::Tensor& input_, const OptionalTensor& weight,
+    const OptionalTensor& bias, double eps) {
+  check_forward(input_, weight, bias);
   const auto input = readable(input_);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
 #include "../common/welford.h"
 
 #include <cmath>
@@ -20,15 +21,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> gather_stats_cpu(const at::Tensor& mean, const at::Tensor& invstd,
                                                      const at::Tensor& counts, double eps) {
-  TORCH_CHECK(mean.dim() == 2, "bnfast: mean must be [replicas, channels], got shape ", mean.sizes());
-  TORCH_CHECK(invstd.sizes() == mean.sizes(), "bnfast: invstd must have mean's shape ", mean.sizes(),
-              ", got ", invstd.sizes());
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-              "bnfast: mean must be float32 or float64, got ", mean.scalar_type());
-  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), "bnfast: invstd must be ",
-              mean.scalar_type(), " like mean, got ", invstd.scalar_type());
-  TORCH_CHECK(counts.dim() == 1 && counts.numel() == mean.size(0), "bnfast: counts must have ",
-              mean.size(0), " elements (one per replica), got shape ", counts.sizes());
+  check_gather_stats(mean, invstd, counts);
   const int64_t R = mean.size(0), C = mean.size(1);
   const auto mean_d = mean.to(at::kDouble).contiguous();
   const auto invstd_d = invstd.to(at::kDouble).contiguous();

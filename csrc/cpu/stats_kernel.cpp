@@ -17,7 +17,7 @@ namespace bnfast {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input_, double eps) {
-  check_input(input_);
+  check_stats(input_);
   const auto input = readable(input_);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);

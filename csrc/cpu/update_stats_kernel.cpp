@@ -15,27 +15,9 @@
 namespace bnfast {
 namespace {
 
-void check_running(const at::Tensor& running, const char* name, const at::Tensor& mean) {
-  TORCH_CHECK(running.dim() == 1 && running.numel() == mean.numel(), "bnfast: ", name,
-              " should contain ", mean.numel(), " elements not ", running.numel());
-  TORCH_CHECK(running.device() == mean.device(), "bnfast: ", name, " must be on ", mean.device(),
-              ", got ", running.device());
-  TORCH_CHECK(at::isFloatingType(running.scalar_type()), "bnfast: ", name,
-              " must be floating point, got ", running.scalar_type());
-}
-
 void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                       const at::Tensor& invstd, double momentum, double eps, int64_t count) {
-  TORCH_CHECK(mean.dim() == 1 && invstd.sizes() == mean.sizes(),
-              "bnfast: mean and invstd must be 1-D of the same size, got ", mean.sizes(), " and ",
-              invstd.sizes());
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-              "bnfast: mean must be float32 or float64, got ", mean.scalar_type());
-  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), "bnfast: invstd must be ",
-              mean.scalar_type(), " like mean, got ", invstd.scalar_type());
-  check_running(running_mean, "running_mean", mean);
-  check_running(running_var, "running_var", mean);
-  TORCH_CHECK(count >= 0, "bnfast: count must be >= 0, got ", count);
+  check_update_stats(running_mean, running_var, mean, invstd, count);
   if (count == 0) return;
   const double correction = static_cast<double>(count) / static_cast<double>(count - 1);
   // Read mean / invstd (float or double, any stride) into double once.

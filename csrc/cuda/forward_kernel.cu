@@ -1,4 +1,5 @@
-// bnfast::forward on CUDA, the fused training forward:
+// bnfast::forward on CUDA (the kernels; the op is in forward.cpp), the fused
+// training forward:
 //   mean[c]   = (1/M) sum_m x[m, c]                     M = N * prod(*)
 //   invstd[c] = 1 / sqrt((1/M) sum_m (x[m, c] - mean[c])^2 + eps)
 //   y[m, c]   = (x[m, c] - mean[c]) * invstd[c] * weight[c] + bias[c]
@@ -8,77 +9,31 @@
 // normalize; blocks with blockIdx.y == 0 store mean and invstd.
 // NB: per-thread statistics are Welford/Chan merges of exact two-pass chunks,
 // never E[x^2] - E[x]^2, so |mean| >> std does not cancel.
-// Performance: the second read of x hits L2 when the tensor fits in it (50 MB
-// on H100), e.g. the seed CNN's 128x32x30x30 float32 activations.
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <limits>
-#include <tuple>
-
-#include "../common/checks.h"
+// Performance assumption: the second read of x hits L2 when the tensor fits
+// in it.
 #include "kernels.cuh"
 
 namespace bnfast {
-namespace {
+namespace cuda {
 
-using namespace cuda;
-
-template <typename scalar_t>
-void forward_impl(const scalar_t* x, scalar_t* y, ParamPtr weight, ParamPtr bias, acc_t<scalar_t>* mean,
-                  acc_t<scalar_t>* invstd, double eps, WelfordState<acc_t<scalar_t>>* partials,
-                  const Geometry& g, int64_t P, int64_t P2, cudaStream_t stream) {
-  launch_reduce(StatsReduce<scalar_t>{x}, partials, g, P, stream);
-  ForwardElem<scalar_t> op{x, y, weight, bias};
-  op.partials = partials;
-  op.P = static_cast<int>(P);
-  op.eps = static_cast<acc_t<scalar_t>>(eps);
-  op.mean_out = mean;
-  op.invstd_out = invstd;
-  launch_elementwise(op, g, P2, stream);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input_,
-                                                            const c10::optional<at::Tensor>& weight_,
-                                                            const c10::optional<at::Tensor>& bias_,
-                                                            double eps) {
-  check_input(input_);
-  check_optional_channel_vector(weight_, "weight", input_);
-  check_optional_channel_vector(bias_, "bias", input_);
-  c10::cuda::CUDAGuard guard(input_.device());
-  const auto input = readable(input_);
-  const auto shape = shape_of(input);
-  const auto options = input.options().dtype(stats_dtype(input.scalar_type()));
-  auto mean = at::empty({shape.channels}, options);
-  auto invstd = at::empty({shape.channels}, options);
-  auto output = empty_output_like(input);
-  if (input.numel() == 0) {  // as on CPU: statistics of an empty batch are NaN
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    invstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {output, mean, invstd};
-  }
-  const auto weight = channel_param(weight_);
-  const auto bias = channel_param(bias_);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::forward", [&] {
+cudaError_t launch_forward(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
+                           void* mean, void* invstd, double eps, void* scratch, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using acc = acc_t<scalar_t>;
-    const auto g = make_geometry<scalar_t>(input, {input.const_data_ptr(), output.const_data_ptr()});
-    const int64_t P = reduce_splits(g), P2 = elementwise_splits(g);
-    auto partials = partials_buffer<WelfordState<acc>>(input, P, g.C);
-    forward_impl<scalar_t>(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-                           param_ptr(weight), param_ptr(bias), mean.mutable_data_ptr<acc>(),
-                           invstd.mutable_data_ptr<acc>(), eps,
-                           reinterpret_cast<WelfordState<acc>*>(partials.mutable_data_ptr()), g, P, P2,
-                           stream);
+    auto* partials = static_cast<WelfordState<acc>*>(scratch);
+    const auto* xp = static_cast<const scalar_t*>(x);
+    const cudaError_t err = launch_reduce(StatsReduce<scalar_t>{xp}, partials, plan, plan.reduce_blocks, stream);
+    if (err != cudaSuccess) return err;
+    ForwardElem<scalar_t> op{xp, static_cast<scalar_t*>(y), weight, bias};
+    op.partials = partials;
+    op.P = static_cast<int>(plan.reduce_blocks);
+    op.eps = static_cast<acc>(eps);
+    op.mean_out = static_cast<acc*>(mean);
+    op.invstd_out = static_cast<acc*>(invstd);
+    return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   });
-  return {output, mean, invstd};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(bnfast, CUDA, m) { m.impl("forward", &forward_cuda); }
-
+}  // namespace cuda
 }  // namespace bnfast

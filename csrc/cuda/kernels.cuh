@@ -11,7 +11,9 @@
 // same order, so all blocks agree and results are deterministic.
 #pragma once
 
-#include "common.cuh"
+#include <type_traits>
+
+#include "device.cuh"
 
 namespace bnfast {
 namespace cuda {
@@ -86,14 +88,12 @@ struct GradReduce {
   }
 };
 
-constexpr int kUnroll = 4;  // accesses in flight per thread in the reduce kernels
-
 template <typename Op, int V, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     reduce_cf_kernel(Op op, typename Op::Acc* partials, index_t C, Divider<index_t> sv_div, index_t Mv) {
   using Acc = typename Op::Acc;
   const index_t c = blockIdx.x;
-  const index_t Sv = sv_div.d_value();
+  const index_t Sv = sv_div.divisor();
   const index_t stride = static_cast<index_t>(blockDim.y) * gridDim.y;
   const auto m = op.ctx(c);
   auto offset = [&](index_t i) {
@@ -177,7 +177,7 @@ struct ForwardElem {
   };
   const scalar_t* x;
   scalar_t* y;
-  ParamPtr weight, bias;
+  Param weight, bias;
   const acc* mean = nullptr;  // elemt: given statistics
   const acc* invstd = nullptr;
   const Acc* partials = nullptr;  // forward: statistics from the reduce kernel
@@ -232,7 +232,7 @@ struct BackwardElem {
   scalar_t* dx;
   const acc* mean;
   const acc* invstd;
-  ParamPtr weight;
+  Param weight;
   const acc* mean_dy = nullptr;  // backward_elemt: given means
   const acc* mean_dy_xmu = nullptr;
   const Acc* partials = nullptr;  // backward: sums from the reduce kernel
@@ -303,7 +303,7 @@ template <typename Op, int V, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     elementwise_cf_kernel(Op op, index_t C, Divider<index_t> sv_div, index_t Mv) {
   const index_t c = blockIdx.x;
-  const index_t Sv = sv_div.d_value();
+  const index_t Sv = sv_div.divisor();
   typename Op::Coef k[1];
   load_coefs(op, k, C, c, true);
   const index_t stride = static_cast<index_t>(blockDim.y) * gridDim.y;
@@ -328,11 +328,12 @@ __global__ void __launch_bounds__(kThreads) elementwise_cl_kernel(Op op, index_t
 }
 
 // ---------------------------------------------------------------------------
-// Host launchers. `P` is the grid's y extent (blocks along a channel).
+// Host launchers (no torch, no exceptions): each returns the error of its
+// launch. `P` is the grid's y extent (blocks along a channel).
 
 template <typename Op>
-void launch_reduce(const Op& op, typename Op::Acc* partials, const Geometry& g, int64_t P,
-                   cudaStream_t stream) {
+cudaError_t launch_reduce(const Op& op, typename Op::Acc* partials, const Plan& g, int64_t P,
+                          cudaStream_t stream) {
   using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(op.x)>>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const dim3 block(g.bx, g.by);
@@ -348,19 +349,16 @@ void launch_reduce(const Op& op, typename Op::Acc* partials, const Geometry& g, 
       reduce_cl_kernel<Op, V, index_t><<<grid, block, 0, stream>>>(op, partials, static_cast<index_t>(g.C),
                                                                      static_cast<index_t>(g.M));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return cudaGetLastError();
   };
   using VecTag = std::integral_constant<int, kVec>;
   using OneTag = std::integral_constant<int, 1>;
-  if (g.vec == kVec) {
-    g.index32 ? go(VecTag{}, int32_t{}) : go(VecTag{}, int64_t{});
-  } else {
-    g.index32 ? go(OneTag{}, int32_t{}) : go(OneTag{}, int64_t{});
-  }
+  if (g.vec == kVec) return g.index32 ? go(VecTag{}, int32_t{}) : go(VecTag{}, int64_t{});
+  return g.index32 ? go(OneTag{}, int32_t{}) : go(OneTag{}, int64_t{});
 }
 
 template <typename Op>
-void launch_elementwise(const Op& op, const Geometry& g, int64_t P, cudaStream_t stream) {
+cudaError_t launch_elementwise(const Op& op, const Plan& g, int64_t P, cudaStream_t stream) {
   using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(op.x)>>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const dim3 block(g.bx, g.by);
@@ -376,34 +374,20 @@ void launch_elementwise(const Op& op, const Geometry& g, int64_t P, cudaStream_t
       elementwise_cl_kernel<Op, V, index_t><<<grid, block, 0, stream>>>(op, static_cast<index_t>(g.C),
                                                                           static_cast<index_t>(g.M));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return cudaGetLastError();
   };
   using VecTag = std::integral_constant<int, kVec>;
   using OneTag = std::integral_constant<int, 1>;
-  if (g.vec == kVec) {
-    g.index32 ? go(VecTag{}, int32_t{}) : go(VecTag{}, int64_t{});
-  } else {
-    g.index32 ? go(OneTag{}, int32_t{}) : go(OneTag{}, int64_t{});
-  }
+  if (g.vec == kVec) return g.index32 ? go(VecTag{}, int32_t{}) : go(VecTag{}, int64_t{});
+  return g.index32 ? go(OneTag{}, int32_t{}) : go(OneTag{}, int64_t{});
 }
 
 template <typename Acc, typename Fin>
-void launch_finalize(const Acc* partials, int64_t P, int64_t C, Fin fin, cudaStream_t stream) {
+cudaError_t launch_finalize(const Acc* partials, int64_t P, int64_t C, Fin fin, cudaStream_t stream) {
   const dim3 block(32, kThreads / 32);
   finalize_kernel<Acc, Fin><<<static_cast<unsigned>(ceil_div(C, 32)), block, 0, stream>>>(
       partials, static_cast<int>(P), C, fin);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Grid extents (blocks along a channel) of the two kernels.
-inline int64_t reduce_splits(const Geometry& g) { return splits(g, 2 * kUnroll, kMaxPartials); }
-inline int64_t elementwise_splits(const Geometry& g) { return splits(g, 4, kMaxGridY); }
-
-// Scratch for P x C partial results, on the device (caching allocator).
-template <typename Acc>
-at::Tensor partials_buffer(const at::Tensor& like, int64_t P, int64_t C) {
-  static_assert(sizeof(Acc) % 4 == 0, "partials are stored as 32-bit words");
-  return at::empty({P * C * static_cast<int64_t>(sizeof(Acc) / 4)}, like.options().dtype(at::kInt));
+  return cudaGetLastError();
 }
 
 }  // namespace cuda
