@@ -7,7 +7,8 @@ the ops under torch.ops.bnfast.
 import torch  # noqa: F401  (loads libtorch, which bnfast._C links against)
 
 from bnfast import _C  # noqa: F401  (registers torch.ops.bnfast.*)
-from bnfast import ops  # noqa: F401  (fake kernels and autograd)
+from bnfast import ops  # noqa: F401  (fake kernels)
+from bnfast import _vmap  # noqa: F401  (batching rules)
 from bnfast.convert import convert, revert
 from bnfast.functional import batch_norm
 from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d

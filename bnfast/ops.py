@@ -1,22 +1,19 @@
-"""Python side of the bnfast ops: typed wrappers, fake kernels, autograd.
+"""Python side of the bnfast ops: typed wrappers and fake kernels.
 
-Per op, in this order: a typed wrapper (``bnfast.ops.<op>``), its fake kernel
+Per op: a typed wrapper (``bnfast.ops.<op>``) and its fake kernel
 (``torch.library.register_fake``: shapes, dtypes and strides without data, for
-torch.compile and meta tensors), then its autograd
-(``torch.library.register_autograd``). Schemas are in csrc/bnfast.cpp; CPU and
-CUDA kernels in csrc/cpu and csrc/cuda.
+torch.compile and meta tensors). Schemas are in csrc/bnfast.cpp; CPU and CUDA
+kernels in csrc/cpu and csrc/cuda; autograd in csrc/autograd.
 
 Shapes: input (N, C, *); per-channel tensors [C]. "Stats" tensors (mean,
 invstd, sums) are float32, or float64 for float64 input.
 
-Double backward: a first-order backward runs bnfast kernels. When the
-backward itself is being differentiated (create_graph=True, so grad mode is on
-inside backward), it is instead computed by differentiating a composite of
-torch ops that equals the op, which autograd can differentiate again.
-
-Exceptions: ``bnfast::forward`` (the fused training forward) and
-``bnfast::elemt`` (the eval forward) have their autograd in C++,
-csrc/autograd/, for speed; the same rules hold there.
+Autograd follows one rule for every op, stated in csrc/autograd/graph.h: the
+differentiable ops (stats, forward, elemt) have C++ autograd kernels that
+build the graph the way torch's own ops do (reverse mode with bnfast kernels,
+higher orders and forward mode through differentiable composites, all of it
+usable under torch.func); the others are registered as not differentiable.
+Their batching rules for torch.vmap are in bnfast/_vmap.py.
 """
 
 from __future__ import annotations
@@ -34,19 +31,6 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce_dims(input: Tensor) -> list:
-    return [0] + list(range(2, input.dim()))
-
-
-def _per_channel(t: Tensor, input: Tensor) -> Tensor:
-    """[C] -> [1, C, 1, ...] broadcastable against input."""
-    return t.view([1, -1] + [1] * (input.dim() - 2))
-
-
-def _count(input: Tensor):
-    return input.numel() // input.size(1)
-
-
 def _is_channels_last_dense(t: Tensor) -> bool:
     """Mirror of csrc/common/layout.h is_channels_last_dense."""
     expected = 1
@@ -58,9 +42,16 @@ def _is_channels_last_dense(t: Tensor) -> bool:
 
 
 def _empty_output_like(input: Tensor) -> Tensor:
-    """Mirror of the kernels' output allocation (layout.h readable + empty_like)."""
+    """Mirror of the kernels' output allocation (layout.h readable + empty_like):
+    contiguous and dense channels-last inputs keep their strides; others are
+    answered in the memory format torch suggests for them, which is also the
+    one empty_like's preserve_format picks for non-dense strides."""
     if input.is_contiguous() or (input.dim() in (4, 5) and _is_channels_last_dense(input)):
         return torch.empty_like(input)
+    preserved = torch.empty_like(input)
+    for fmt, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if input.dim() == dim and preserved.is_contiguous(memory_format=fmt):
+            return torch.empty_like(input, memory_format=fmt)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
@@ -88,36 +79,6 @@ def stats(input: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
 def _stats_fake(input, eps):
     _check_devices(input)
     return _stats_like(input), _stats_like(input)
-
-
-def _stats_setup(ctx, inputs, output):
-    input, eps = inputs
-    mean, invstd = output
-    ctx.save_for_backward(input, mean, invstd)
-    ctx.set_materialize_grads(False)
-
-
-def _stats_grad(input, mean, invstd, grad_mean, grad_invstd):
-    """Input gradient of (mean, invstd):
-    d mean / dx = 1 / M,  d invstd / dx = -invstd^3 * (x - mean) / M."""
-    count = _count(input)
-    x = input.to(mean.dtype)
-    grad = torch.zeros_like(x)
-    if grad_mean is not None:
-        grad = grad + _per_channel(grad_mean, x) / count
-    if grad_invstd is not None:
-        grad = grad - _per_channel(grad_invstd * invstd.pow(3), x) * (x - _per_channel(mean, x)) / count
-    return grad.to(input.dtype)
-
-
-def _stats_backward(ctx, grad_mean, grad_invstd):
-    input, mean, invstd = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None
-    return _stats_grad(input, mean, invstd, grad_mean, grad_invstd), None
-
-
-torch.library.register_autograd("bnfast::stats", _stats_backward, setup_context=_stats_setup)
 
 
 # ---------------------------------------------------------------- gather_stats
@@ -161,11 +122,6 @@ def _elemt_fake(input, weight, bias, mean, invstd):
     return _empty_output_like(input)
 
 
-# Its autograd is registered in C++ (csrc/autograd/elemt_autograd.cpp): this
-# op is the eval-mode forward, and the Python wrapper's overhead, paid even
-# under no_grad, matched the kernel's own time on small layers.
-
-
 # ---------------------------------------------------------------- backward_reduce / backward_elemt
 
 def backward_reduce(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
@@ -203,11 +159,6 @@ def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
 def _forward_fake(input, weight, bias, eps):
     _check_devices(input, weight=weight, bias=bias)
     return _empty_output_like(input), _stats_like(input), _stats_like(input)
-
-
-# Its autograd is registered in C++ (csrc/autograd/forward_autograd.cpp): this
-# op is the training hot path, and the Python wrapper's overhead matched the
-# kernels' own time on small layers.
 
 
 def backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import bnfast
 
+OPS = torch.ops.bnfast
+
 
 def _both_raise(device, fn_args, match=None, training=True):
     """Call torch and bnfast with the same arguments; return the two exceptions."""
@@ -166,3 +168,58 @@ def test_stats_dtype_mismatch_in_ops(device):
     mean = torch.zeros(3, dtype=torch.bfloat16, device=device)  # must be float32 for bf16 input
     with pytest.raises(RuntimeError, match="mean must be"):
         torch.ops.bnfast.elemt(x, None, None, mean, torch.ones(3, device=device))
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_one_running_stat_in_training(which, device):
+    """Only one of the two running statistics: torch's exception type (ValueError in torch >= 2.13)."""
+    def args():
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        return (_x(device), rm if which == "running_mean" else None, rv if which == "running_var" else None), \
+            dict(training=True)
+    _both_raise(device, args, match="running_mean and running_var must either both be None or neither be None")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("stats", ["empty_stats", "no_stats", "mismatched_stats"])
+def test_empty_input_returns_empty(stats, dtype, training, device):
+    """An empty input (1-D (0,) included) gives torch's empty result, whatever
+    the statistics: torch.batch_norm returns before it looks at them."""
+    x = torch.empty(0, dtype=dtype, device=device)
+    running = {"empty_stats": (torch.empty(0, dtype=dtype, device=device),) * 2, "no_stats": (None, None),
+               "mismatched_stats": (torch.zeros(5, dtype=dtype, device=device),) * 2}[stats]
+    for shape in ((0,), (0, 3), (0, 3, 4, 4)):
+        x = torch.empty(shape, dtype=dtype, device=device)
+        theirs = F.batch_norm(x, *running, training=training)
+        ours = bnfast.batch_norm(x, *running, training=training)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and ours.stride() == theirs.stride()
+
+
+@pytest.mark.parametrize("op", ["backward", "backward_reduce", "backward_elemt", "gather_stats"])
+def test_not_differentiable_ops_raise_on_backward(op, device):
+    """The backward pieces and gather_stats are not differentiable: backpropagating into them
+    raises instead of silently leaving the inputs without gradient."""
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    dy = torch.randn(4, 3, 5, device=device)
+    mean, invstd = (t.detach() for t in OPS.stats(x.detach(), 1e-5))
+    out = {"backward": lambda: OPS.backward(dy, x, mean, invstd, None)[0],
+           "backward_reduce": lambda: OPS.backward_reduce(dy, x, mean, invstd)[1],
+           "backward_elemt": lambda: OPS.backward_elemt(dy, x, mean, invstd, None, mean, invstd),
+           "gather_stats": lambda: OPS.gather_stats(x[:2, :, 0], x[2:, :, 0].abs() + 1, torch.ones(2), 1e-5)[0],
+           }[op]()
+    with pytest.raises(RuntimeError, match=f"bnfast::{op}"):
+        out.sum().backward()
+
+
+def test_update_stats_bumps_versions_and_ignores_graph(device):
+    """The running statistics are buffers outside the graph, as torch's: the update takes the
+    statistics' values whatever graph they carry, and bumps the buffers' version counters."""
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    mean, invstd = OPS.stats(x, 1e-5)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    versions = rm._version, rv._version
+    OPS.update_stats_(rm, rv, mean, invstd, 0.1, 1e-5, 4)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    assert not rm.requires_grad and not rv.requires_grad
+    torch.testing.assert_close(rm, 0.1 * mean.detach())

@@ -1,6 +1,8 @@
 """torch.library.opcheck on every bnfast op (schema, fake kernel, autograd
 registration, AOT dispatch), with samples from tests/samples.py: contiguous and
-channels_last, float32 / float64 / bfloat16, with and without weight."""
+channels_last, float32 / float64 / bfloat16, with and without weight. Inputs
+require grad (but bfloat16 ones), so the autograd registration is exercised:
+a differentiable op's kernel, or a not-differentiable op's explicit one."""
 
 from __future__ import annotations
 
@@ -22,6 +24,15 @@ def _sd(dtype):
 
 def _opcheck(op, args):
     torch.library.opcheck(op, args)
+
+
+def _opcheck_not_differentiable(op, args):
+    """Every check on inputs without grad; the autograd registration (an
+    explicit kernel, not the warning fallback) with the same inputs requiring
+    grad. (Differentiating through AOT dispatch is what the op refuses.)"""
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(op, detached)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
 
 
 @pytest.fixture(params=[True, False], ids=["weight", "no_weight"])
@@ -62,14 +73,14 @@ def test_opcheck_forward(case, device, with_weight):
 
 @pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
 def test_opcheck_backward_ops(case, device, with_weight):
-    x, w, _, mean, invstd = _inputs(case, device, with_weight, requires_grad=False)
-    dy = case.grad_out(device)
+    x, w, _, mean, invstd = _inputs(case, device, with_weight)
+    dy = case.grad_out(device).requires_grad_(x.requires_grad)
     sd = _sd(case.dtype)
-    _opcheck(OPS.backward_reduce.default, (dy, x, mean, invstd))
+    _opcheck_not_differentiable(OPS.backward_reduce.default, (dy, x, mean, invstd))
     mean_dy = torch.randn(case.channels, dtype=sd, device=device)
     mean_dy_xmu = torch.randn(case.channels, dtype=sd, device=device)
-    _opcheck(OPS.backward_elemt.default, (dy, x, mean, invstd, w, mean_dy, mean_dy_xmu))
-    _opcheck(OPS.backward.default, (dy, x, mean, invstd, w))
+    _opcheck_not_differentiable(OPS.backward_elemt.default, (dy, x, mean, invstd, w, mean_dy, mean_dy_xmu))
+    _opcheck_not_differentiable(OPS.backward.default, (dy, x, mean, invstd, w))
 
 
 @pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
@@ -77,17 +88,17 @@ def test_opcheck_update_stats(running_dtype, device):
     sd = torch.float64 if running_dtype == torch.float64 else torch.float32
     rm = torch.randn(4, dtype=running_dtype, device=device)
     rv = torch.rand(4, dtype=running_dtype, device=device) + 0.5
-    mean = torch.randn(4, dtype=sd, device=device)
-    invstd = torch.rand(4, dtype=sd, device=device) + 0.5
-    _opcheck(OPS.update_stats_.default, (rm.clone(), rv.clone(), mean, invstd, 0.1, EPS, 10))
+    mean = torch.randn(4, dtype=sd, device=device, requires_grad=True)
+    invstd = (torch.rand(4, dtype=sd, device=device) + 0.5).requires_grad_(True)
+    _opcheck_not_differentiable(OPS.update_stats_.default, (rm.clone(), rv.clone(), mean, invstd, 0.1, EPS, 10))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_opcheck_gather_stats(dtype, device):
-    mean = torch.randn(3, 4, dtype=dtype, device=device)
-    invstd = torch.rand(3, 4, dtype=dtype, device=device) + 0.5
+    mean = torch.randn(3, 4, dtype=dtype, device=device, requires_grad=True)
+    invstd = (torch.rand(3, 4, dtype=dtype, device=device) + 0.5).requires_grad_(True)
     counts = torch.tensor([4.0, 0.0, 7.0], dtype=dtype, device=device)
-    _opcheck(OPS.gather_stats.default, (mean, invstd, counts, EPS))
+    _opcheck_not_differentiable(OPS.gather_stats.default, (mean, invstd, counts, EPS))
 
 
 def test_fake_tensor_shapes_match_real(device):

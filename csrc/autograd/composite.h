@@ -1,27 +1,25 @@
-// Helpers shared by the C++ autograd of bnfast's ops (csrc/autograd/*.cpp).
-//
-// Double backward: a first-order backward runs bnfast kernels. When a
-// backward must itself be differentiable (create_graph, i.e. grad mode on
-// inside backward) or gets gradients the kernels do not take, the op is
-// recomputed from differentiable ATen ops (its "composite") and that graph is
-// differentiated: differentiate_composite.
+// The composites of bnfast's differentiable ops: the same math as the
+// kernels (statistics in the stats dtype, biased variance), from
+// differentiable ATen ops. graph.h says when they are used: for gradients
+// that must themselves be differentiable, and for forward-mode tangents.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 #include <functional>
+#include <utility>
 #include <vector>
 
-namespace bnfast {
+#include "../common/checks.h"
 
-using OptionalTensor = c10::optional<at::Tensor>;
+namespace bnfast {
+namespace autograd {
+
 using torch::autograd::variable_list;
 
-inline OptionalTensor optional(const at::Tensor& t) {
-  return t.defined() ? OptionalTensor(t) : c10::nullopt;
-}
+inline OptionalTensor optional(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
 // [C] -> [1, C, 1, ...], broadcastable against an input of `dim` dimensions.
 inline at::Tensor per_channel(const at::Tensor& t, int64_t dim) {
@@ -30,16 +28,25 @@ inline at::Tensor per_channel(const at::Tensor& t, int64_t dim) {
   return t.view(shape);
 }
 
-// Accumulation dtype of an input: float64 for float64, else float32.
-inline at::ScalarType stats_type(const at::Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// The dims a statistic reduces over: all but the channel dim 1.
+inline std::vector<int64_t> reduce_dims(int64_t dim) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < dim; ++d) dims.push_back(d);
+  return dims;
 }
 
-// (x - mean) * invstd * weight + bias from differentiable ATen ops, for x
-// already in the stats dtype (the kernels' math); weight and bias optional.
-inline at::Tensor normalize_composite(const at::Tensor& x, const at::Tensor& weight,
-                                      const at::Tensor& bias, const at::Tensor& mean,
-                                      const at::Tensor& invstd) {
+inline at::Tensor in_stats_dtype(const at::Tensor& t) { return t.to(stats_dtype(t.scalar_type())); }
+
+// mean and invstd = 1 / sqrt(biased var + eps) of x (already in the stats dtype).
+inline std::pair<at::Tensor, at::Tensor> batch_stats_composite(const at::Tensor& x, double eps) {
+  const auto dims = reduce_dims(x.dim());
+  return {x.mean(dims), at::rsqrt(at::var(x, dims, /*unbiased=*/false) + eps)};
+}
+
+// (x - mean) * invstd * weight + bias for x in the stats dtype; weight and
+// bias optional.
+inline at::Tensor normalize_composite(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& mean, const at::Tensor& invstd) {
   const int64_t dim = x.dim();
   auto y = (x - per_channel(mean, dim)) * per_channel(invstd, dim);
   if (weight.defined()) y = y * per_channel(weight, dim);
@@ -47,26 +54,34 @@ inline at::Tensor normalize_composite(const at::Tensor& x, const at::Tensor& wei
   return y;
 }
 
-// Per tensor argument, whether its gradient is needed. The context's
-// needs_input_grad counts only the tensors that were given (an optional weight
-// or bias may be None), so undefined entries are skipped and get false.
-inline std::vector<bool> needs_grad(torch::autograd::AutogradContext* ctx,
-                                    const std::vector<at::Tensor>& tensors) {
-  std::vector<bool> needed(tensors.size(), false);
-  size_t given = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].defined()) needed[i] = ctx->needs_input_grad(given++);
-  }
-  return needed;
+// bnfast::forward: (y, mean, invstd) of (input, weight, bias).
+inline std::vector<at::Tensor> forward_composite(const std::vector<at::Tensor>& args, double eps) {
+  const auto &input = args[0], &weight = args[1], &bias = args[2];
+  const auto x = in_stats_dtype(input);
+  const auto [mean, invstd] = batch_stats_composite(x, eps);
+  return {normalize_composite(x, weight, bias, mean, invstd).to(input.scalar_type()), mean, invstd};
 }
 
-// Gradients w.r.t. `inputs` (undefined entries are skipped) of
-// composite(inputs) for the output gradients `grads` (one per output,
-// undefined for none), as a graph when grad mode is on (create_graph). One
-// entry per input; undefined where the input does not require grad.
-inline variable_list differentiate_composite(
-    const std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>& composite,
-    const std::vector<at::Tensor>& inputs, const variable_list& grads) {
+// bnfast::elemt: y of (input, weight, bias, mean, invstd).
+inline std::vector<at::Tensor> elemt_composite(const std::vector<at::Tensor>& args) {
+  const auto &input = args[0], &weight = args[1], &bias = args[2], &mean = args[3], &invstd = args[4];
+  return {normalize_composite(in_stats_dtype(input), weight, bias, mean, invstd).to(input.scalar_type())};
+}
+
+// bnfast::stats: (mean, invstd) of input.
+inline std::vector<at::Tensor> stats_composite(const std::vector<at::Tensor>& args, double eps) {
+  const auto [mean, invstd] = batch_stats_composite(in_stats_dtype(args[0]), eps);
+  return {mean, invstd};
+}
+
+using Composite = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
+
+// Gradients w.r.t. `inputs` (undefined entries skipped) of composite(inputs)
+// for the output gradients `grads` (one per output, undefined for none), as
+// a graph when grad mode is on (create_graph). One entry per input;
+// undefined where the input does not require grad.
+inline variable_list differentiate_composite(const Composite& composite, const std::vector<at::Tensor>& inputs,
+                                             const variable_list& grads) {
   const bool create_graph = at::GradMode::is_enabled();
   std::vector<at::Tensor> wrt;
   for (const auto& t : inputs) {
@@ -97,4 +112,39 @@ inline variable_list differentiate_composite(
   return result;
 }
 
+// Forward-mode tangents, from the derivatives of the composites written out
+// with differentiable ATen ops (so they nest and can be differentiated
+// again). Undefined tangents are zero. Per channel, with M elements,
+// xc = x - mean and s = invstd:
+//   mean' = mean(x'),   s' = -s^3 * mean(xc * x')        (training statistics)
+//   y'    = (x' - mean') * s * w + xc * (s' * w + s * w') + b'
+
+// (mean', invstd') of batch statistics, for x and x' in the stats dtype.
+inline std::pair<at::Tensor, at::Tensor> batch_stats_tangent(const at::Tensor& x, const at::Tensor& x_t,
+                                                             const at::Tensor& mean, const at::Tensor& invstd) {
+  const auto dims = reduce_dims(x.dim());
+  const auto xc = x - per_channel(mean, x.dim());
+  return {x_t.mean(dims), -invstd.pow(3) * (xc * x_t).mean(dims)};
+}
+
+// y' of y = (x - mean) * invstd * weight + bias; x in the stats dtype, the
+// result in out_dtype.
+inline at::Tensor normalize_tangent(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+                                    const at::Tensor& invstd, const at::Tensor& x_t, const at::Tensor& weight_t,
+                                    const at::Tensor& bias_t, const at::Tensor& mean_t,
+                                    const at::Tensor& invstd_t, at::ScalarType out_dtype) {
+  const int64_t dim = x.dim();
+  const auto w = weight.defined() ? per_channel(weight, dim) : at::ones_like(per_channel(invstd, dim));
+  const auto s = per_channel(invstd, dim);
+  const auto xc = x - per_channel(mean, dim);
+  auto y_t = at::zeros_like(x);
+  if (x_t.defined()) y_t = y_t + x_t * s * w;
+  if (mean_t.defined()) y_t = y_t - per_channel(mean_t, dim) * s * w;
+  if (invstd_t.defined()) y_t = y_t + xc * per_channel(invstd_t, dim) * w;
+  if (weight_t.defined()) y_t = y_t + xc * s * per_channel(weight_t, dim);
+  if (bias_t.defined()) y_t = y_t + per_channel(bias_t, dim);
+  return y_t.to(out_dtype);
+}
+
+}  // namespace autograd
 }  // namespace bnfast

@@ -1,0 +1,56 @@
+// The bnfast ops as the autograd kernels call them: through the dispatcher,
+// below the Autograd key (typed handles, looked up once).
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <tuple>
+
+#include "../common/checks.h"
+
+namespace bnfast {
+namespace autograd {
+
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+inline Triple call_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                           double eps) {
+  static const auto op = op_handle<Triple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double)>(
+      "bnfast::forward");
+  return op.call(input, weight, bias, eps);
+}
+
+inline Triple call_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                            const at::Tensor& invstd, const OptionalTensor& weight) {
+  static const auto op = op_handle<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const OptionalTensor&)>("bnfast::backward");
+  return op.call(grad_out, input, mean, invstd, weight);
+}
+
+inline at::Tensor call_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                             const at::Tensor& mean, const at::Tensor& invstd) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                              const at::Tensor&, const at::Tensor&)>("bnfast::elemt");
+  return op.call(input, weight, bias, mean, invstd);
+}
+
+inline Pair call_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& invstd) {
+  static const auto op = op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&)>("bnfast::backward_reduce");
+  return op.call(grad_out, input, mean, invstd);
+}
+
+inline Pair call_stats(const at::Tensor& input, double eps) {
+  static const auto op = op_handle<Pair(const at::Tensor&, double)>("bnfast::stats");
+  return op.call(input, eps);
+}
+
+}  // namespace autograd
+}  // namespace bnfast

@@ -1,0 +1,63 @@
+// The ops outside the differentiable set (graph.h).
+//
+// The backward pieces (backward, backward_reduce, backward_elemt) are
+// themselves gradients (their derivatives, the double backward, come from the
+// differentiable ops' composites), and gather_stats merges statistics that
+// SyncBatchNorm differentiates as a whole: backpropagating into any of them,
+// or pushing a forward-mode tangent through one, raises "derivative for
+// bnfast::<op> is not implemented" rather than leaving a gradient silently
+// missing.
+//
+// update_stats_ writes the running statistics, which, as torch's, are
+// buffers outside the graph: it updates them with the values of the batch
+// statistics, whatever graph or tangent those carry, and bumps the buffers'
+// version counters (ADInplaceOrView), so a graph that saved one notices.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
+
+#include "calls.h"
+
+namespace bnfast {
+namespace autograd {
+namespace {
+
+using UpdateStats = void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt);
+
+void call_update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                       const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  static const auto op = op_handle<UpdateStats>("bnfast::update_stats_");
+  op.call(running_mean, running_var, mean, invstd, momentum, eps, c10::SymInt(count));
+}
+
+void update_stats_autograd(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                           const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  at::AutoDispatchBelowAutograd below_autograd;
+  call_update_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
+}
+
+void update_stats_inplace(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                          const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  {
+    at::AutoDispatchBelowADInplaceOrView below_inplace;
+    call_update_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
+  }
+  torch::autograd::impl::bump_version(running_mean);
+  torch::autograd::impl::bump_version(running_var);
+}
+
+}  // namespace
+}  // namespace autograd
+
+TORCH_LIBRARY_IMPL(bnfast, Autograd, m) {
+  for (const char* op : {"backward", "backward_reduce", "backward_elemt", "gather_stats"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+  m.impl("update_stats_", &autograd::update_stats_autograd);
+}
+
+TORCH_LIBRARY_IMPL(bnfast, ADInplaceOrView, m) { m.impl("update_stats_", &autograd::update_stats_inplace); }
+
+}  // namespace bnfast
