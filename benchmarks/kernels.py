@@ -24,6 +24,10 @@ burst of load from elsewhere on a shared machine therefore hits both alike.
 Reported: the median and interquartile range (IQR) over the blocks of the
 per-iteration time.
 
+Weight, bias and running statistics of a bfloat16 input are float32, as
+under autocast (``--params input`` makes them bfloat16). On a GPU the default
+case list adds the ~100 MB ResNet-50 stem and first stage.
+
 Effective bandwidth uses the streaming model of DESIGN.md (N elements of s
 bytes): fwd_train 3·N·s, fwd_eval 2·N·s, bwd 5·N·s, fwd_bwd 8·N·s, copy
 2·N·s. ``% copy`` is effective bandwidth / copy bandwidth.
@@ -107,12 +111,20 @@ TIERS = {"quick": ("quick",), "default": ("default",), "full": ("default", "full
 # The small cases exist for --quick; the default and full runs use the real ones,
 # except seed_bn2/seed_bn3, which are real seed-CNN shapes and belong everywhere.
 QUICK_ALSO_DEFAULT = ("seed_bn2", "seed_bn3")
+# On a GPU the default list also has the ~100 MB tensors (ResNet-50's stem
+# and first stage at batch 32), where the streaming bound is judged.
+CUDA_ALSO_DEFAULT = ("r50_stem", "r50_s1")
 
 # Timing settings: rounds (blocks per timer), target block length, warm-up.
+# A GPU's timings are steadier and its budget in the GPU check is ~90 s.
 TIMING = {
     "default": {"rounds": 10, "block_s": 0.01, "warmup_s": 0.03},
     "quick": {"rounds": 8, "block_s": 0.002, "warmup_s": 0.005},
+    "cuda": {"rounds": 8, "block_s": 0.004, "warmup_s": 0.01},
 }
+# Weight, bias and running statistics of a half / bfloat16 input: float32, as
+# under autocast (mixed precision), or the input's dtype.
+PARAM_DTYPES = ("float32", "input")
 
 
 # ---------------------------------------------------------------------------
@@ -149,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-ms", type=float, default=None,
                    help="target length of one timed block in ms (default %g, quick %g)"
                         % (1e3 * TIMING["default"]["block_s"], 1e3 * TIMING["quick"]["block_s"]))
+    p.add_argument("--params", default="float32", choices=PARAM_DTYPES,
+                   help="dtype of weight, bias and running statistics for bfloat16 input: float32 "
+                        "(mixed precision, as under autocast; default) or the input's dtype")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -171,7 +186,7 @@ def resolve_options(options=None, **overrides) -> argparse.Namespace:
     if args.quick and args.full:
         raise ValueError("--quick and --full exclude each other")
     args.selection = "quick" if args.quick else "full" if args.full else "default"
-    args.cases = select_cases(_split(args.cases), args.selection)
+    args.cases = select_cases(_split(args.cases), args.selection, args.device)
     args.dtypes = _split(args.dtypes) or list(DTYPES)
     args.formats = _split(args.formats) or list(FORMATS)
     args.phases = _split(args.phases) or list(PHASES)
@@ -180,7 +195,7 @@ def resolve_options(options=None, **overrides) -> argparse.Namespace:
         bad = [g for g in got if g not in allowed]
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
-    timing = TIMING["quick" if args.quick else "default"]
+    timing = TIMING["quick" if args.quick else "cuda" if args.device == "cuda" else "default"]
     args.rounds = args.rounds or timing["rounds"]
     args.block_s = args.block_ms / 1e3 if args.block_ms else timing["block_s"]
     args.warmup_s = timing["warmup_s"]
@@ -191,11 +206,12 @@ def resolve_options(options=None, **overrides) -> argparse.Namespace:
     return args
 
 
-def select_cases(names: list[str], selection: str) -> list[Case]:
+def select_cases(names: list[str], selection: str, device: str = "cpu") -> list[Case]:
     if not names:
         tiers = TIERS[selection]
         return [c for c in CASES if c.tier in tiers
-                or (selection != "quick" and c.name in QUICK_ALSO_DEFAULT)]
+                or (selection != "quick" and c.name in QUICK_ALSO_DEFAULT)
+                or (selection == "default" and device == "cuda" and c.name in CUDA_ALSO_DEFAULT)]
     out = []
     for n in names:
         hits = [CASE_BY_NAME[n]] if n in CASE_BY_NAME else [
@@ -278,18 +294,19 @@ def _stats(samples_s: list[float]) -> dict:
             "min_ms": ms[0], "n_blocks": len(ms)}
 
 
-def _closures(impl: str, case: Case, x: torch.Tensor, dy: torch.Tensor, phases) -> tuple[dict, dict]:
+def _closures(impl: str, case: Case, x: torch.Tensor, dy: torch.Tensor, phases,
+              param_dtype: torch.dtype) -> tuple[dict, dict]:
     """{phase: zero-argument callable} for one implementation, and check tensors."""
     cls = _module_class(impl, case)
     c = case.shape[1]
     torch.manual_seed(1)
-    train = cls(c).to(device=x.device, dtype=x.dtype)
+    train = cls(c).to(device=x.device, dtype=param_dtype)
     with torch.no_grad():  # non-trivial affine parameters and running statistics
         train.weight.uniform_(0.5, 1.5)
         train.bias.uniform_(-0.5, 0.5)
         train.running_mean.uniform_(-0.1, 0.1)
         train.running_var.uniform_(0.5, 1.5)
-    ev = cls(c).to(device=x.device, dtype=x.dtype)
+    ev = cls(c).to(device=x.device, dtype=param_dtype)
     ev.load_state_dict(train.state_dict())
     ev.eval()
     params = (x, train.weight, train.bias)
@@ -325,7 +342,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_config(case: Case, dtype_name: str, fmt: str, device: str, phases, *,
-                 rounds: int, block_s: float, warmup_s: float, seed: int = 0) -> dict:
+                 rounds: int, block_s: float, warmup_s: float, seed: int = 0, params: str = "float32") -> dict:
     """Time one (case, dtype, format) configuration; a dict with one row per phase."""
     from torch.utils.benchmark import Timer
 
@@ -338,9 +355,10 @@ def bench_config(case: Case, dtype_name: str, fmt: str, device: str, phases, *,
     dst = torch.empty_like(x, requires_grad=False)
     xd = x.detach()
 
+    param_dtype = torch.float32 if params == "float32" and dtype != torch.float64 else dtype
     fns, checks = {}, {}
     for impl in IMPLS:
-        fns[impl], checks[impl] = _closures(impl, case, x, dy, phases)
+        fns[impl], checks[impl] = _closures(impl, case, x, dy, phases, param_dtype)
     agreement = {k: _rel_err(checks["bnfast"][k], checks["torch"][k]) for k in checks["torch"]}
     del checks
 
@@ -593,7 +611,8 @@ def run(options=None, **overrides) -> dict:
         t0 = time.perf_counter()
         try:
             cfg = bench_config(case, dt, fmt, args.device, args.phases, rounds=args.rounds,
-                               block_s=args.block_s, warmup_s=args.warmup_s, seed=args.seed)
+                               block_s=args.block_s, warmup_s=args.warmup_s, seed=args.seed,
+                               params=args.params)
         except Exception as e:  # e.g. bnfast built without kernels for this device
             errors.append(f"{case.name} {dt} {fmt}: {type(e).__name__}: {e}")
             print(f"error: {errors[-1]}", file=sys.stderr)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import bnfast  # noqa: F401  (registers torch.ops.bnfast.*)
+from tests import samples
 
 
 def bnfast_has_kernels(device_type: str) -> bool:
@@ -71,6 +72,15 @@ def _seed_and_restore():
     yield
     torch.set_num_threads(threads)
     torch.set_default_dtype(dtype)
+
+
+def pytest_collection_modifyitems(items):
+    """The GPU smoke tier: every test that takes a case from samples.SMOKE_CASES
+    (plus the tests marked gpu_smoke where they are defined)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("case") in samples.SMOKE_CASES:
+            item.add_marker(pytest.mark.gpu_smoke)
 
 
 def pytest_report_header(config):

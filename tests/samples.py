@@ -21,6 +21,7 @@ import dataclasses
 import math
 from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -46,6 +47,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((3, 6, 7, 9), "planes of 63 values: the channels-first plane loops, with a vector tail"),
     ((130, 64, 4, 4), "short planes: fused channel blocks (backward: a partial last block); rows in 3 chunks (stats, elemt)"),
     ((2, 2100, 2, 4), "short planes too wide to read as rows (C * S > 16384): plane loops"),
+    ((4, 32, 8, 8), "vector-aligned: planes of 64 and 32 channels, multiples of every vector width"),
     ((4100, 3, 2, 2), "long short-plane channels: one row chunk of 4100 rows (64 folds), float64 accuracy"),
     ((1100, 3, 1, 2), "long short-plane channels, a partial fold"),
     ((0, 3, 4, 4), "empty batch"),
@@ -165,11 +167,22 @@ def cases(dtypes: Iterable[torch.dtype] = FLOAT_DTYPES, shapes: Optional[Iterabl
 
 ALL = cases()
 
+# The GPU smoke tier (marker gpu_smoke, benchmarks/gpu_check.sh): every test
+# that takes one of these cases (tests/conftest.py marks them): vector-aligned,
+# an odd tail, short planes and an empty batch, contiguous and channels_last,
+# in the three dtypes of training.
+SMOKE_SHAPES = ((4, 32, 8, 8), (3, 13, 7, 5), (130, 64, 4, 4), (0, 3, 4, 4))
+SMOKE_CASES = frozenset(cases(dtypes=(torch.float32, torch.bfloat16, torch.float16), shapes=SMOKE_SHAPES,
+                              layouts=("contiguous", "channels_last")))
+
 
 def small_cases(dtypes=FLOAT_DTYPES, max_numel: int = 200) -> list:
     """Cases small enough for opcheck / gradcheck."""
     return cases(dtypes=dtypes, max_numel=max_numel)
 
 
-def by_id(items: Sequence[Case]) -> dict:
-    return {"argvalues": list(items), "ids": [str(c) for c in items]}
+def by_id(items: Sequence[Case], smoke: Iterable[Case] = ()) -> dict:
+    """Parametrize over cases with readable ids; `smoke` ones join the GPU smoke tier."""
+    smoke = set(smoke)
+    return {"argvalues": [pytest.param(c, marks=pytest.mark.gpu_smoke) if c in smoke else c for c in items],
+            "ids": [str(c) for c in items]}

@@ -53,6 +53,7 @@ def _compare(backend, device, channels_last=False):
         torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_compile_aot_eager(channels_last, device):
     torch._dynamo.reset()
@@ -85,6 +86,7 @@ def _recording_backend(record):
     return aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"))
 
 
+@pytest.mark.gpu_smoke
 def test_compiled_graphs_call_bnfast_ops(device):
     """The AOT forward graph calls bnfast::forward and update_stats_, and the backward
     graph calls the fused bnfast::backward (not a decomposition into aten ops)."""
@@ -104,6 +106,7 @@ def test_compiled_graphs_call_bnfast_ops(device):
     assert not aten_bn, f"aten batch norm ops in the graphs: {aten_bn}"
 
 
+@pytest.mark.gpu_smoke
 def test_compile_eval_graph_calls_elemt(device):
     torch._dynamo.reset()
     record = {"fw": [], "bw": []}

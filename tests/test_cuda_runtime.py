@@ -20,6 +20,8 @@ import torch.nn as nn
 
 import bnfast
 
+pytestmark = pytest.mark.gpu_smoke
+
 OPS = torch.ops.bnfast
 EPS = 1e-5
 

@@ -3,6 +3,11 @@ with a message that names the problem."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,3 +228,17 @@ def test_update_stats_bumps_versions_and_ignores_graph(device):
     assert rm._version > versions[0] and rv._version > versions[1]
     assert not rm.requires_grad and not rv.requires_grad
     torch.testing.assert_close(rm, 0.1 * mean.detach())
+
+
+@pytest.mark.gpu_smoke
+def test_error_matrix_survives_in_a_subprocess(device):
+    """Every test of this file on this device, in a child process: a crash (a
+    signal; the CUDA kernels once segfaulted on bad input) reads as a failure
+    here instead of a dead test worker."""
+    env = dict(os.environ, BNFAST_TEST_DEVICES=device)
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+               "-k", "not subprocess"]
+    proc = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600)
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    assert proc.returncode == 0, f"the error matrix on {device} ended with {how}:\n{proc.stdout[-6000:]}{proc.stderr[-3000:]}"

@@ -35,7 +35,7 @@ def _check(fn, inputs):
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES, smoke=GRAD_CASES[:1]))
 def test_batch_norm(case, training, affine, device):
     x, w, b = _leaves(case, device, affine)
     rm, rv = case.running(device)
@@ -47,20 +47,20 @@ def test_batch_norm(case, training, affine, device):
     _check(fn, (x, w, b) if affine else (x,))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES, smoke=GRAD_CASES[:1]))
 def test_stats_op(case, device):
     x = case.input(device, requires_grad=True)
     _check(lambda x: OPS.stats(x, EPS), (x,))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES, smoke=GRAD_CASES[:1]))
 def test_elemt_op(case, device):
     x, w, b = _leaves(case, device)
     mean, invstd = OPS.stats(x.detach(), EPS)
     _check(lambda *a: OPS.elemt(*a), (x, w, b, mean.requires_grad_(True), invstd.requires_grad_(True)))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(GRAD_CASES, smoke=GRAD_CASES[:1]))
 def test_forward_op(case, device):
     """All three outputs (y, mean, invstd) carry gradients."""
     x, w, b = _leaves(case, device)

@@ -52,12 +52,12 @@ def _inputs(case, device, with_weight, requires_grad=True):
     return x, w, b, mean, invstd
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
 def test_opcheck_stats(case, device):
     _opcheck(OPS.stats.default, (case.input(device, requires_grad=True), EPS))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
 def test_opcheck_elemt(case, device, with_weight):
     x, w, b, mean, invstd = _inputs(case, device, with_weight)
     _opcheck(OPS.elemt.default, (x, w, b, mean, invstd))
@@ -65,13 +65,13 @@ def test_opcheck_elemt(case, device, with_weight):
     _opcheck(OPS.elemt.default, (x, w, b, mean.requires_grad_(True), invstd.requires_grad_(True)))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
 def test_opcheck_forward(case, device, with_weight):
     x, w, b, _, _ = _inputs(case, device, with_weight)
     _opcheck(OPS.forward.default, (x, w, b, EPS))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES))
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
 def test_opcheck_backward_ops(case, device, with_weight):
     x, w, _, mean, invstd = _inputs(case, device, with_weight)
     dy = case.grad_out(device).requires_grad_(x.requires_grad)
@@ -83,7 +83,8 @@ def test_opcheck_backward_ops(case, device, with_weight):
     _opcheck_not_differentiable(OPS.backward.default, (dy, x, mean, invstd, w))
 
 
-@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("running_dtype", [pytest.param(torch.float32, marks=pytest.mark.gpu_smoke), torch.float64,
+                                           torch.bfloat16], ids=["f32", "f64", "bf16"])
 def test_opcheck_update_stats(running_dtype, device):
     sd = torch.float64 if running_dtype == torch.float64 else torch.float32
     rm = torch.randn(4, dtype=running_dtype, device=device)
@@ -93,7 +94,8 @@ def test_opcheck_update_stats(running_dtype, device):
     _opcheck_not_differentiable(OPS.update_stats_.default, (rm.clone(), rv.clone(), mean, invstd, 0.1, EPS, 10))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.gpu_smoke), torch.float64],
+                         ids=["f32", "f64"])
 def test_opcheck_gather_stats(dtype, device):
     mean = torch.randn(3, 4, dtype=dtype, device=device, requires_grad=True)
     invstd = (torch.rand(3, 4, dtype=dtype, device=device) + 0.5).requires_grad_(True)

@@ -22,10 +22,12 @@ at::Tensor cast_like(const at::Tensor& grad, const at::Tensor& like) {
   return grad.scalar_type() == like.scalar_type() ? grad : grad.to(like.scalar_type());
 }
 
-struct ElemtBackward : public Node {
+enum Saved { kInput, kWeight, kBias, kMean, kInvstd, kSaved };
+
+struct ElemtBackward : public NodeWithSaved<kSaved> {
   variable_list apply(variable_list&& grads) override {
-    const auto input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
-    const auto mean = mean_.unpack(), invstd = invstd_.unpack();
+    const auto input = unpack(kInput), weight = unpack(kWeight), bias = unpack(kBias);
+    const auto mean = unpack(kMean), invstd = unpack(kInvstd);
     const auto& grad_out = grads[0];
     bool want[5];
     for (size_t i = 0; i < 5; ++i) want[i] = task_should_compute_output(i);
@@ -57,15 +59,6 @@ struct ElemtBackward : public Node {
     return result;
   }
   std::string name() const override { return "BnfastElemtBackward"; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
-    bias_.reset_data();
-    mean_.reset_data();
-    invstd_.reset_data();
-  }
-  SavedVariable input_, weight_, bias_, mean_, invstd_;
 };
 
 at::Tensor elemt_autograd(const at::Tensor& input, const OptionalTensor& weight_, const OptionalTensor& bias_,
@@ -79,11 +72,8 @@ at::Tensor elemt_autograd(const at::Tensor& input, const OptionalTensor& weight_
   if (requires_grad({&input, &weight, &bias, &mean, &invstd})) {
     auto node = make_node<ElemtBackward>();
     record(node, {&input, &weight, &bias, &mean, &invstd}, {&y});
-    node->input_ = save_input(input);
-    node->weight_ = save_input(weight);
-    node->bias_ = save_input(bias);
-    node->mean_ = save_input(mean);
-    node->invstd_ = save_input(invstd);
+    node->saved_ = {save_input(input), save_input(weight), save_input(bias), save_input(mean),
+                    save_input(invstd)};
   }
   if (any_tangent({&input, &weight, &bias, &mean, &invstd})) {
     const auto x_t = tangent(input);

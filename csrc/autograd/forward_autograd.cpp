@@ -16,10 +16,12 @@ namespace bnfast {
 namespace autograd {
 namespace {
 
-struct ForwardBackward : public Node {
+enum Saved { kInput, kWeight, kBias, kMean, kInvstd, kSaved };
+
+struct ForwardBackward : public NodeWithSaved<kSaved> {
   variable_list apply(variable_list&& grads) override {
-    const auto input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
-    const auto mean = mean_.unpack(), invstd = invstd_.unpack();
+    const auto input = unpack(kInput), weight = unpack(kWeight), bias = unpack(kBias);
+    const auto mean = unpack(kMean), invstd = unpack(kInvstd);
     const auto &grad_out = grads[0], &grad_mean = grads[1], &grad_invstd = grads[2];
     const bool want[3] = {task_should_compute_output(0), task_should_compute_output(1),
                           task_should_compute_output(2)};
@@ -40,15 +42,6 @@ struct ForwardBackward : public Node {
     return result;
   }
   std::string name() const override { return "BnfastForwardBackward"; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
-    bias_.reset_data();
-    mean_.reset_data();
-    invstd_.reset_data();
-  }
-  SavedVariable input_, weight_, bias_, mean_, invstd_;
   double eps_ = 0;
 };
 
@@ -66,11 +59,8 @@ Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, 
   if (requires_grad({&input, &weight, &bias})) {
     auto node = make_node<ForwardBackward>();
     record(node, {&input, &weight, &bias}, {&y, &mean, &invstd});
-    node->input_ = save_input(input);
-    node->weight_ = save_input(weight);
-    node->bias_ = save_input(bias);
-    node->mean_ = save_output(mean);
-    node->invstd_ = save_output(invstd);
+    node->saved_ = {save_input(input), save_input(weight), save_input(bias), save_output(mean),
+                    save_output(invstd)};
     node->eps_ = eps;
   }
   if (any_tangent({&input, &weight, &bias})) {

@@ -31,7 +31,9 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include <array>
 #include <initializer_list>
+#include <mutex>
 #include <memory>
 #include <type_traits>
 
@@ -108,6 +110,18 @@ inline void record(const NodePtr& node, std::initializer_list<const at::Tensor*>
   node->set_next_edges(std::move(edges));
   for (const at::Tensor* t : outputs) torch::autograd::set_history(*t, node);
 }
+
+// A Node holding N saved tensors, released once a backward no longer needs
+// them (retain_graph=False).
+template <size_t N>
+struct NodeWithSaved : public Node {
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& s : saved_) s.reset_data();
+  }
+  at::Tensor unpack(size_t i) const { return saved_[i].unpack(); }
+  std::array<SavedVariable, N> saved_;
+};
 
 // Saved for backward (version-checked, and through saved-tensor hooks): an
 // input as it is, so higher-order gradients reach its own graph; an output

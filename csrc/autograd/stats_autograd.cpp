@@ -12,9 +12,11 @@ namespace bnfast {
 namespace autograd {
 namespace {
 
-struct StatsBackward : public Node {
+enum Saved { kInput, kMean, kInvstd, kSaved };
+
+struct StatsBackward : public NodeWithSaved<kSaved> {
   variable_list apply(variable_list&& grads) override {
-    const auto input = input_.unpack();
+    const auto input = unpack(kInput);
     const auto &grad_mean = grads[0], &grad_invstd = grads[1];
     variable_list result(1);
     if (!task_should_compute_output(0) || (!grad_mean.defined() && !grad_invstd.defined())) return result;
@@ -23,7 +25,7 @@ struct StatsBackward : public Node {
       return differentiate_composite(
           [eps](const std::vector<at::Tensor>& args) { return stats_composite(args, eps); }, {input}, grads);
     }
-    const auto mean = mean_.unpack(), invstd = invstd_.unpack();
+    const auto mean = unpack(kMean), invstd = unpack(kInvstd);
     const int64_t dim = input.dim();
     const at::Scalar count(input.sym_numel() / input.sym_size(1));  // symbolic under torch.compile
     const auto x = in_stats_dtype(input);
@@ -36,13 +38,6 @@ struct StatsBackward : public Node {
     return result;
   }
   std::string name() const override { return "BnfastStatsBackward"; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    mean_.reset_data();
-    invstd_.reset_data();
-  }
-  SavedVariable input_, mean_, invstd_;
   double eps_ = 0;
 };
 
@@ -58,9 +53,7 @@ Pair stats_autograd(const at::Tensor& input, double eps) {
   if (requires_grad({&input})) {
     auto node = make_node<StatsBackward>();
     record(node, {&input}, {&mean, &invstd});
-    node->input_ = save_input(input);
-    node->mean_ = save_output(mean);
-    node->invstd_ = save_output(invstd);
+    node->saved_ = {save_input(input), save_output(mean), save_output(invstd)};
     node->eps_ = eps;
   }
   if (any_tangent({&input})) {
