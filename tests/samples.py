@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import pytest
@@ -30,9 +32,45 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 _DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 
+def cpu_constants() -> dict:
+    """The CPU path's tuning constants (csrc/cpu/tuning.h, and the fold length of
+    csrc/cpu/isa/loops.cpp): the shapes below whose point is a code path are
+    derived from the values that decide it, so they keep hitting it."""
+    root = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
+    text = (root / "tuning.h").read_text() + (root / "isa" / "loops.cpp").read_text()
+    values = {}
+    for name, value in re.findall(r"constexpr int64_t (k\w+) = ([0-9<\s]+);", text):
+        base, _, shift = value.partition("<<")
+        values[name] = int(base) << int(shift or 0)
+    return values
+
+
+CPU = cpu_constants()
+_FOLD_ROWS = CPU["kFlushSteps"] // CPU["kChains"]  # rows summed in opmath before a fold into double
+
+# Code-path shapes (see csrc/cpu/parallel.h):
+# two channels-last row chunks (kReduceGrain / 512 rows each), the second partial
+ROW_CHUNKS = (CPU["kReduceGrain"] // 512 * 3 // 2, 512)
+# more than kGrain elements per channel: several work chunks per channel in both layouts
+LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
+# planes of 2 * kShortPlane - 1 values: the channels-first plane loops, with a vector tail
+PLANE_LOOPS = (3, 6, 7, (2 * CPU["kShortPlane"] - 1) // 7)
+# short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
+# in training (backward: a partial last block)
+SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
+# short planes with rows wider than kMaxRowWidth: plane loops instead
+WIDE_SHORT_PLANES = (2, CPU["kMaxRowWidth"] // 8 + 52, 2, 4)
+# short planes whose blocks of whole channels stay under kMinBlockRowBytes per row: the
+# two-pass fallback of the fused blocks; one row chunk of 64 folds (float64 accuracy)
+FUSED_FALLBACK = (64 * _FOLD_ROWS + 4, 3, 2, 2)
+# as above, ending in a partial fold
+PARTIAL_FOLD = (17 * _FOLD_ROWS + 12, 3, 1, 2)
+# vector-aligned: planes of 64 and 32 channels, multiples of every vector width
+ALIGNED = (4, 32, 8, 8)
+
 # (shape, why it is here)
 SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
-    ((96, 512), "BatchNorm1d (N, C), wide: 2 row chunks of the channels-last path, many lanes"),
+    (ROW_CHUNKS, "BatchNorm1d (N, C), wide: two row chunks of the channels-last path, many lanes"),
     ((16, 5), "BatchNorm1d (N, C), small"),
     ((4, 5, 9), "BatchNorm1d (N, C, L)"),
     ((4, 6, 7, 5), "BatchNorm2d"),
@@ -43,13 +81,13 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((7, 13), "sizes not a multiple of 8 or 16"),
     ((3, 13, 7, 5), "odd sizes, 4-D"),
     ((2, 1000, 3), "large C"),
-    ((3, 1, 96, 128), "> 32768 elements per channel: 2 work chunks per channel in both layouts"),
-    ((3, 6, 7, 9), "planes of 63 values: the channels-first plane loops, with a vector tail"),
-    ((130, 64, 4, 4), "short planes: fused channel blocks (backward: a partial last block); rows in 3 chunks (stats, elemt)"),
-    ((2, 2100, 2, 4), "short planes too wide to read as rows (C * S > 16384): plane loops"),
-    ((4, 32, 8, 8), "vector-aligned: planes of 64 and 32 channels, multiples of every vector width"),
-    ((4100, 3, 2, 2), "long short-plane channels: one row chunk of 4100 rows (64 folds), float64 accuracy"),
-    ((1100, 3, 1, 2), "long short-plane channels, a partial fold"),
+    (LONG_CHANNELS, "more than kGrain elements per channel: several work chunks per channel"),
+    (PLANE_LOOPS, "the channels-first plane loops, with a vector tail"),
+    (SHORT_PLANES, "short planes as rows in 3 chunks; fused channel blocks (backward: a partial last one)"),
+    (WIDE_SHORT_PLANES, "short planes too wide to read as rows: plane loops"),
+    (ALIGNED, "vector-aligned: planes of 64 and 32 channels, multiples of every vector width"),
+    (FUSED_FALLBACK, "the fused blocks' two-pass fallback; one row chunk of 64 folds, float64 accuracy"),
+    (PARTIAL_FOLD, "long short-plane channels ending in a partial fold"),
     ((0, 3, 4, 4), "empty batch"),
 )
 
@@ -171,7 +209,7 @@ ALL = cases()
 # that takes one of these cases (tests/conftest.py marks them): vector-aligned,
 # an odd tail, short planes and an empty batch, contiguous and channels_last,
 # in the three dtypes of training.
-SMOKE_SHAPES = ((4, 32, 8, 8), (3, 13, 7, 5), (130, 64, 4, 4), (0, 3, 4, 4))
+SMOKE_SHAPES = (ALIGNED, (3, 13, 7, 5), SHORT_PLANES, (0, 3, 4, 4))
 SMOKE_CASES = frozenset(cases(dtypes=(torch.float32, torch.bfloat16, torch.float16), shapes=SMOKE_SHAPES,
                               layouts=("contiguous", "channels_last")))
 

@@ -5,7 +5,8 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
-#include "host.h"
+#include "../common/layout.h"
+#include "batch_norm.h"
 #include "output_cache.h"
 
 namespace bnfast {

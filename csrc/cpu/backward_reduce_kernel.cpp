@@ -8,7 +8,8 @@
 #include <tuple>
 
 #include "../common/checks.h"
-#include "host.h"
+#include "../common/layout.h"
+#include "batch_norm.h"
 
 namespace bnfast {
 namespace {

@@ -2,15 +2,13 @@
 //
 // Why: freed large buffers go back to glibc, which returns them to the OS, so
 // the next training step's buffers are fresh pages and every first touch is a
-// page fault; on the reference VM writing fresh pages runs at ~2 GB/s against
-// ~9 GB/s for reused ones, which made BN's output allocations cost more than
-// its kernels. Like torch's CUDA caching allocator, bnfast keeps freed output
-// buffers of >= 256 KiB for reuse. (Buffers of a few hundred KiB fault too once
-// glibc has handed large blocks back: 128x64x4x4 fwd+bwd took 0.099 ms after
-// the larger cases of the kernel benchmark with a 1 MiB floor, 0.071 with this
-// one.) Idle cached memory is capped by
-// BNFAST_CPU_CACHE_MB (default 1024; 0 turns the cache off) and released by
-// bnfast.empty_cache().
+// page fault, which costs more than writing the data (the README's "CPU
+// output cache" section has the measurement). Like torch's CUDA caching
+// allocator, bnfast keeps freed output buffers of >= 256 KiB for reuse: a
+// few hundred KiB fault too once glibc has handed large blocks back, as the
+// kernel benchmark's small cases after its large ones showed. Idle cached
+// memory is capped by BNFAST_CPU_CACHE_MB (default 1024; 0 turns the cache
+// off) and released by bnfast.empty_cache().
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -91,8 +91,7 @@ struct VecIO<scalar_t, true> {
   static void store(scalar_t* p, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     // One conversion and a plain 256-bit store: the generic path below
-    // converts v twice and stores with a mask (bfloat16 elemt on a
-    // channels-last 32x512x28x28, 2 cores: 1.55 -> 1.18 ms).
+    // converts v twice and stores with a mask.
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed(v));
 #else
     at::vec::convert_from_float<scalar_t>(v, v).store(p, kLanes);
@@ -322,7 +321,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
     int64_t i = 0;
     // kWide channel vectors at a time: their sums are independent chains,
     // interleaved here so the add latency is hidden (one vector at a time,
-    // the loop waited on each chain: ~8 cycles per vector).
+    // the loop waits on each chain).
     for (; i + kWide * L <= C; i += kWide * L) {
       Vec k[kWide], a_sum[kWide], ad_sum[kWide];
       for (int64_t j = 0; j < kWide; ++j) {

@@ -1,0 +1,86 @@
+// Per-channel values and math shared by the CPU op files: parameters read as
+// opmath, the shifts of the statistics, statistics from shifted sums, and the
+// coefficients of the input gradient.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../common/shape.h"
+#include "loops.h"
+
+namespace bnfast {
+namespace cpu {
+
+// A per-channel vector (weight, bias, mean...) read as opmath_t whatever its
+// floating dtype and stride; `fallback` where the tensor is absent.
+template <typename opmath_t>
+std::vector<opmath_t> channel_values(const std::optional<at::Tensor>& t, int64_t C,
+                                     opmath_t fallback) {
+  std::vector<opmath_t> values(C, fallback);
+  if (!(t.has_value() && t->defined())) return values;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "channel_values", [&] {
+    const auto a = t->accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < C; ++c) values[c] = static_cast<opmath_t>(a[c]);
+  });
+  return values;
+}
+
+// The shift K[c] for statistics: the channel's first element. Any sample of
+// the channel is within a few standard deviations of its mean, which is all
+// the shifted sums need to stay free of cancellation. NB: an infinite or NaN
+// first element would poison every x - K; any finite shift is correct, so 0.
+template <typename scalar_t>
+at::opmath_type<scalar_t> first_element(const scalar_t* x, Layout layout, const Shape& shape,
+                                        int64_t c) {
+  const auto k = static_cast<at::opmath_type<scalar_t>>(
+      layout == Layout::kChannelsFirst ? x[c * shape.spatial] : x[c]);
+  return std::isfinite(k) ? k : at::opmath_type<scalar_t>(0);
+}
+
+// K[c] = first_element for every channel, padded for the row loops.
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> channel_shifts(const scalar_t* x, Layout layout,
+                                                      const Shape& shape) {
+  std::vector<at::opmath_type<scalar_t>> shift(padded_channels(shape.channels), 0);
+  for (int64_t c = 0; c < shape.channels; ++c) shift[c] = first_element(x, layout, shape, c);
+  return shift;
+}
+
+// Per-channel math, in double. Every path (chunked or per-channel tasks) goes
+// through these, so they agree bitwise.
+
+// mean and invstd from the shifted sums s1 = sum(x - K), s2 = sum((x - K)^2).
+template <typename opmath_t>
+void stats_from_sums(double s1, double s2, int64_t count, opmath_t shift, double eps,
+                     opmath_t* mean, opmath_t* invstd) {
+  const double mean_shifted = s1 / count;
+  // NB: s2 / count - mean_shifted^2 is a difference of two O(var) terms (the
+  // shift keeps mean_shifted within a few std), so it cannot cancel
+  // catastrophically; clamp the last-ulp negative results of constant data.
+  const double var = std::max(s2 / count - mean_shifted * mean_shifted, 0.0);
+  *mean = static_cast<opmath_t>(static_cast<double>(shift) + mean_shifted);
+  *invstd = static_cast<opmath_t>(1.0 / std::sqrt(var + eps));
+}
+
+// dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight
+//    == (x - mean) * p + q + dy * r  with
+// r = invstd * weight,  p = -r * invstd^2 * mean_dy_xmu,  q = -r * mean_dy.
+template <typename opmath_t>
+void grad_coefficients(opmath_t invstd, opmath_t weight, double mean_dy, double mean_dy_xmu,
+                       opmath_t* p, opmath_t* q, opmath_t* r) {
+  const double is = invstd;
+  const double rc = is * weight;
+  *r = static_cast<opmath_t>(rc);
+  *p = static_cast<opmath_t>(-rc * is * is * mean_dy_xmu);
+  *q = static_cast<opmath_t>(-rc * mean_dy);
+}
+
+}  // namespace cpu
+}  // namespace bnfast

@@ -1,0 +1,40 @@
+// The CPU path's tuning constants: how work is cut into tasks and which
+// loop a shape takes. Results never depend on them (see parallel.h), only
+// speed; each was picked with the kernel benchmark on the shapes it decides,
+// e.g. `python -m benchmarks.kernels --cases seed_bn1 seed_bn2 seed_bn3` and
+// `python -m benchmarks.isa` (results under benchmarks/results/), and the
+// tests derive the shapes of each path from these values (tests/samples.py).
+#pragma once
+
+#include <cstdint>
+
+namespace bnfast {
+namespace cpu {
+
+// Elements per chunk of elementwise work: large enough to amortize a task,
+// small enough to split the seed CNN's smallest layer (128x64x4x4) across cores.
+constexpr int64_t kGrain = 32768;
+// Reductions keep [chunks][2][C] partial sums in double, zeroed and added up
+// serially, so their chunks are larger: a chunk holds at least
+// kReduceGrain elements (and, channels-last, kMinRowsPerChunk rows, so the
+// partial sums stay small next to the data) and there are at most kMaxChunks.
+constexpr int64_t kReduceGrain = 1 << 16;
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMinRowsPerChunk = 64;
+
+// Channels-first planes shorter than kShortPlane values are read as rows
+// (short_planes_as_rows, parallel.h), up to rows of kMaxRowWidth values, whose
+// per-column coefficients and partial sums stay in L2.
+constexpr int64_t kShortPlane = 32;
+constexpr int64_t kMaxRowWidth = 1 << 14;
+
+// Short planes, fused passes (fused_channel_blocks, parallel.h): a block of
+// whole channels of at most kChannelBlockBytes per tensor read, and at least
+// kMinBlockRowBytes per row (narrower strided segments waste cache lines);
+// tensors of kMinSplitElements and more are split across every thread.
+constexpr int64_t kChannelBlockBytes = 256 << 10;
+constexpr int64_t kMinBlockRowBytes = 256;
+constexpr int64_t kMinSplitElements = 8192;
+
+}  // namespace cpu
+}  // namespace bnfast
