@@ -117,8 +117,9 @@ def test_quick_cli_end_to_end(tmp_path):
         assert 0 <= r["final_test_acc"] <= 100
     assert res["data"]["n_train"] == train_cifar.QUICK["subset"] and not res["data"]["synthetic"]
     assert res["machine"]["torch_threads"] >= 1 and res["machine"]["torch_version"]
-    s = res["summary"]["variants"]["seed"]
+    s = _row(res, "seed")
     assert s["speedup"] > 0 and s["acc_diff_points"] is not None and s["bn_share_torch"] is not None
+    assert s["loss_agreement"]["max"] < 1e-2  # fp32 lockstep runs on one batch order
     for png in ("cifar10_curves.png", "cifar10_times.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "cifar10_summary.md").read_text()
@@ -127,8 +128,14 @@ def test_quick_cli_end_to_end(tmp_path):
     assert "| seed | torch |" in proc.stdout  # summary printed too
 
 
-def _fake_run(variant, impl, step_ms, acc, epochs):
-    return {"variant": variant, "impl": impl, "median_step_ms": step_ms, "step_time_s": [step_ms / 1e3] * 3,
+def _row(result, variant, precision="fp32"):
+    return next(r for r in result["summary"]["rows"] if (r["variant"], r["precision"]) == (variant, precision))
+
+
+def _fake_run(variant, impl, step_ms, acc, epochs, seed=0, losses=(2.0, 1.5, 1.0), model="seed"):
+    return {"model": model, "variant": variant, "impl": impl, "precision": "fp32", "batch_size": 128,
+            "image_size": 32, "seed": seed, "data": "cifar10", "median_step_ms": step_ms,
+            "step_time_s": [step_ms / 1e3] * len(losses), "step_loss": list(losses),
             "final_test_acc": acc, "epochs": [{}] * epochs}
 
 
@@ -150,8 +157,9 @@ def test_no_data_reports_step_times_but_no_accuracy(tmp_path, monkeypatch):
         assert r["median_step_ms"] > 0 and len(r["step_time_s"]) == 4
         assert r["final_test_acc"] is None
         assert all(e["test_acc"] is None for e in r["epochs"])
-    s = res["summary"]["variants"]["seed"]
+    s = _row(res, "seed")
     assert s["speedup"] > 0 and s["acc_diff_points"] is None
+    assert s["no_bn_ceiling"] == pytest.approx(s["torch_step_ms"] / s["no_bn_step_ms"])
     assert res["summary"]["bar"]["accuracy_met"] is None
     md = (tmp_path / "out" / "cifar10_summary.md").read_text()
     assert "No accuracy is reported" in md and "not measured" in md
@@ -165,5 +173,7 @@ def test_quick_defaults_yield_to_explicit_flags():
     b = train_cifar.resolve_options({})
     assert b.subset is None and b.epochs == train_cifar.DEFAULT_EPOCHS
     assert b.variants == list(train_cifar.VARIANTS) and b.impls == ["torch", "bnfast"]
+    # The CPU default is the seed CNN, fp32, batch 128, seed 0, on the CPU.
+    assert b.cases == [train_cifar.Case("seed", "fp32", 128, 32)] and b.seeds == [0] and b.device == "cpu"
     with pytest.raises(ValueError, match="unknown"):
         train_cifar.resolve_options({"variants": "seed,bogus"})
