@@ -83,7 +83,7 @@ TIMING_ROWS = (("seed", "fp32", 128), ("seed", "fp32", 1024), ("resnet18", "fp32
 # Acceptance bar for the seed CNN on CPU.
 BAR_SPEEDUP = 1.35
 BAR_ACC_POINTS = 1.0
-QUICK = {"subset": 2048, "test_subset": 2000, "epochs": 1, "synthetic_steps": 20}
+QUICK = {"subset": 2048, "test_subset": 2000, "epochs": 1, "steps": 20}
 SYNTHETIC_STEPS = 100
 PREFIX = "cifar10_"
 CPU_SHARE_WARN = 0.7
@@ -355,11 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ResNet-50 input size in pixels (default %(default)s; smaller for smoke tests)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['subset']} train / {QUICK['test_subset']} test images, "
-                        f"1 epoch, {QUICK['synthetic_steps']} steps without data (explicit flags still win)")
+                        f"1 epoch, {QUICK['steps']} steps without data (explicit flags still win)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default Adam's 1e-3)")
-    p.add_argument("--steps", "--synthetic-steps", dest="synthetic_steps", type=int, default=None,
+    p.add_argument("--steps", "--synthetic-steps", type=int, default=None,
                    help=f"steps per run on random batches (default {SYNTHETIC_STEPS})")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
@@ -380,14 +380,19 @@ def _listed(value, kind=str) -> list | None:
 def resolve_options(options=None, **overrides) -> argparse.Namespace:
     """Parser defaults <- options (Namespace or dict) <- overrides; applies --quick
     and resolves the cases (args.cases, a list of Case)."""
-    args = merge_options(build_parser(), options, overrides)
+    parser = build_parser()
+    args = merge_options(parser, options, overrides)
+    # A misspelt key would otherwise be kept and silently ignored.
+    unknown = sorted(set(vars(args)) - set(vars(parser.parse_args([]))))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; see python -m benchmarks.train_cifar -h")
     for k, v in QUICK.items():
         if getattr(args, k) is None and args.quick:
             setattr(args, k, v)
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
-    if args.synthetic_steps is None:
-        args.synthetic_steps = SYNTHETIC_STEPS
+    if args.steps is None:
+        args.steps = SYNTHETIC_STEPS
     for name, kind in (("variants", str), ("impls", str), ("models", str), ("precision", str),
                        ("batch_size", int), ("seeds", int)):
         setattr(args, name, _listed(getattr(args, name), kind))
@@ -398,7 +403,7 @@ def resolve_options(options=None, **overrides) -> argparse.Namespace:
         raise ValueError(f"unknown variant/impl/model/precision {bad}; variants: {VARIANTS}, impls: {IMPLS}, "
                          f"models: {MODELS}, precisions: {PRECISIONS}")
     for wrong, message in ((args.epochs < 1, "--epochs must be >= 1"),
-                           (args.synthetic_steps < 1, "--steps must be >= 1"),
+                           (args.steps < 1, "--steps must be >= 1"),
                            (not args.seeds, "--seeds needs at least one seed"),
                            (any(b < 1 for b in args.batch_size or ()), "--batch-size must be >= 1"),
                            # At 32 px ResNet-50's layer4 maps are 1x1 already: nothing smaller is its workload.
@@ -575,13 +580,13 @@ def markdown(result: dict) -> str:
     seeds = ", ".join(map(str, o["seeds"]))
     if d["synthetic"]:
         lines.append("")
-        lines.append(f"**No CIFAR-10 data ({d['reason']}): timed {o['synthetic_steps']} steps per run "
+        lines.append(f"**No CIFAR-10 data ({d['reason']}): timed {o['steps']} steps per run "
                      "on random CIFAR-shaped batches. No accuracy is reported: none was measured.**")
     else:
         lines.append(f"Data: {d['source']['path']} ({d['source']['kind']}), {d['n_train']} train / "
                      f"{d['n_test']} test images, {o['epochs']} epoch(s), seed(s) {seeds}.")
     if any(r["model"] in TIMING_ONLY_MODELS for r in result["runs"]):
-        lines.append(f"\nResNet-50 rows are timing only: {o['synthetic_steps']} steps on random "
+        lines.append(f"\nResNet-50 rows are timing only: {o['steps']} steps on random "
                      f"{o['resnet50_size']}x{o['resnet50_size']} batches, no accuracy.")
     if o.get("fuse"):
         lines.append("\nbnfast runs use bnfast.convert(model, fuse=True).")
@@ -793,7 +798,7 @@ def run(options=None, **overrides) -> dict:
 
     data, reason = load_data(args)
     if data is None:
-        msg = (f"no CIFAR-10 data ({reason}); timing {args.synthetic_steps} steps per run on random "
+        msg = (f"no CIFAR-10 data ({reason}); timing {args.steps} steps per run on random "
                "batches, NO accuracy reported")
         print(f"warning: {msg}", file=sys.stderr)
         data_info = {"synthetic": True, "reason": reason}
@@ -811,7 +816,7 @@ def run(options=None, **overrides) -> dict:
         for seed in args.seeds:
             models, meta = lockstep_group(case, seed, args, impls, bnfast_mod, device)
             if random_data:
-                batches = (*random_batches(case, args.synthetic_steps, seed, device), None, None)
+                batches = (*random_batches(case, args.steps, seed, device), None, None)
             else:
                 batches = (train_x, train_y, test_x, test_y)
             desc = f"{case.model} {case.precision} b{case.batch_size} seed {seed}"
