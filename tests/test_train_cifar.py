@@ -2,8 +2,8 @@
 training smoke test, bnfast tracking torch step by step, the --quick CLI run
 and the no-data fallback (step times only, never an accuracy); the ResNets of
 benchmarks/models.py, timing-only runs of every model and precision, the
-summary over seeds and the loss agreement, --device cuda without a GPU, --fuse
-and subset files. All fast on a CPU (tiny batches and
+summary over seeds and the loss agreement, --device cuda without a GPU, --fuse,
+subset files, and the suite's GPU runs. All fast on a CPU (tiny batches and
 steps); speed is the benchmarks' business, not the tests'."""
 
 import copy
@@ -370,7 +370,7 @@ def test_fuse_calls_convert_with_fuse(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Subset files
+# Subset files and the suite's GPU runs
 
 @pytest.mark.parametrize("suffix", [".pt", ".npz"])
 def test_subset_file_round_trip(tmp_path, suffix, capsys):
@@ -394,3 +394,21 @@ def test_subset_file_round_trip(tmp_path, suffix, capsys):
     with pytest.raises(cifar10.CifarError, match="not a readable subset file"):
         cifar10.read(bad)
 
+
+def test_suite_trains_on_cuda_when_present(tmp_path):
+    """python -m benchmarks with cuda among its devices adds the GPU timing rows and a
+    three-seed accuracy run (options checked here; running them needs a GPU)."""
+    import benchmarks.__main__ as suite
+
+    args = suite.build_parser().parse_args(["--data", "d.pt"])
+    assert list(suite.train_runs(args, ["cpu"], tmp_path)) == ["train"]
+    runs = suite.train_runs(args, ["cpu", "cuda"], tmp_path)
+    assert list(runs) == ["train", "train-cuda-timing", "train-cuda"]
+    assert "device" not in runs["train"][1]  # the CPU run is as before
+    timing = train_cifar.resolve_options(dict(runs["train-cuda-timing"][1], device="cpu"))
+    assert timing.timing_only and [c[:3] for c in timing.cases] == list(train_cifar.TIMING_ROWS)
+    acc = runs["train-cuda"][1]
+    assert acc["device"] == "cuda" and acc["data"] == "d.pt" and acc["epochs"] == train_cifar.SUITE_EPOCHS
+    acc = train_cifar.resolve_options(dict(acc, device="cpu"))
+    assert acc.seeds == [0, 1, 2] and [c[:3] for c in acc.cases] == [
+        ("seed", "fp32", 128), ("seed", "bf16", 128), ("resnet18", "fp32", 128), ("resnet18", "bf16", 128)]
