@@ -151,6 +151,15 @@ def train_summary(result: dict) -> str:
     return _demote("\n".join(lines)).strip()
 
 
+def record_failure(suite: dict, sections: list[str], name: str, title: str, e: Exception) -> None:
+    """A part that raised e (call it while handling e): its error goes into
+    suite.json and the summary, and the other parts still run."""
+    suite["errors"].append(f"{name}: {type(e).__name__}: {e}")
+    suite["parts"][name] = {"ok": False, "error": traceback.format_exc()}
+    print(f"error: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    sections.append(f"## {title}\n\nFAILED: {type(e).__name__}: {e}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -184,10 +193,7 @@ def main(argv=None) -> int:
             try:
                 res = run_kernels(args, device, out / name)
             except Exception as e:
-                suite["errors"].append(f"{name}: {type(e).__name__}: {e}")
-                suite["parts"][name] = {"ok": False, "error": traceback.format_exc()}
-                print(f"error: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
-                sections.append(f"## Kernels, {device}\n\nFAILED: {type(e).__name__}: {e}")
+                record_failure(suite, sections, name, f"Kernels, {device}", e)
                 continue
             suite["parts"][name] = {"ok": not res["errors"], "elapsed_s": time.perf_counter() - t0,
                                     "files": res["files"], "summary": res["summary"],
@@ -209,10 +215,7 @@ def main(argv=None) -> int:
             try:
                 res = train_cifar.run(opts)
             except Exception as e:
-                suite["errors"].append(f"{name}: {type(e).__name__}: {e}")
-                suite["parts"][name] = {"ok": False, "error": traceback.format_exc()}
-                print(f"error: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
-                sections.append(f"## {title}\n\nFAILED: {type(e).__name__}: {e}")
+                record_failure(suite, sections, name, title, e)
                 continue
             suite["parts"][name] = {"ok": True, "elapsed_s": time.perf_counter() - t0,
                                     "files": res["files"], "summary": res["summary"],
