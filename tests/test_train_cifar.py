@@ -283,14 +283,20 @@ def test_timing_only_every_model_and_precision(tmp_path):
     assert "| resnet50 | bf16 | 2x3x32x32 |" in md and "ResNet-50 rows are timing only" in md
 
 
+def _random_cifar(n_train, n_test):
+    """A CIFAR-10-shaped data set of random images."""
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                torch.randint(0, 10, (n,), generator=g))
+
+    return cifar10.Cifar10(*split(n_train), *split(n_test), cifar10.CLASSES, "random")
+
+
 def test_seeds_give_per_seed_rows_and_spreads(tmp_path):
     """Two seeds on a tiny subset file: one lockstep group each, accuracy per seed and over seeds."""
-    g = torch.Generator().manual_seed(0)
-    data = cifar10.Cifar10(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g),
-                           torch.randint(0, 10, (64,), generator=g),
-                           torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g),
-                           torch.randint(0, 10, (40,), generator=g), cifar10.CLASSES, "random")
-    path = cifar10.export_subset(data, 64, tmp_path / "tiny.pt")
+    path = cifar10.export_subset(_random_cifar(64, 40), 64, tmp_path / "tiny.pt")
     res = train_cifar.run({"data": str(path), "seeds": [0, 1], "epochs": 1, "batch_size": 32,
                            "variants": "seed,no_bn", "out": str(tmp_path / "out"), **ONE_THREAD})
     assert res["data"]["n_train"] == 64 and res["data"]["source"]["kind"] == "subset file"
@@ -374,11 +380,7 @@ def test_fuse_calls_convert_with_fuse(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("suffix", [".pt", ".npz"])
 def test_subset_file_round_trip(tmp_path, suffix, capsys):
-    g = torch.Generator().manual_seed(1)
-    full = cifar10.Cifar10(torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8, generator=g),
-                           torch.randint(0, 10, (30,), generator=g),
-                           torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g),
-                           torch.randint(0, 10, (20,), generator=g), cifar10.CLASSES, "somewhere")
+    full = _random_cifar(30, 20)
     src = cifar10.export_subset(full, 30, tmp_path / f"full{suffix}")
     # The CLI, reading the first file as --data, as it would read the archive.
     out = tmp_path / f"sub{suffix}"
