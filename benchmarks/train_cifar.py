@@ -22,7 +22,7 @@ torch/bnfast, the no-BN ceiling (torch step / no-BN step: the most any BN
 could gain), test accuracy per seed and as mean ± std [min, max] over seeds,
 of each implementation and of the bnfast - torch difference, and beside it the
 per-step loss agreement of the lockstep runs, |loss_torch - loss_bnfast|
-(median and max over steps, and at the last step).
+(at the first step, median and max over steps, and at the last step).
 
 ``--timing-only`` times ``--steps`` steps on random batches (no data set
 needed); without ``--models/--precision/--batch-size`` it runs the rows of the
@@ -451,11 +451,15 @@ def spread(values) -> dict | None:
             "min": min(values), "max": max(values)}
 
 
-def loss_agreement(loss_a, loss_b) -> dict:
-    """|loss_a - loss_b| per step of two lockstep runs: median and max over the
-    steps, and at the last step."""
-    d = [abs(a - b) for a, b in zip(loss_a, loss_b, strict=True)]
-    return {"median": statistics.median(d), "max": max(d), "last": d[-1]}
+def loss_agreement(pairs) -> dict:
+    """|loss_torch - loss_bnfast| per step of lockstep (torch run, bnfast run)
+    pairs: at the first step (same weights, same batch: the forward pass
+    alone), the median and max over all steps, and at the last step (after
+    the rounding differences of the whole run); first and last of the worst pair."""
+    d = [[abs(a - b) for a, b in zip(t["step_loss"], f["step_loss"], strict=True)] for t, f in pairs]
+    steps = [x for run in d for x in run]
+    return {"first": max(run[0] for run in d), "median": statistics.median(steps), "max": max(steps),
+            "last": max(run[-1] for run in d)}
 
 
 def case_of(run: dict) -> Case:
@@ -490,7 +494,7 @@ def summarize_row(per_seed: dict) -> dict:
         e = {"seed": seed, **{f"{k}_acc": v for k, v in acc.items()}, "acc_diff_points": None,
              "loss_agreement": None}
         if t and f:
-            e["loss_agreement"] = loss_agreement(t["step_loss"], f["step_loss"])
+            e["loss_agreement"] = loss_agreement([(t, f)])
             if acc["torch"] is not None and acc["bnfast"] is not None:
                 e["acc_diff_points"] = acc["bnfast"] - acc["torch"]
         diffs.append(e["acc_diff_points"])
@@ -506,10 +510,7 @@ def summarize_row(per_seed: dict) -> dict:
         # median per-step ratio cancels slow spells of the machine.
         row["speedup_paired"] = statistics.median(
             a / b for t, f in pairs for a, b in zip(t["step_time_s"], f["step_time_s"]))
-        d = [abs(a - b) for t, f in pairs for a, b in zip(t["step_loss"], f["step_loss"])]
-        row["loss_agreement"] = {"median": statistics.median(d), "max": max(d),
-                                 "last": max(e["loss_agreement"]["last"] for e in row["per_seed"]
-                                             if e["loss_agreement"])}
+        row["loss_agreement"] = loss_agreement(pairs)
     return row
 
 
@@ -565,7 +566,7 @@ def _share(v):
 
 
 def _agreement_cells(a: dict | None) -> str:
-    return " | ".join(_fmt(a and a[k], ".2e") for k in ("median", "max", "last"))
+    return " | ".join(_fmt(a and a[k], ".2e") for k in ("first", "median", "max", "last"))
 
 
 def markdown(result: dict) -> str:
@@ -606,12 +607,12 @@ def markdown(result: dict) -> str:
     with_acc = any(r["data"] == "cifar10" for r in rows)
     acc_head = ("| torch acc (%) | bnfast acc (%) | no-BN acc (%) | acc diff (points, bnfast - torch) "
                 if with_acc else "")
-    agree_head = "| \\|loss diff\\| median | max | last step |"
+    agree_head = "| \\|loss diff\\| first step | median | max | last step |"
     lines += ["", "## Accuracy and per-step loss agreement" if with_acc else "## Per-step loss agreement", "",
               ("Test accuracy after the last epoch, mean ± sample std [min, max] over seeds; " if with_acc else "")
               + "|loss diff| = |loss_torch - loss_bnfast| of the lockstep runs on the same batches.", "",
               "| variant | precision | input | seeds " + acc_head + agree_head,
-              "|---|---|---|---|" + "---:|" * (7 if with_acc else 3)]
+              "|---|---|---|---|" + "---:|" * (8 if with_acc else 4)]
     for r in rows:
         none = "not measured" if r["data"] == "random" else "n/a"
         a = r["acc"]
@@ -621,7 +622,7 @@ def markdown(result: dict) -> str:
                      + (acc if with_acc else "") + f"{_agreement_cells(r['loss_agreement'])} |")
     if len(o["seeds"]) > 1:
         lines += ["", "Per seed:", "", "| variant | precision | input | seed " + acc_head + agree_head,
-                  "|---|---|---|---:|" + "---:|" * (7 if with_acc else 3)]
+                  "|---|---|---|---:|" + "---:|" * (8 if with_acc else 4)]
         for r in rows:
             for e in r["per_seed"]:
                 acc = (f"{_fmt(e['torch_acc'])} | {_fmt(e['bnfast_acc'])} | {_fmt(e['no_bn_acc'])} | "
