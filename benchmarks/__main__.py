@@ -5,7 +5,10 @@ Runs, into one output folder:
 1. the kernel benchmark (benchmarks/kernels.py) on the CPU, and on CUDA when
    torch sees a GPU: bnfast.BatchNorm*d vs torch.nn.BatchNorm*d per phase;
 2. the CIFAR-10 training benchmark (benchmarks/train_cifar.py): the seed CNN
-   trained with torch's BatchNorm2d and with bnfast.
+   trained with torch's BatchNorm2d and with bnfast; on CUDA (when torch sees
+   a GPU) also the step times of the reference rows on random data (seed
+   CNN, ResNet-18, ResNet-50; fp32 and bf16) and a short accuracy run of the
+   seed CNN and ResNet-18 in fp32 and bf16 over three seeds.
 
 then prints a final summary (kernel speed-up table + training summary), also
 written to ``<out>/summary.md``; ``<out>/suite.json`` indexes every part.
@@ -31,6 +34,9 @@ import torch
 from benchmarks import kernels, write_report
 
 PARTS = ("kernels", "train")
+# Seeds of the GPU accuracy run: a GPU trains three as fast as a CPU trains a
+# fraction of one, and one seed cannot tell a 1-point difference from noise.
+CUDA_TRAIN_SEEDS = (0, 1, 2)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -48,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default=",".join(PARTS),
                    help="comma-separated, from %s (default all)" % ", ".join(PARTS))
     p.add_argument("--devices", default="auto",
-                   help="kernel benchmark devices, comma-separated from cpu, cuda; "
+                   help="devices of the kernel and training benchmarks, comma-separated from cpu, cuda; "
                         "auto (default): cpu, plus cuda when torch.cuda.is_available()")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every part (default: torch's own choice)")
@@ -108,15 +114,29 @@ def train_epochs(args):
     return train_cifar.FULL_EPOCHS if args.full else train_cifar.SUITE_EPOCHS
 
 
-def run_train(args, out: Path) -> dict:
-    from benchmarks import train_cifar
-
+def train_options(args, out: Path) -> dict:
+    """The CPU training run's train_cifar options."""
     opts = {"out": str(out), "data": args.data, "epochs": train_epochs(args), "quick": args.quick,
             "threads": args.threads, "no_progress": args.no_progress, "synthetic": args.synthetic,
             "no_download": args.no_download, "subset": args.subset}
     if args.variants:
         opts["variants"] = args.variants
-    return train_cifar.run(opts)
+    return opts
+
+
+def train_runs(args, devices: list[str], out: Path) -> dict[str, tuple[str, dict]]:
+    """{part name: (section title, train_cifar options)} of the training part on devices."""
+    runs = {}
+    if "cpu" in devices:
+        runs["train"] = ("CIFAR-10 training", train_options(args, out / "cifar10"))
+    if "cuda" in devices:
+        runs["train-cuda-timing"] = ("Training step times, cuda (random data)",
+                                     {"device": "cuda", "timing_only": True, "out": str(out / "cifar10-cuda-timing"),
+                                      "quick": args.quick, "threads": args.threads, "no_progress": args.no_progress})
+        runs["train-cuda"] = ("CIFAR-10 training, cuda",
+                              dict(train_options(args, out / "cifar10-cuda"), device="cuda", models=["seed", "resnet18"],
+                                   precision=["fp32", "bf16"], seeds=list(CUDA_TRAIN_SEEDS)))
+    return runs
 
 
 def train_summary(result: dict) -> str:
@@ -129,6 +149,15 @@ def train_summary(result: dict) -> str:
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
     return _demote("\n".join(lines)).strip()
+
+
+def record_failure(suite: dict, sections: list[str], name: str, title: str, e: Exception) -> None:
+    """A part that raised e (call it while handling e): its error goes into
+    suite.json and the summary, and the other parts still run."""
+    suite["errors"].append(f"{name}: {type(e).__name__}: {e}")
+    suite["parts"][name] = {"ok": False, "error": traceback.format_exc()}
+    print(f"error: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    sections.append(f"## {title}\n\nFAILED: {type(e).__name__}: {e}")
 
 
 def main(argv=None) -> int:
@@ -164,10 +193,7 @@ def main(argv=None) -> int:
             try:
                 res = run_kernels(args, device, out / name)
             except Exception as e:
-                suite["errors"].append(f"{name}: {type(e).__name__}: {e}")
-                suite["parts"][name] = {"ok": False, "error": traceback.format_exc()}
-                print(f"error: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
-                sections.append(f"## Kernels, {device}\n\nFAILED: {type(e).__name__}: {e}")
+                record_failure(suite, sections, name, f"Kernels, {device}", e)
                 continue
             suite["parts"][name] = {"ok": not res["errors"], "elapsed_s": time.perf_counter() - t0,
                                     "files": res["files"], "summary": res["summary"],
@@ -181,20 +207,20 @@ def main(argv=None) -> int:
                             + kernels.speedup_table(res))
 
     if "train" in parts:
-        print("\n== CIFAR-10 training benchmark ==", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            res = run_train(args, out / "cifar10")
-        except Exception as e:
-            suite["errors"].append(f"train: {type(e).__name__}: {e}")
-            suite["parts"]["train"] = {"ok": False, "error": traceback.format_exc()}
-            print(f"error: training benchmark failed:\n{traceback.format_exc()}", file=sys.stderr)
-            sections.append(f"## CIFAR-10 training\n\nFAILED: {type(e).__name__}: {e}")
-        else:
-            suite["parts"]["train"] = {"ok": True, "elapsed_s": time.perf_counter() - t0,
-                                       "files": res["files"], "summary": res["summary"],
-                                       "synthetic": res["data"]["synthetic"], "notes": res["notes"]}
-            sections.append("## CIFAR-10 training\n\nDetails: " + _relative(res["files"]["markdown"], out) + "\n\n"
+        from benchmarks import train_cifar
+
+        for name, (title, opts) in train_runs(args, devices, out).items():
+            print(f"\n== {title} ==", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:
+                res = train_cifar.run(opts)
+            except Exception as e:
+                record_failure(suite, sections, name, title, e)
+                continue
+            suite["parts"][name] = {"ok": True, "elapsed_s": time.perf_counter() - t0,
+                                    "files": res["files"], "summary": res["summary"],
+                                    "synthetic": res["data"]["synthetic"], "notes": res["notes"]}
+            sections.append(f"## {title}\n\nDetails: " + _relative(res["files"]["markdown"], out) + "\n\n"
                             + train_summary(res))
 
     suite["elapsed_s"] = time.perf_counter() - t_suite

@@ -15,6 +15,12 @@ Where the data comes from (first hit wins), see :func:`locate`:
 
 When all of them fail, :class:`CifarUnavailable` is raised so callers can fall
 back (the training benchmark then times steps on random batches only).
+
+A subset file (``.pt`` or ``.npz``, written by ``python -m benchmarks.cifar10
+--export-subset N OUT``) can stand in for the archive anywhere a path is taken:
+the first N training images and the test set (or its first M images) as uint8
+arrays, e.g. 10,000 + 5,000 images in 46 MB where the archive is 166 MB, so it
+fits where the whole archive cannot be carried (a GPU machine without network).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 MEMBERS = TRAIN_BATCHES + (TEST_BATCH, META)
+SUBSET_SUFFIXES = (".pt", ".npz")
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 
@@ -274,11 +281,16 @@ def _decode_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(d, dict) or "data" not in d or "labels" not in d:
         raise CifarError(f"{source}: not a CIFAR-10 batch (expected a dict with "
                          "'data' and 'labels')")
-    x, y = d["data"], d["labels"]
-    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8
-            and x.ndim == 2 and x.shape[1] == 3 * 32 * 32):
+    return _check_split(d["data"], d["labels"], source)
+
+
+def _check_split(x, y, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 3 x 32 x 32 uint8, labels N int64) from a batch's N x 3072
+    rows or a subset file's N x 3 x 32 x 32 array; CifarError when malformed."""
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim in (2, 4)
+            and x.shape[1:] in ((3 * 32 * 32,), (3, 32, 32))):
         raise CifarError(f"{source}: 'data' is {getattr(x, 'dtype', type(x))} "
-                         f"{getattr(x, 'shape', '')}, expected uint8 N x 3072")
+                         f"{getattr(x, 'shape', '')}, expected uint8 N x 3072 or N x 3 x 32 x 32")
     y = np.asarray(y, dtype=np.int64)
     if y.shape != (x.shape[0],) or (y.size and (y.min() < 0 or y.max() > 9)):
         raise CifarError(f"{source}: 'labels' must be {x.shape[0]} ints in 0..9")
@@ -298,10 +310,12 @@ class Cifar10:
 
 
 def read(path: str | os.PathLike) -> Cifar10:
-    """Read an archive or an extracted batches folder."""
+    """Read an archive, an extracted batches folder or a subset file."""
     path = Path(path)
     if not path.exists():
         raise CifarError(f"{path}: no such file or folder")
+    if path.suffix in SUBSET_SUFFIXES:
+        return read_subset(path)
     raw = _read_folder(path) if path.is_dir() else _read_archive(path)
 
     def decode(names):
@@ -318,6 +332,53 @@ def read(path: str | os.PathLike) -> Cifar10:
     except Exception as e:  # meta is only informative; a broken one is still an error
         raise CifarError(f"{path}:{META}: unreadable ({type(e).__name__}: {e})") from e
     return Cifar10(train_x, train_y, test_x, test_y, classes, str(path))
+
+
+def export_subset(data: Cifar10, n_train: int, path: str | os.PathLike, n_test: int | None = None) -> Path:
+    """Write the first n_train training images and the first n_test test images
+    (default all) as uint8 to path: ``.pt`` (torch.save) or ``.npz`` (numpy).
+    Both load without pickle (torch.load(weights_only=True), np.load(allow_pickle=False))."""
+    path = Path(path)
+    if path.suffix not in SUBSET_SUFFIXES:
+        raise CifarError(f"{path}: a subset file must end in {' or '.join(SUBSET_SUFFIXES)}")
+    if n_train < 1 or (n_test is not None and n_test < 1):
+        raise CifarError("a subset needs at least one training and one test image")
+    # clone: torch.save writes a view's whole storage, i.e. all 50,000 images.
+    tensors = {"train_images": data.train_images[:n_train].clone(),
+               "train_labels": data.train_labels[:n_train].clone(),
+               "test_images": data.test_images[:n_test].clone(),
+               "test_labels": data.test_labels[:n_test].clone()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        # Uncompressed: zlib saves ~6% on these images and costs seconds per read.
+        np.savez(path, classes=np.array(data.classes), source=np.array(str(data.source)),
+                 **{k: v.numpy() for k, v in tensors.items()})
+    else:
+        torch.save(dict(tensors, classes=list(data.classes), source=str(data.source)), path)
+    return path
+
+
+def read_subset(path: str | os.PathLike) -> Cifar10:
+    """Read a file written by export_subset, with the same checks as the batches."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                d = {k: f[k] for k in f.files}
+            d["classes"], d["source"] = d["classes"].tolist(), str(d["source"])
+        else:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            d = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zlib.error) as e:
+        raise CifarError(f"{path}: not a readable subset file ({type(e).__name__}: {e})") from e
+    missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels", "classes")
+               if k not in d]
+    if missing:
+        raise CifarError(f"{path}: subset file lacks {', '.join(missing)}")
+    train_x, train_y = _check_split(d["train_images"], d["train_labels"], f"{path}:train")
+    test_x, test_y = _check_split(d["test_images"], d["test_labels"], f"{path}:test")
+    return Cifar10(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+                   torch.from_numpy(test_y), tuple(d["classes"]), str(path))
 
 
 def load_cifar10(data: str | os.PathLike | None = None, *, cache_dir=None,
@@ -339,7 +400,7 @@ def describe_source(path: str | os.PathLike) -> dict:
     if p.is_file():
         md5 = _md5(p)
         info["md5"] = md5
-        info["kind"] = KNOWN_MD5.get(md5, "unknown archive")
+        info["kind"] = "subset file" if p.suffix in SUBSET_SUFFIXES else KNOWN_MD5.get(md5, "unknown archive")
     else:
         info["kind"] = "extracted folder"
     return info
@@ -354,9 +415,20 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="cifar-10-python.tar.gz or an extracted cifar-10-batches-py folder")
     p.add_argument("--cache-dir", help="cache folder (default: %(default)s)", default=None)
     p.add_argument("--no-download", action="store_true", help="never download")
+    p.add_argument("--export-subset", nargs=2, metavar=("N", "OUT"),
+                   help="write the first N training images and the test set as uint8 to OUT "
+                        "(.pt or .npz), a file --data accepts (10,000 images: 31 MB + 31 MB of test set)")
+    p.add_argument("--test-subset", type=int, default=None, metavar="M",
+                   help="with --export-subset: only the first M test images (default all 10,000)")
     a = p.parse_args(argv)
     try:
         d = load_cifar10(a.data, cache_dir=a.cache_dir, download_missing=not a.no_download)
+        if a.export_subset:
+            n, out = a.export_subset
+            if not n.isdigit():
+                raise CifarError(f"--export-subset N OUT: N must be a number of images, got {n!r}")
+            d = read(export_subset(d, int(n), out, a.test_subset))
+            print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
     except CifarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
