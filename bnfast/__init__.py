@@ -12,9 +12,11 @@ from bnfast import _vmap  # noqa: F401  (batching rules)
 from bnfast.convert import convert, revert
 from bnfast.functional import batch_norm
 from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnfast.sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert", "empty_cache"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "revert",
+           "empty_cache"]
 
 
 def empty_cache() -> None:

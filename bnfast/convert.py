@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch
 
 from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnfast.sync_batchnorm import SyncBatchNorm
 
 _TO_BNFAST = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.SyncBatchNorm: SyncBatchNorm,
 }
 _TO_TORCH = {v: k for k, v in _TO_BNFAST.items()}
 
 
 def _swap(module: torch.nn.Module, mapping) -> torch.nn.Module:
-    cls = mapping.get(type(module))  # exact types: subclasses (SyncBatchNorm, ...) stay
+    cls = mapping.get(type(module))  # exact types: user subclasses stay
     if cls is not None:
         new = cls.__new__(cls)
         # A new module object sharing the old one's state: the same Parameter
@@ -31,8 +33,9 @@ def _swap(module: torch.nn.Module, mapping) -> torch.nn.Module:
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:
-    """Return module with every torch.nn.BatchNorm1d/2d/3d replaced, recursively,
-    by bnfast's drop-in (sharing parameters and buffers). The module is changed
+    """Return module with every torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm
+    replaced, recursively, by bnfast's drop-in (sharing parameters and
+    buffers). The module is changed
     in place where a child is replaced; a BN module passed itself is returned
     as a new bnfast module."""
     return _swap(module, _TO_BNFAST)

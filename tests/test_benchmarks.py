@@ -208,3 +208,23 @@ def test_cuda_bars_judge_worst_rows():
     assert cuda_bars.report({"rows": good, "device": "cuda"})[1]
     assert not cuda_bars.report({"rows": good[:1], "device": "cuda"})[1]  # a bar with no rows is not met
     assert not cuda_bars.report({"rows": good, "device": "cuda", "errors": ["r50_s2 bfloat16: OOM"]})[1]
+
+
+@pytest.mark.distributed
+def test_ddp_benchmark_short_run(tmp_path):
+    """python -m benchmarks.ddp, a few steps of small batches on 2 gloo ranks:
+    files, one all_gather + one all_reduce per BN layer per step (3 layers),
+    none unsynchronized, and the overhead from the medians."""
+    from benchmarks import ddp
+
+    assert ddp.main(["--steps", "4", "--warmup", "1", "--batch", "8", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "ddp.json").read_text())
+    s = res["summary"]
+    assert s["variants"]["sync"]["collectives_per_step"] == 6
+    assert s["variants"]["local"]["collectives_per_step"] == 0
+    assert s["variants"]["local"]["median_collective_ms"] == 0
+    for v in s["variants"].values():
+        assert v["steps"] == 4 and 0 < v["q1_step_ms"] <= v["median_step_ms"] <= v["q3_step_ms"]
+    assert math.isclose(s["overhead"], s["variants"]["sync"]["median_step_ms"]
+                        / s["variants"]["local"]["median_step_ms"] - 1)
+    assert "SyncBatchNorm step overhead" in (tmp_path / "ddp.md").read_text()

@@ -1,0 +1,211 @@
+"""bnfast.SyncBatchNorm: batch normalization over the union of every rank's
+batch (torch.nn.SyncBatchNorm's semantics), on the bnfast ops, on CPU and CUDA.
+
+Training forward on each of the R ranks of a process group, input (N_r, C, *),
+M_r = N_r * prod(*) values per channel on rank r:
+
+    mean_r, invstd_r = stats(x_r)                        [C] each, local
+    all_gather [mean_r, invstd_r, M_r]                   one [2C + 1] tensor -> [R, 2C + 1]
+    mean, invstd = gather_stats(...)                     [C], over M = sum_r M_r values
+    y_r = (x_r - mean) * invstd * weight + bias
+
+Backward, with xmu = x - mean:
+
+    sum_dy_r, sum_dy_xmu_r = backward_reduce(dy_r, x_r)  [C] each, local
+    all_reduce (sum) [sum_dy_r, sum_dy_xmu_r]            one [2C] tensor
+    dx_r = backward_elemt(dy_r, x_r, ..., sum_dy / M, sum_dy_xmu / M)
+    grad_weight_r = sum_dy_xmu_r * invstd,  grad_bias_r = sum_dy_r   (local, as torch:
+                                                         DDP reduces parameter gradients)
+
+So one small collective per layer in forward and one in backward. The
+collectives are issued from Python on the current stream (DESIGN rule 5); the
+kernels never see a process group. Counts stay tensors on the input's
+device, so on CUDA nothing waits for the stream: the count is read on the host
+only where that is free (CPU tensors, in eager mode) and for the error check
+of a global count of 1, which only ranks whose own batch has at most one value
+per channel make. The training step also compiles with
+torch.compile(fullgraph=True), collectives included.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfast import ops
+from bnfast.functional import batch_norm
+
+
+def _all_gather_stats(packed: Tensor, group, world_size: int) -> Tensor:
+    """[n] on every rank -> [world_size, n], row r from rank r of the group."""
+    gathered = packed.new_empty((world_size, packed.numel()))
+    # all_gather into views of one buffer: no stack afterwards, and every
+    # backend (gloo included) and torch version takes a tensor list.
+    dist.all_gather(list(gathered.unbind(0)), packed, group=group)
+    return gathered
+
+
+def _all_reduce_sums(packed: Tensor, group) -> None:
+    """In place: packed = its sum over the ranks of the group."""
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+
+
+def update_running_stats_on_device(running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor,
+                                   momentum: float, eps: float, count: Tensor) -> None:
+    """bnfast.ops.update_stats_ with the count as a 0-dim tensor (elements per
+    channel, on mean's device), in torch ops:
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var + momentum * var * count / (count - 1)
+
+    with var = 1 / invstd^2 - eps, computed in mean's dtype; count == 0 leaves
+    both unchanged, as update_stats_ does.
+    """
+    var = (invstd.pow(-2) - eps) * count / (count - 1)
+    empty = count == 0
+    for running, batch in ((running_mean, mean), (running_var, var)):
+        updated = torch.lerp(running.to(batch.dtype), batch, momentum)
+        running.copy_(torch.where(empty, running.to(batch.dtype), updated))
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor,
+                          momentum: float, eps: float, count: Tensor) -> None:
+    # update_stats_ takes the count as a host integer. Reading it is free on
+    # the CPU in eager mode; on a device it would wait for the stream, and
+    # under torch.compile it is data-dependent (no full graph).
+    if count.device.type == "cpu" and not torch.compiler.is_compiling():
+        ops.update_stats_(running_mean, running_var, mean, invstd, momentum, eps, int(count))
+    else:
+        update_running_stats_on_device(running_mean, running_var, mean, invstd, momentum, eps, count)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training forward and backward of SyncBatchNorm (see the module docstring).
+
+    forward(input (N, C, *), weight [C] | None, bias [C] | None, running_mean [C] | None,
+    running_var [C] | None, eps, momentum, group, world_size) -> output (N, C, *).
+    Every rank of the group must call it, with the same C and dtype; N may
+    differ, and may be 0.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+                momentum: float, group, world_size: int) -> Tensor:
+        channels = input.size(1)
+        local_count = input.numel() // channels
+        mean, invstd = ops.stats(input, eps)  # NaN for an empty batch; its count 0 drops it below
+        packed = torch.cat([mean, invstd, mean.new_full((1,), local_count)])
+        gathered = _all_gather_stats(packed, group, world_size)
+        counts = gathered[:, 2 * channels]
+        mean, invstd = ops.gather_stats(gathered[:, :channels], gathered[:, channels:2 * channels], counts, eps)
+        count = counts.sum()
+        # The global count is 1 only if every rank's is at most 1, so every rank
+        # that could see it checks it (all raise together) and no other waits.
+        if local_count <= 1 and int(count) == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{tuple(input.shape)} on this rank and 1 value per channel over the process group")
+        if running_mean is not None and running_var is not None:
+            _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
+        ctx.save_for_backward(input, weight, mean, invstd, count)
+        ctx.group = group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return ops.elemt(input, weight, bias, mean, invstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
+        input, weight, mean, invstd, count = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, mean, invstd)
+        grad_input = grad_weight = grad_bias = None
+        if need_weight:
+            # An empty batch contributes 0 (its invstd is NaN when every rank's batch is empty).
+            grad_weight = (sum_dy_xmu * invstd if input.numel() else sum_dy_xmu).to(weight.dtype)
+        if need_bias:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        if need_input:  # the same on every rank, so all of them reduce or none does
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            _all_reduce_sums(sums, ctx.group)
+            mean_dy, mean_dy_xmu = (sums / count).chunk(2)
+            grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    __doc__ = (
+        "bnfast drop-in for torch.nn.SyncBatchNorm, input (N, C, *), on CPU (gloo) as\n"
+        "well as CUDA (NCCL). Same constructor, attributes, state_dict, errors, eval\n"
+        "behaviour and convert_sync_batchnorm; statistics are synchronized over\n"
+        "process_group (default: the world) in training, and a group of one rank,\n"
+        "or no initialized process group, runs the local bnfast.batch_norm.\n\n"
+        "Unlike torch.nn.SyncBatchNorm it accepts CPU input with a process group\n"
+        "initialized. It subclasses torch's _BatchNorm (as torch.nn.SyncBatchNorm\n"
+        "does) rather than torch.nn.SyncBatchNorm itself, because\n"
+        "DistributedDataParallel refuses a CPU module holding any instance of\n"
+        "torch.nn.SyncBatchNorm (ValueError: SyncBatchNorm layers only work with GPU\n"
+        "modules).\n\n"
+    ) + (torch.nn.SyncBatchNorm.__doc__ or "")
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, **kwargs) -> None:
+        # kwargs: the keyword-only arguments of torch's _BatchNorm (bias=, on
+        # the torch versions that have it).
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype, **kwargs)
+        self.process_group = process_group
+
+    # torch's own checks, so the errors are torch's: ValueError for input of
+    # fewer than 2 dimensions and for 0 channels.
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def _sync_group(self):
+        """(group, world size) to synchronize over; world size 1 means local."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None, 1
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        # -1 on a rank outside the group: local, as in torch.
+        return group, dist.get_world_size(group)
+
+    def forward(self, input: Tensor) -> Tensor:
+        # torch.nn.SyncBatchNorm.forward's control flow.
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when there are no buffers;
+        # buffers are passed only when they are updated (training and tracked)
+        # or used (eval).
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        group, world_size = self._sync_group()
+        if world_size > 1:
+            return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
+                                                self.eps, momentum, group, world_size)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                          self.eps)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """torch.nn.SyncBatchNorm.convert_sync_batchnorm, to bnfast's SyncBatchNorm:
+        every BatchNorm*D (torch's or bnfast's) and SyncBatchNorm in module
+        becomes a bnfast.SyncBatchNorm over process_group (default: the world),
+        sharing its parameters and buffers. Returns module, or a new module if
+        module is itself a batch-norm layer."""
+        from bnfast.convert import convert
+
+        # torch's conversion (every attribute it carries over, qconfig
+        # included), then its SyncBatchNorm layers swapped for this class.
+        return convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))

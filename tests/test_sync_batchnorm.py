@@ -1,0 +1,582 @@
+"""bnfast.SyncBatchNorm: each rank of a process group gets what ONE process
+running torch's BatchNorm on the concatenated batch gets for that rank's slice
+(output, input gradient; weight / bias gradients summed over the ranks;
+running statistics), step after step; plus the module surface (constructor,
+state_dict, errors, convert) and the local fallbacks.
+
+The distributed checks run in spawned gloo process groups of 2 and 3 CPU
+ranks, one thread each. Spawning costs seconds, so each group is started once
+(a module-scoped fixture) and runs every check of its size in turn; each check
+is then reported by its own test. A group that runs past GROUP_TIMEOUT_S is
+killed and its tests fail.
+
+Numerics follow DESIGN rule 7 (tests/reference.py): bnfast's error against a
+float64 reference computed on the concatenated batch is at most twice that of
+torch's single-process BatchNorm at the same dtype, plus a floor of a few ulps.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import datetime
+import functools
+import json
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import bnfast
+from bnfast import ops
+from bnfast import sync_batchnorm as sbn
+from tests import reference as ref
+
+EPS = 1e-5
+GROUP_TIMEOUT_S = 240  # a hung collective fails the tests instead of blocking CI
+TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+# ----------------------------------------------------------------- running the groups
+
+CHECKS = collections.defaultdict(dict)  # world size -> {name: check(rank, world_size)}
+
+
+def _check(world_size):
+    def register(fn):
+        CHECKS[world_size][fn.__name__] = fn
+        return fn
+    return register
+
+
+CALLS = collections.Counter()  # collectives issued by bnfast.SyncBatchNorm in this rank
+COLLECTIVES = ("_all_gather_stats", "_all_reduce_sums")
+
+
+def _count_collectives():
+    for name in COLLECTIVES:
+        fn = getattr(sbn, name)
+
+        @functools.wraps(fn)
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            CALLS[_name] += 1
+            return _fn(*args, **kwargs)
+        setattr(sbn, name, counted)
+
+
+@contextlib.contextmanager
+def _uncounted():
+    """bnfast's own collectives, without the counting (a side effect torch.compile cannot trace)."""
+    counted = {name: getattr(sbn, name) for name in COLLECTIVES}
+    for name, fn in counted.items():
+        setattr(sbn, name, fn.__wrapped__)
+    try:
+        yield
+    finally:
+        for name, fn in counted.items():
+            setattr(sbn, name, fn)
+
+
+def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    _count_collectives()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for name, check in CHECKS[world_size].items():
+            try:
+                check(rank, world_size)
+                results[name] = None
+            except (Exception, pytest.fail.Exception):  # (pytest.raises fails with the latter)
+                results[name] = traceback.format_exc()
+            dist.barrier()  # the next check starts together on every rank
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _run_group(world_size: int, tmp_dir) -> dict:
+    """{check name: [error traceback or None, per rank]} of one spawned group."""
+    ctx = mp.start_processes(_worker, args=(world_size, str(tmp_dir / "store"), str(tmp_dir)),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + GROUP_TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world_size}-rank group ran past {GROUP_TIMEOUT_S} s (a hung collective?)")
+    per_rank = [json.loads((tmp_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+    return {name: [results.get(name, "did not run") for results in per_rank] for name in CHECKS[world_size]}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _run_group(2, tmp_path_factory.mktemp("world2"))
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    return _run_group(3, tmp_path_factory.mktemp("world3"))
+
+
+def _assert_passed(results: dict, name: str) -> None:
+    failed = [f"rank {r}:\n{err}" for r, err in enumerate(results[name]) if err]
+    assert not failed, "\n".join(failed)
+
+
+# ----------------------------------------------------------------- sync vs one process
+
+def _batch(shape, dtype, generator, offset=2.0):
+    """x = offset[c] + scale[c] * randn, drawn in float64 and rounded to dtype."""
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    off = (torch.rand(c, generator=generator, dtype=torch.float64) * 2 - 1) * offset
+    scale = torch.rand(c, generator=generator, dtype=torch.float64) * 1.5 + 0.5
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * scale.view(view) + off.view(view)
+    return x.to(dtype)
+
+
+class _Expect(list):
+    """Failed comparisons, collected instead of raised so that a rank whose
+    results are wrong still issues every collective of the check (its peers
+    would wait for it otherwise)."""
+
+    def true(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.append(message)
+
+    def close(self, *args, **kwargs) -> None:
+        """ref.assert_error_within_torch(*args, **kwargs), collected."""
+        try:
+            ref.assert_error_within_torch(*args, **kwargs)
+        except AssertionError as e:
+            self.append(str(e))
+
+
+def _sync_vs_single(rank, sizes, tail, *, channels=4, dtype=torch.float32, params_dtype=None,
+                    memory_format=torch.contiguous_format, steps=3, group=None, members=None, **kwargs):
+    """Train bnfast.SyncBatchNorm on this rank's slice of each step's batch and
+    torch's BatchNorm on the whole batch (sizes[i] samples from members[i],
+    default: every rank in order); compare every result of every step with a
+    float64 reference, then an eval step on the local slice. A single member
+    normalizes locally, without collectives."""
+    members = list(range(len(sizes))) if members is None else members
+    synced = len(members) > 1
+    lo = sum(sizes[:members.index(rank)])
+    hi = lo + sizes[members.index(rank)]
+    pdt = params_dtype or dtype
+    ours = bnfast.SyncBatchNorm(channels, process_group=group, dtype=pdt, **kwargs)
+    theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    affine = ours.affine
+    if affine:
+        weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.weight.copy_(weight)
+                m.bias.copy_(bias)
+    w, b = (ours.weight, ours.bias) if affine else (None, None)
+    rm64, rv64 = torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)
+    expect = _Expect()
+    for step in range(steps):
+        x_all = _batch((sum(sizes), channels) + tail, dtype, g)
+        dy_all = _batch((sum(sizes), channels) + tail, dtype, g, offset=0.5)
+        x = x_all[lo:hi].contiguous(memory_format=memory_format).requires_grad_()
+        dy = dy_all[lo:hi].contiguous(memory_format=memory_format)
+        before = CALLS.copy()
+        y = ours(x)
+        grads = torch.autograd.grad(y, [x] + ([w, b] if affine else []), dy)
+        calls = CALLS - before
+        expect.true(calls == ({"_all_gather_stats": 1, "_all_reduce_sums": 1} if synced else {}),
+                    f"collectives: {calls}")
+        expect.true(y.dtype == dtype and y.is_contiguous(memory_format=memory_format),
+                    f"output dtype {y.dtype} / layout")
+
+        x_ref = x_all.clone().requires_grad_()
+        y_ref = theirs(x_ref)
+        grads_ref = torch.autograd.grad(y_ref, [x_ref] + ([theirs.weight, theirs.bias] if affine else []), dy_all)
+
+        y64, mean, var, invstd = ref.batch_norm_train(x_all, w, b, EPS)
+        dx64, dw64, db64 = ref.batch_norm_train_backward(dy_all, x_all, w, EPS)
+        wmax = w.abs().max().item() if affine else 1.0
+        dx_scale = dy_all.double().abs().max().item() * invstd.max().item() * wmax
+        name = f"step {step}"
+        expect.close(f"{name} output", y, y_ref[lo:hi], y64[lo:hi], dtype)
+        expect.close(f"{name} grad_input", grads[0], grads_ref[0][lo:hi], dx64[lo:hi], dtype, scale=dx_scale)
+        if affine:
+            dims = ref.reduce_dims(x_all)
+            xhat = (x_all.double() - ref.bcast(mean, x_all)) * ref.bcast(invstd, x_all)
+            for label, ours_grad, ref_grad, truth, scale in (
+                    ("grad_weight", grads[1], grads_ref[1], dw64, (dy_all.double() * xhat).abs().sum(dims)),
+                    ("grad_bias", grads[2], grads_ref[2], db64, dy_all.double().abs().sum(dims))):
+                expect.true(ours_grad.dtype == pdt, f"{label} dtype {ours_grad.dtype}")
+                total = ours_grad.double()  # summed in float64: the sum adds no error of its own
+                if synced:
+                    dist.all_reduce(total, group=group)
+                expect.close(f"{name} {label}", total, ref_grad, truth, pdt, scale.max().item())
+        if ours.track_running_stats:
+            factor = 1.0 / (step + 1) if ours.momentum is None else ours.momentum
+            rm64, rv64 = ref.update_stats(rm64, rv64, mean, var, factor, x_all.numel() // channels)
+            expect.true(int(ours.num_batches_tracked) == step + 1, "num_batches_tracked")
+            expect.close(f"{name} running_mean", ours.running_mean, theirs.running_mean, rm64, pdt)
+            expect.close(f"{name} running_var", ours.running_var, theirs.running_var, rv64, pdt)
+
+    # Eval: the running statistics, or without them the local batch's own
+    # statistics; no collective either way.
+    ours.eval()
+    theirs.eval()
+    x = _batch((hi - lo + 2, channels) + tail, dtype, g).contiguous(memory_format=memory_format)
+    before = CALLS.copy()
+    y = ours(x)
+    expect.true(CALLS == before, f"collectives in eval: {CALLS - before}")
+    if ours.track_running_stats:
+        y64 = ref.batch_norm_eval(x, rm64, rv64, w, b, EPS)
+    else:
+        y64 = ref.batch_norm_train(x, w, b, EPS)[0]
+    expect.close("eval output", y, theirs(x), y64, dtype)
+    assert not expect, "\n".join(expect)
+
+
+@_check(2)
+def uneven_batches(rank, world_size):
+    _sync_vs_single(rank, [5, 3], (3, 4))
+
+
+@_check(2)
+def channels_last(rank, world_size):
+    _sync_vs_single(rank, [4, 4], (5, 3), memory_format=torch.channels_last)
+
+
+@_check(2)
+def one_rank_empty(rank, world_size):
+    _sync_vs_single(rank, [6, 0], (3, 3))
+
+
+@_check(2)
+def bfloat16_with_float32_params(rank, world_size):
+    _sync_vs_single(rank, [5, 3], (4, 4), dtype=torch.bfloat16, params_dtype=torch.float32,
+                    memory_format=torch.channels_last)
+
+
+@_check(2)
+def float64(rank, world_size):
+    _sync_vs_single(rank, [3, 4], (2, 5), dtype=torch.float64)
+
+
+@_check(2)
+def batchnorm1d_2d_input(rank, world_size):
+    _sync_vs_single(rank, [7, 5], (), channels=6)
+
+
+@_check(2)
+def batchnorm1d_3d_input(rank, world_size):
+    _sync_vs_single(rank, [3, 2], (7,))
+
+
+@_check(2)
+def batchnorm3d_input(rank, world_size):
+    _sync_vs_single(rank, [2, 3], (3, 2, 4), channels=3)
+
+
+@_check(2)
+def momentum_none(rank, world_size):
+    _sync_vs_single(rank, [4, 4], (3, 3), momentum=None, steps=4)
+
+
+@_check(2)
+def no_affine_no_running_stats(rank, world_size):
+    _sync_vs_single(rank, [4, 2], (3, 3), affine=False, track_running_stats=False)
+
+
+@_check(2)
+def input_without_grad(rank, world_size):
+    """Only the weight and bias need gradients: no input gradient, so no
+    all_reduce (on any rank); the parameter gradients are still local."""
+    sizes = [5, 3]
+    g = torch.Generator().manual_seed(0)
+    x_all, dy_all = _batch((8, 3, 4, 4), torch.float32, g), _batch((8, 3, 4, 4), torch.float32, g)
+    ours, theirs = bnfast.SyncBatchNorm(3), nn.BatchNorm2d(3)
+    lo, hi = (0, 5) if rank == 0 else (5, 8)
+    before = CALLS.copy()
+    dw, db = torch.autograd.grad(ours(x_all[lo:hi]), [ours.weight, ours.bias], dy_all[lo:hi])
+    assert CALLS - before == {"_all_gather_stats": 1}, CALLS - before
+    dw_ref, db_ref = torch.autograd.grad(theirs(x_all), [theirs.weight, theirs.bias], dy_all)
+    for ours_grad, theirs_grad in ((dw, dw_ref), (db, db_ref)):
+        dist.all_reduce(ours_grad)
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-5 * sum(sizes) * 16)
+
+
+@_check(2)
+def global_count_one_raises(rank, world_size):
+    """One value per channel over the whole group (1 on rank 0, none on rank 1):
+    every rank raises torch's error, none waits in a collective."""
+    m = bnfast.SyncBatchNorm(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        m(torch.randn(1 - rank, 3))
+    # One value on each rank is two over the group: fine.
+    assert m(torch.randn(1, 3)).shape == (1, 3)
+
+
+@_check(2)
+def every_rank_empty(rank, world_size):
+    """No values anywhere: an empty output, zero gradients and unchanged running
+    statistics, as torch's BatchNorm2d gives for an empty batch."""
+    ours, theirs = bnfast.SyncBatchNorm(3), nn.BatchNorm2d(3)
+    results = []
+    for m in (ours, theirs):
+        x = torch.zeros(0, 3, 4, 4, requires_grad=True)
+        y = m(x)
+        results.append((y,) + torch.autograd.grad(y, [x, m.weight, m.bias], torch.zeros_like(y))
+                       + (m.running_mean, m.running_var, m.num_batches_tracked))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@_check(2)
+def ddp_seed_cnn(rank, world_size):
+    """The seed CNN with bnfast.SyncBatchNorm under DDP, 2 ranks x 8 images,
+    matches one process trained on the 16 images: DDP averages the ranks'
+    gradients of their mean losses, which with equal batches is the gradient
+    of the mean loss over all 16."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from benchmarks.train_cifar import build_model
+
+    # Why bnfast.SyncBatchNorm does not subclass torch.nn.SyncBatchNorm:
+    # DDP refuses a CPU module holding one.
+    with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
+        DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("seed")))
+
+    torch.manual_seed(0)
+    single = build_model("seed", dropout=0.0)  # no dropout: its masks would differ
+    model = DDP(bnfast.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(single)))
+    assert sum(type(m) is bnfast.SyncBatchNorm for m in model.modules()) == 3
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, single)]
+    g = torch.Generator().manual_seed(1)
+    per_rank = 8
+    for step in range(3):
+        x_all = torch.randn(world_size * per_rank, 3, 32, 32, generator=g)
+        t_all = torch.randint(0, 10, (world_size * per_rank,), generator=g)
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        losses = []
+        for m, opt, x, t in ((model, opts[0], x_all[part], t_all[part]), (single, opts[1], x_all, t_all)):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), t)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        dist.all_reduce(losses[0])
+        torch.testing.assert_close(losses[0] / world_size, losses[1], rtol=1e-5, atol=1e-6, msg=f"step {step} loss")
+    for (name, p), q in zip(single.state_dict().items(), model.module.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@_check(2)
+def compiled_fullgraph(rank, world_size):
+    """torch.compile(fullgraph=True) traces the synchronized step, collectives
+    included, and gives eager's results."""
+    eager = bnfast.SyncBatchNorm(4)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x = torch.randn(3 + rank, 4, 3, 3, generator=g).requires_grad_()
+        dy = torch.randn(x.shape, generator=g)
+        results = []
+        for m, module in ((eager, eager), (compiled, compiled_module)):
+            with _uncounted():
+                y = m(x)
+                results.append((y,) + torch.autograd.grad(y, [x, module.weight, module.bias], dy))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a)
+    for a, b in zip(eager.buffers(), compiled_module.buffers()):
+        torch.testing.assert_close(b, a)
+
+
+@_check(3)
+def three_ranks_one_empty(rank, world_size):
+    _sync_vs_single(rank, [5, 0, 2], (3, 3), memory_format=torch.channels_last)
+
+
+@_check(3)
+def subset_group(rank, world_size):
+    """World 3, groups {0, 2} and {1} (every rank creates both, in order):
+    ranks 0 and 2 synchronize with each other only; rank 1, alone in its
+    group, and outside {0, 2}, normalizes locally."""
+    pair, alone = dist.new_group([0, 2]), dist.new_group([1])
+    if rank == 1:
+        for group in (alone, pair):
+            _sync_vs_single(rank, [3], (4, 4), group=group, members=[1], steps=2)
+    else:
+        _sync_vs_single(rank, [2, 5], (4, 4), group=pair, members=[0, 2])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(CHECKS[2]))
+def test_two_ranks(two_ranks, name):
+    _assert_passed(two_ranks, name)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(CHECKS[3]))
+def test_three_ranks(three_ranks, name):
+    _assert_passed(three_ranks, name)
+
+
+# ----------------------------------------------------------------- one process
+
+CTOR_ARGS = [dict(), dict(eps=1e-3, momentum=None), dict(affine=False), dict(track_running_stats=False),
+             dict(dtype=torch.float64), dict(process_group="a group")]
+
+
+@pytest.mark.parametrize("kwargs", CTOR_ARGS, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "default")
+def test_constructor_matches_torch(kwargs):
+    ours, theirs = bnfast.SyncBatchNorm(3, **kwargs), nn.SyncBatchNorm(3, **kwargs)
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats", "process_group", "training"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert repr(ours) == repr(theirs)
+    assert ours._version == theirs._version
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype, k
+    assert isinstance(ours, nn.modules.batchnorm._BatchNorm)
+
+
+def test_state_dict_round_trip():
+    """torch's SyncBatchNorm -> bnfast's -> torch's BatchNorm2d and SyncBatchNorm,
+    with trained (non-default) statistics, and bnfast's training continuing on them."""
+    theirs = nn.SyncBatchNorm(3, momentum=None)
+    for _ in range(3):
+        theirs(torch.randn(4, 3, 5, 5) * 2 + 1)  # no process group: torch's local path
+    ours = bnfast.SyncBatchNorm(3, momentum=None)
+    ours.load_state_dict(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    x = torch.randn(4, 3, 5, 5)
+    ours(x), theirs(x)
+    for target in (nn.BatchNorm2d(3, momentum=None), nn.SyncBatchNorm(3, momentum=None)):
+        target.load_state_dict(ours.state_dict())
+        for k, v in theirs.state_dict().items():
+            torch.testing.assert_close(target.state_dict()[k], v, msg=k)
+
+
+@pytest.mark.parametrize(("shape", "training"), [((3,), True), ((3,), False), ((), True), ((2, 0, 4), True),
+                                                 ((2, 0, 4), False), ((1, 3), True), ((1, 3, 1, 1), True)],
+                         ids=["1D", "1D-eval", "0D", "no_channels", "no_channels-eval", "one_value", "one_value_4D"])
+def test_errors_match_torch(shape, training):
+    """Without a process group torch's SyncBatchNorm runs on the CPU too, so
+    its errors can be compared directly: same type, same message."""
+    errors = []
+    for cls in (bnfast.SyncBatchNorm, nn.SyncBatchNorm):
+        m = cls(shape[1] if len(shape) > 1 and shape[1] else 3).train(training)
+        with pytest.raises(Exception) as info:
+            m(torch.randn(shape))
+        errors.append(info.value)
+    ours, theirs = errors
+    assert type(ours) is type(theirs) is ValueError
+    assert str(ours) == str(theirs)
+
+
+def test_without_process_group_is_batchnorm():
+    """No process group: bnfast's BatchNorm2d exactly, in training and eval."""
+    ours, local = bnfast.SyncBatchNorm(3), bnfast.BatchNorm2d(3)
+    for step in range(3):
+        x = (torch.randn(5, 3, 4, 4) * 2 + 1).requires_grad_()
+        dy = torch.randn(x.shape)
+        results = []
+        for m in (ours, local):
+            y = m(x)
+            results.append((y,) + torch.autograd.grad(y, [x, m.weight, m.bias], dy))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), step
+    for a, b in zip(ours.state_dict().values(), local.state_dict().values()):
+        assert torch.equal(a, b)
+    ours.eval(), local.eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(ours(x), local(x))
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_of_one_is_local(one_rank_group):
+    """A process group of one rank: the local path, no collectives, also under
+    torch.compile(fullgraph=True)."""
+    ours, local = bnfast.SyncBatchNorm(3), bnfast.BatchNorm2d(3)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    gather = sbn._all_gather_stats
+    sbn._all_gather_stats = None  # calling it would raise
+    try:
+        for step in range(2):
+            x = torch.randn(5, 3, 4, 4).requires_grad_()
+            y, y_local = compiled(x), local(x)
+            torch.testing.assert_close(y, y_local)
+            torch.testing.assert_close(torch.autograd.grad(y.sum(), x), torch.autograd.grad(y_local.sum(), x))
+    finally:
+        sbn._all_gather_stats = gather
+    for a, b in zip(ours.state_dict().values(), local.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), bnfast.BatchNorm2d(4, momentum=None))
+        self.flat = nn.Flatten()
+        self.bn1d = nn.BatchNorm1d(4 * 4 * 4, affine=False)
+        self.bn3d = nn.BatchNorm3d(2, track_running_stats=False)
+        self.sync = nn.SyncBatchNorm(4, eps=1e-3)
+
+
+def test_convert_sync_batchnorm_and_revert():
+    model = Net()
+    model.features[1].eval()
+    before = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    group = "a group"
+    converted = bnfast.SyncBatchNorm.convert_sync_batchnorm(model, group)
+    assert converted is model
+    for name, m in model.named_modules():
+        if isinstance(before[name], nn.modules.batchnorm._BatchNorm):
+            assert type(m) is bnfast.SyncBatchNorm and m.process_group == group, name
+            for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+                assert getattr(m, attr) == getattr(before[name], attr), (name, attr)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+    assert type(bnfast.revert(model).features[1]) is nn.SyncBatchNorm
+    assert type(bnfast.convert(model).features[1]) is bnfast.SyncBatchNorm  # torch's SyncBatchNorm -> bnfast's
+    single = bnfast.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(3))
+    assert type(single) is bnfast.SyncBatchNorm
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 37])
+@pytest.mark.parametrize(("stats_dtype", "running_dtype"), [(torch.float32, torch.float32),
+                                                            (torch.float32, torch.bfloat16),
+                                                            (torch.float64, torch.float64)],
+                         ids=["f32", "f32-bf16_running", "f64"])
+def test_update_running_stats_on_device_is_update_stats(count, stats_dtype, running_dtype):
+    """The tensor-count update (CUDA, torch.compile) is update_stats_'s, here on CPU tensors."""
+    g = torch.Generator().manual_seed(count)
+    mean = torch.randn(5, generator=g, dtype=stats_dtype)
+    invstd = torch.rand(5, generator=g, dtype=stats_dtype) + 0.5
+    running = [torch.randn(5, generator=g).to(running_dtype), torch.rand(5, generator=g).to(running_dtype) + 0.5]
+    expected = [t.clone() for t in running]
+    ops.update_stats_(*expected, mean, invstd, 0.1, EPS, count)
+    sbn.update_running_stats_on_device(*running, mean, invstd, 0.1, EPS, torch.tensor(float(count), dtype=stats_dtype))
+    for a, b in zip(running, expected):
+        torch.testing.assert_close(a, b, equal_nan=True)
