@@ -10,13 +10,13 @@ from bnfast import _C  # noqa: F401  (registers torch.ops.bnfast.*)
 from bnfast import ops  # noqa: F401  (fake kernels)
 from bnfast import _vmap  # noqa: F401  (batching rules)
 from bnfast.convert import convert, revert
-from bnfast.functional import batch_norm
-from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnfast.functional import batch_norm, batch_norm_act
+from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from bnfast.sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "revert",
-           "empty_cache"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+           "SyncBatchNorm", "batch_norm", "batch_norm_act", "convert", "revert", "empty_cache"]
 
 
 def empty_cache() -> None:

@@ -1,4 +1,5 @@
-"""bnfast.batch_norm: torch.nn.functional.batch_norm on bnfast's kernels."""
+"""bnfast.batch_norm: torch.nn.functional.batch_norm on bnfast's kernels;
+bnfast.batch_norm_act: the same fused with an activation (and a residual)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bnfast import ops
+
+_ops = torch.ops.bnfast
 
 
 def _verify_batch_size(size) -> None:
@@ -44,6 +48,60 @@ def batch_norm(
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
             running_var, weight=weight, bias=bias, training=training, momentum=momentum, eps=eps)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, 0.0, None)
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    act: str = "relu",
+    negative_slope: float = 0.01,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Batch normalization fused with an activation, in one pass of bnfast's
+    kernels instead of one per operation, with batch_norm's arguments and
+    semantics otherwise:
+
+        y = act(batch_norm(input, ...) + residual)
+
+    for act in "identity", "relu", "leaky_relu" (negative_slope), "silu",
+    "gelu", "gelu_tanh" (residual: a tensor like input, or None), and
+
+        y = batch_norm(relu(input), ...)
+
+    for act="pre_relu" (the running statistics are those of relu(input)).
+    Equal to the unfused torch.nn.functional ops up to rounding (the fused
+    result is rounded once, in the input's dtype).
+    """
+    if act not in ops.ACTIVATIONS:
+        raise ValueError(f"bnfast: unknown activation {act!r}; choose from {', '.join(ops.ACTIVATIONS)}")
+    if residual is not None and act == "pre_relu":
+        raise ValueError("bnfast: a residual is added after batch norm, so it cannot be combined with "
+                         "act='pre_relu' (batch norm of relu(x))")
+    tensors = (input, running_mean, running_var, weight, bias, residual)
+    if has_torch_function_variadic(*tensors):
+        return handle_torch_function(
+            batch_norm_act, tensors, input, running_mean, running_var, weight=weight, bias=bias,
+            training=training, momentum=momentum, eps=eps, act=act, negative_slope=negative_slope,
+            residual=residual)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act,
+                       negative_slope, residual)
+
+
+_UNFUSED_ACTS = {"identity": lambda y, slope: y, "relu": lambda y, slope: F.relu(y),
+                 "leaky_relu": lambda y, slope: F.leaky_relu(y, slope), "silu": lambda y, slope: F.silu(y),
+                 "gelu": lambda y, slope: F.gelu(y), "gelu_tanh": lambda y, slope: F.gelu(y, approximate="tanh")}
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                act: Optional[str], slope: float, residual: Optional[Tensor]) -> Tensor:
+    """batch_norm (act None) and batch_norm_act: torch.nn.functional.batch_norm's checks, in its order."""
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
@@ -59,11 +117,13 @@ def batch_norm(
             if t is not None and t.numel() == 0:
                 raise IndexError(f"bnfast: input has 0 channels (size of dim 1); batch norm needs at least one, "
                                  f"got size {list(input.shape)}")
-        output = input.clone()
+        output = F.relu(input) if act == "pre_relu" else input.clone()
         if weight is not None:
             output = output * weight[0]
         if bias is not None:
             output = output + bias[0]
+        if act is not None and act != "pre_relu":
+            output = _UNFUSED_ACTS[act](output if residual is None else output + residual, slope)
         return output
     _check_running_stats(input, running_mean, running_var, training)
 
@@ -72,17 +132,20 @@ def batch_norm(
             # torch.batch_norm reads the channel count, size(1), first here.
             raise IndexError(f"batch_norm: input of shape {tuple(input.shape)} has no channel dimension "
                              "(dimension 1 out of range); expected (N, C, *)")
-        output, mean, invstd = ops.forward(input, weight, bias, eps)
-        if running_mean is not None:
-            with torch.no_grad():  # statistics, not part of the graph
-                ops.update_stats_(running_mean, running_var, mean, invstd, momentum, eps,
-                                  input.numel() // input.size(1))
+        if act is None:
+            output, mean, invstd = _ops.forward(input, weight, bias, eps)
+        else:
+            output, mean, invstd = _ops.forward_act(input, weight, bias, residual, eps, act, slope)
+        if running_mean is not None:  # (update_stats_ keeps the statistics' graph out of the buffers)
+            _ops.update_stats_(running_mean, running_var, mean, invstd, momentum, eps,
+                               input.numel() // input.size(1))
         return output
 
     stats = ops.stats_dtype(input.dtype)
-    mean = running_mean.to(stats)
-    invstd = torch.rsqrt(running_var.to(stats) + eps)
-    return ops.elemt(input, weight, bias, mean, invstd)
+    mean, invstd = running_mean.to(stats), (running_var.to(stats) + eps).rsqrt_()
+    if act is None:
+        return _ops.elemt(input, weight, bias, mean, invstd)
+    return _ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
 
 
 def _check_running_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

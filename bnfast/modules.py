@@ -1,4 +1,5 @@
-"""bnfast.BatchNorm1d/2d/3d: drop-ins for torch.nn.BatchNorm1d/2d/3d.
+"""bnfast.BatchNorm1d/2d/3d: drop-ins for torch.nn.BatchNorm1d/2d/3d, and
+bnfast.BatchNormAct1d/2d/3d: the same fused with an activation.
 
 Each subclasses its torch counterpart and changes only where the math runs, so
 the constructor, defaults, parameters, buffers, state_dict keys (and the
@@ -8,14 +9,21 @@ isinstance(m, torch.nn.BatchNorm2d) all stay torch's own.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from bnfast.functional import batch_norm
+from bnfast import ops
+from bnfast.functional import _batch_norm
 
 
 class _BatchNormForward:
-    def forward(self, input: Tensor) -> Tensor:
+    # The fused activation (BatchNormAct*d); None for plain batch norm.
+    act: Optional[str] = None
+    negative_slope: float = 0.01
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         # Same control flow as torch.nn.modules.batchnorm._BatchNorm.forward.
         self._check_input_dim(input)
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
@@ -28,7 +36,7 @@ class _BatchNormForward:
         # Buffers are passed only when they are updated (training and tracked)
         # or used (eval).
         track = not self.training or self.track_running_stats
-        return batch_norm(
+        return _batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -37,6 +45,9 @@ class _BatchNormForward:
             bn_training,
             exponential_average_factor,
             self.eps,
+            self.act,
+            self.negative_slope,
+            residual,
         )
 
 
@@ -50,3 +61,35 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     __doc__ = "bnfast drop-in for torch.nn.BatchNorm3d: input (N, C, D, H, W).\n\n" + (torch.nn.BatchNorm3d.__doc__ or "")
+
+
+class _BatchNormAct:
+    """Batch norm fused with an activation, as timm's BatchNormAct2d names it:
+    forward(x, residual=None) = act(BN(x) + residual), or BN(relu(x)) for
+    act="pre_relu". The parameters, buffers and state_dict keys are the plain
+    BatchNorm*d's, so a checkpoint loads into either."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, act: str = "relu", negative_slope: float = 0.01, device=None,
+                 dtype=None) -> None:
+        if act not in ops.ACTIVATIONS:
+            raise ValueError(f"bnfast: unknown activation {act!r}; choose from {', '.join(ops.ACTIVATIONS)}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.act = act
+        self.negative_slope = negative_slope
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
+        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    """bnfast.BatchNorm1d fused with an activation: input (N, C) or (N, C, L)."""
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    """bnfast.BatchNorm2d fused with an activation: input (N, C, H, W)."""
+
+
+class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
+    """bnfast.BatchNorm3d fused with an activation: input (N, C, D, H, W)."""

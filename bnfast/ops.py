@@ -171,3 +171,48 @@ def backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
 def _backward_fake(grad_out, input, mean, invstd, weight):
     _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight)
     return _empty_output_like(input), torch.empty_like(mean), torch.empty_like(mean)
+
+
+# ---------------------------------------------------------------- fused activation (forward_act, elemt_act, backward_act)
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "pre_relu")
+
+
+def forward_act(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                eps: float, act: str, slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward fused with an activation: (y, mean, invstd) with
+    y = act(BN(x) + residual), or y = BN(relu(x)) for act="pre_relu"."""
+    return _ops.forward_act(input, weight, bias, residual, eps, act, slope)
+
+
+@torch.library.register_fake("bnfast::forward_act")
+def _forward_act_fake(input, weight, bias, residual, eps, act, slope):
+    _check_devices(input, weight=weight, bias=bias, residual=residual)
+    return _empty_output_like(input), _stats_like(input), _stats_like(input)
+
+
+def elemt_act(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+              residual: Optional[Tensor], act: str, slope: float) -> Tensor:
+    """elemt fused with an activation: act((x - mean) * invstd * weight + bias + residual)."""
+    return _ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
+
+
+@torch.library.register_fake("bnfast::elemt_act")
+def _elemt_act_fake(input, weight, bias, mean, invstd, residual, act, slope):
+    _check_devices(input, weight=weight, bias=bias, mean=mean, invstd=invstd, residual=residual)
+    return _empty_output_like(input)
+
+
+def backward_act(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                 bias: Optional[Tensor], residual: Optional[Tensor], act: str,
+                 slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """forward_act's training backward: (grad_input, grad_weight, grad_bias,
+    grad_residual); the middle two in the stats dtype, the last empty without a residual."""
+    return _ops.backward_act(grad_out, input, mean, invstd, weight, bias, residual, act, slope)
+
+
+@torch.library.register_fake("bnfast::backward_act")
+def _backward_act_fake(grad_out, input, mean, invstd, weight, bias, residual, act, slope):
+    _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, bias=bias, residual=residual)
+    grad_residual = _empty_output_like(input) if residual is not None else input.new_empty((0,))
+    return _empty_output_like(input), torch.empty_like(mean), torch.empty_like(mean), grad_residual

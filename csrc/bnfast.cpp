@@ -68,6 +68,27 @@ TORCH_LIBRARY(bnfast, m) {
   m.def(
       "backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Batch norm fused with an activation (csrc/common/activation.h):
+  //   y = act(BN(x) + residual)   act: identity, relu, leaky_relu (negative
+  //                               slope `slope`), silu, gelu, gelu_tanh
+  //   y = BN(relu(x))             act = "pre_relu" (no residual)
+  // The training forward, as forward: (y, mean, invstd) with the statistics
+  // of the batch (of relu(x) for pre_relu).
+  m.def(
+      "forward_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act,"
+      " float slope) -> (Tensor output, Tensor mean, Tensor invstd)");
+  // With given statistics, as elemt (the eval forward).
+  m.def(
+      "elemt_act(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? residual,"
+      " str act, float slope) -> Tensor");
+  // The training backward of forward_act: grad_input, grad_weight and
+  // grad_bias (stats dtype) as backward's, with dz = grad_out * act'(z) in
+  // place of grad_out (z = BN(x) + residual, recomputed from the input), and
+  // grad_residual = dz (an empty tensor when there is no residual).
+  m.def(
+      "backward_act(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias,"
+      " Tensor? residual, str act, float slope)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // The CPU output cache (csrc/cpu/output_cache.h): free its idle buffers;
   // how many bytes it holds idle.
   m.def("empty_cpu_cache() -> ()");

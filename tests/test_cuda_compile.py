@@ -93,7 +93,7 @@ def compiled(tmp_path_factory):
 
 def test_cuda_sources_exist():
     assert KERNELS and OP_FILES, f"no .cu / .cpp files under {CUDA_DIR}"
-    # Every op file has its kernel file and the other way round.
+    # Every kernel file has its op file, and every op file its kernels.
     assert {s.stem for s in OP_FILES} == {s.stem.removesuffix("_kernel") for s in KERNELS}
 
 

@@ -47,6 +47,35 @@ inline Pair call_backward_reduce(const at::Tensor& grad_out, const at::Tensor& i
   return op.call(grad_out, input, mean, invstd);
 }
 
+using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline Triple call_forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                               const OptionalTensor& residual, double eps, c10::string_view act, double slope) {
+  static const auto op = op_handle<Triple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                          const OptionalTensor&, double, c10::string_view, double)>(
+      "bnfast::forward_act");
+  return op.call(input, weight, bias, residual, eps, act, slope);
+}
+
+inline at::Tensor call_elemt_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                                 const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& residual,
+                                 c10::string_view act, double slope) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&,
+                           const at::Tensor&, const OptionalTensor&, c10::string_view, double)>("bnfast::elemt_act");
+  return op.call(input, weight, bias, mean, invstd, residual, act, slope);
+}
+
+inline Quad call_backward_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                              const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                              const OptionalTensor& residual, c10::string_view act, double slope) {
+  static const auto op =
+      op_handle<Quad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, c10::string_view, double)>(
+          "bnfast::backward_act");
+  return op.call(grad_out, input, mean, invstd, weight, bias, residual, act, slope);
+}
+
 inline Pair call_stats(const at::Tensor& input, double eps) {
   static const auto op = op_handle<Pair(const at::Tensor&, double)>("bnfast::stats");
   return op.call(input, eps);

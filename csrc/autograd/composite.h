@@ -74,6 +74,60 @@ inline std::vector<at::Tensor> stats_composite(const std::vector<at::Tensor>& ar
   return {mean, invstd};
 }
 
+// act(z) of a fused op (csrc/common/activation.h) from ATen's own activations.
+inline at::Tensor activate_composite(const at::Tensor& z, Act act, double slope) {
+  switch (act) {
+    case Act::kRelu: return at::relu(z);
+    case Act::kLeakyRelu: return at::leaky_relu(z, slope);
+    case Act::kSilu: return at::silu(z);
+    case Act::kGelu: return at::gelu(z, "none");
+    case Act::kGeluTanh: return at::gelu(z, "tanh");
+    default: return z;
+  }
+}
+
+// act'(z) * z_t, from ATen's activation backwards (differentiable themselves).
+inline at::Tensor activate_tangent(const at::Tensor& z_t, const at::Tensor& z, Act act, double slope) {
+  switch (act) {
+    case Act::kRelu: return at::threshold_backward(z_t, z, 0);
+    case Act::kLeakyRelu: return at::leaky_relu_backward(z_t, z, slope, /*self_is_result=*/false);
+    case Act::kSilu: return at::silu_backward(z_t, z);
+    case Act::kGelu: return at::gelu_backward(z_t, z, "none");
+    case Act::kGeluTanh: return at::gelu_backward(z_t, z, "tanh");
+    default: return z_t;
+  }
+}
+
+// The input as a fused op reads it, in the stats dtype: relu(x) for pre_relu.
+inline at::Tensor fused_input(const at::Tensor& input, const Activation& a) {
+  const auto x = in_stats_dtype(input);
+  return a.pre_relu ? at::relu(x) : x;
+}
+
+// act(normalize(x) + residual) for x in the stats dtype, in input_dtype.
+inline at::Tensor fused_output(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                               const at::Tensor& residual, const at::Tensor& mean, const at::Tensor& invstd,
+                               const Activation& a, double slope, at::ScalarType input_dtype) {
+  auto z = normalize_composite(x, weight, bias, mean, invstd);
+  if (residual.defined()) z = z + residual.to(z.scalar_type());
+  return activate_composite(z, a.act, slope).to(input_dtype);
+}
+
+// bnfast::forward_act: (y, mean, invstd) of (input, weight, bias, residual).
+inline std::vector<at::Tensor> forward_act_composite(const std::vector<at::Tensor>& args, double eps,
+                                                     const Activation& a, double slope) {
+  const auto x = fused_input(args[0], a);
+  const auto [mean, invstd] = batch_stats_composite(x, eps);
+  return {fused_output(x, args[1], args[2], args[3], mean, invstd, a, slope, args[0].scalar_type()), mean, invstd};
+}
+
+// bnfast::elemt_act: y of (input, weight, bias, mean, invstd, residual).
+inline std::vector<at::Tensor> elemt_act_composite(const std::vector<at::Tensor>& args, const Activation& a,
+                                                   double slope) {
+  return {fused_output(fused_input(args[0], a), args[1], args[2], args[5], args[3], args[4], a, slope,
+                       args[0].scalar_type())};
+}
+
 using Composite = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
 
 // Gradients w.r.t. `inputs` (undefined entries skipped) of composite(inputs)

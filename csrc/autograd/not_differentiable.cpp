@@ -1,6 +1,6 @@
 // The ops outside the differentiable set (graph.h).
 //
-// The backward pieces (backward, backward_reduce, backward_elemt) are
+// The backward pieces (backward, backward_act, backward_reduce, backward_elemt) are
 // themselves gradients (their derivatives, the double backward, come from the
 // differentiable ops' composites), and gather_stats merges statistics that
 // SyncBatchNorm differentiates as a whole: backpropagating into any of them,
@@ -52,7 +52,7 @@ void update_stats_inplace(at::Tensor& running_mean, at::Tensor& running_var, con
 }  // namespace autograd
 
 TORCH_LIBRARY_IMPL(bnfast, Autograd, m) {
-  for (const char* op : {"backward", "backward_reduce", "backward_elemt", "gather_stats"}) {
+  for (const char* op : {"backward", "backward_act", "backward_reduce", "backward_elemt", "gather_stats"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
   m.impl("update_stats_", &autograd::update_stats_autograd);

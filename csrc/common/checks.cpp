@@ -81,7 +81,31 @@ void check_stats_pair(const at::Tensor& mean, const at::Tensor& invstd) {
   check_same_device(invstd, "invstd", mean, "mean");
 }
 
+// The residual of a fused op: the input's shape, dtype and device, and only
+// with a post-activation.
+Activation check_fused(const at::Tensor& input, const OptionalTensor& residual, c10::string_view act) {
+  const Activation a = parse_activation(act);
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK_VALUE(!a.pre_relu, "bnfast: a residual is added after batch norm, so it cannot be combined with "
+                                   "act='pre_relu' (batch norm of relu(x))");
+    check_like_input(*residual, "residual", input);
+  }
+  return a;
+}
+
 }  // namespace
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "identity") return {Act::kIdentity, false};
+  if (name == "relu") return {Act::kRelu, false};
+  if (name == "leaky_relu") return {Act::kLeakyRelu, false};
+  if (name == "silu") return {Act::kSilu, false};
+  if (name == "gelu") return {Act::kGelu, false};
+  if (name == "gelu_tanh") return {Act::kGeluTanh, false};
+  if (name == "pre_relu") return {Act::kIdentity, true};
+  C10_THROW_ERROR(ValueError, c10::str("bnfast: unknown activation '", name,
+                                       "'; choose from identity, relu, leaky_relu, silu, gelu, gelu_tanh, pre_relu"));
+}
 
 void check_stats(const at::Tensor& input) { check_input(input); }
 
@@ -141,5 +165,27 @@ void check_gather_stats(const at::Tensor& mean, const at::Tensor& invstd, const 
               " elements (one per replica), got shape ", counts.sizes());
   check_same_device(counts, "counts", mean, "mean");
 }
+
+Activation check_forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                             const OptionalTensor& residual, c10::string_view act) {
+  check_forward(input, weight, bias);
+  return check_fused(input, residual, act);
+}
+
+Activation check_elemt_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                           const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& residual,
+                           c10::string_view act) {
+  check_elemt(input, weight, bias, mean, invstd);
+  return check_fused(input, residual, act);
+}
+
+Activation check_backward_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                              const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                              const OptionalTensor& residual, c10::string_view act) {
+  check_backward(grad_out, input, mean, invstd, weight);
+  check_parameter(bias, "bias", input);
+  return check_fused(input, residual, act);
+}
+
 
 }  // namespace bnfast

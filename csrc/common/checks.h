@@ -7,7 +7,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/string_view.h>
+
 #include <optional>
+
+#include "activation.h"
 
 namespace bnfast {
 
@@ -19,6 +23,14 @@ using OptionalTensor = std::optional<at::Tensor>;
 inline at::ScalarType stats_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// A fused op's activation, from its schema's act string (activation.h):
+// ValueError naming the choices for an unknown one.
+struct Activation {
+  Act act;
+  bool pre_relu;
+};
+Activation parse_activation(c10::string_view name);
 
 void check_stats(const at::Tensor& input);
 void check_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias);
@@ -34,5 +46,15 @@ void check_backward(const at::Tensor& grad_out, const at::Tensor& input, const a
 void check_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                         const at::Tensor& mean, const at::Tensor& invstd, int64_t count);
 void check_gather_stats(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& counts);
+// The fused ops: the plain op's checks, a residual like the input (post
+// activations only) and the activation's name; returns the activation.
+Activation check_forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                             const OptionalTensor& residual, c10::string_view act);
+Activation check_elemt_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                           const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& residual,
+                           c10::string_view act);
+Activation check_backward_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                              const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                              const OptionalTensor& residual, c10::string_view act);
 
 }  // namespace bnfast

@@ -4,31 +4,41 @@
 //        * invstd * weight                                          (pass 2: x, dy -> dx)
 //   grad_weight = sum_dy_xmu * invstd,   grad_bias = sum_dy
 // 5 tensor passes, the streaming bound; the sums stay in double.
+// bnfast::backward_act: the same with dz = dy * act'(z) in place of dy, z
+// recomputed from x (and the residual) in both passes, dz written to
+// grad_residual when there is a residual; for pre_relu, the sums over
+// relu(x) and dx masked by x > 0.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "../common/checks.h"
 #include "../common/layout.h"
 #include "batch_norm.h"
+#include "fusion.h"
 #include "output_cache.h"
 
 namespace bnfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean,
-    const at::Tensor& invstd, const OptionalTensor& weight) {
-  check_backward(grad_out_, input_, mean, invstd, weight);
+using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// activation: none for the plain backward. grad_residual: empty unless a residual is given.
+Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean,
+                   const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                   const OptionalTensor& residual_, std::optional<Activation> activation, double slope) {
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
+  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   auto grad_input = cpu::empty_cached_like(input);
   auto grad_weight = at::empty({shape.channels}, mean.options());
   auto grad_bias = at::empty({shape.channels}, mean.options());
+  auto grad_residual = residual.defined() ? at::empty_like(input) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = shape.channels;
@@ -44,19 +54,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       return;
     }
     const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
+    std::optional<cpu::Fusion<scalar_t>> fusion;
+    std::pair<std::vector<opmath_t>, std::vector<opmath_t>> z;
+    if (activation) {
+      fusion = cpu::make_fusion<scalar_t>(*activation, slope, residual,
+                                          residual.defined() ? grad_residual : at::Tensor());
+      if (activation->act != Act::kIdentity) {
+        const auto b = cpu::channel_values<opmath_t>(bias, C, 0);
+        z = cpu::z_coefficients(is.data(), w.data(), b.data(), C);
+        fusion->zp = z.first.data();
+        fusion->zq = z.second.data();
+      }
+    }
     cpu::backward_train<scalar_t>(grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                                  grad_input.mutable_data_ptr<scalar_t>(), layout, shape, mu.data(),
-                                  is.data(), w.data(), sum_dy.data(), sum_dy_xmu.data());
+                                  grad_input.mutable_data_ptr<scalar_t>(), layout, shape, mu.data(), is.data(),
+                                  w.data(), sum_dy.data(), sum_dy_xmu.data(), fusion ? &*fusion : nullptr);
     for (int64_t c = 0; c < C; ++c) {
       gw[c] = static_cast<opmath_t>(sum_dy_xmu[c] * is[c]);
       gb[c] = static_cast<opmath_t>(sum_dy[c]);
     }
   });
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                                            const OptionalTensor& weight) {
+  check_backward(grad_out, input, mean, invstd, weight);
+  auto [grad_input, grad_weight, grad_bias, _] =
+      backward_impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt, std::nullopt, 0.0);
   return {grad_input, grad_weight, grad_bias};
+}
+
+Quad backward_act_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                      const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                      const OptionalTensor& residual, c10::string_view act, double slope) {
+  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  return backward_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("backward", &backward_cpu); }
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) {
+  m.impl("backward", &backward_cpu);
+  m.impl("backward_act", &backward_act_cpu);
+}
 
 }  // namespace bnfast

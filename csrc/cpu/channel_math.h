@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../common/shape.h"
@@ -32,25 +33,46 @@ std::vector<opmath_t> channel_values(const std::optional<at::Tensor>& t, int64_t
   return values;
 }
 
-// The shift K[c] for statistics: the channel's first element. Any sample of
-// the channel is within a few standard deviations of its mean, which is all
-// the shifted sums need to stay free of cancellation. NB: an infinite or NaN
-// first element would poison every x - K; any finite shift is correct, so 0.
+// The shift K[c] for statistics: the channel's first element (as the loops
+// read it: relu'd for a pre_relu fusion). Any sample of the channel is within
+// a few standard deviations of its mean, which is all the shifted sums need
+// to stay free of cancellation. NB: an infinite or NaN first element would
+// poison every x - K; any finite shift is correct, so 0.
 template <typename scalar_t>
-at::opmath_type<scalar_t> first_element(const scalar_t* x, Layout layout, const Shape& shape,
-                                        int64_t c) {
-  const auto k = static_cast<at::opmath_type<scalar_t>>(
-      layout == Layout::kChannelsFirst ? x[c * shape.spatial] : x[c]);
+at::opmath_type<scalar_t> first_element(const scalar_t* x, Layout layout, const Shape& shape, int64_t c,
+                                        bool relu) {
+  auto k = static_cast<at::opmath_type<scalar_t>>(layout == Layout::kChannelsFirst ? x[c * shape.spatial] : x[c]);
+  if (relu && k < 0) k = 0;
   return std::isfinite(k) ? k : at::opmath_type<scalar_t>(0);
 }
 
 // K[c] = first_element for every channel, padded for the row loops.
 template <typename scalar_t>
-std::vector<at::opmath_type<scalar_t>> channel_shifts(const scalar_t* x, Layout layout,
-                                                      const Shape& shape) {
+std::vector<at::opmath_type<scalar_t>> channel_shifts(const scalar_t* x, Layout layout, const Shape& shape,
+                                                      bool relu = false) {
   std::vector<at::opmath_type<scalar_t>> shift(padded_channels(shape.channels), 0);
-  for (int64_t c = 0; c < shape.channels; ++c) shift[c] = first_element(x, layout, shape, c);
+  for (int64_t c = 0; c < shape.channels; ++c) shift[c] = first_element(x, layout, shape, c, relu);
   return shift;
+}
+
+template <typename scalar_t>
+bool pre_relu(const Fusion<scalar_t>* fusion) {
+  return fusion && fusion->pre_relu;
+}
+
+// A fusion's z coefficients for the backward (loops.h): zp = invstd * weight
+// and zq = bias per channel, computed as the forward's affine step computed
+// them, so z comes out bitwise the same; padded for the row loops.
+template <typename opmath_t>
+std::pair<std::vector<opmath_t>, std::vector<opmath_t>> z_coefficients(const opmath_t* invstd,
+                                                                         const opmath_t* weight,
+                                                                         const opmath_t* bias, int64_t C) {
+  std::vector<opmath_t> zp(padded_channels(C), 0), zq(padded_channels(C), 0);
+  for (int64_t c = 0; c < C; ++c) {
+    zp[c] = static_cast<opmath_t>(static_cast<double>(invstd[c]) * weight[c]);
+    zq[c] = bias[c];
+  }
+  return {std::move(zp), std::move(zq)};
 }
 
 // Per-channel math, in double. Every path (chunked or per-channel tasks) goes

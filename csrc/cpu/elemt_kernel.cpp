@@ -1,22 +1,28 @@
 // bnfast::elemt on CPU: y = (x - mean) * invstd * weight + bias per channel,
 // applied as y = (x - mean) * scale + bias with scale = invstd * weight
 // (computed in double per channel); one pass reading x and writing y.
+// bnfast::elemt_act: the same with an activation (and residual), or with
+// relu(x) read (csrc/common/activation.h).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "../common/checks.h"
 #include "../common/layout.h"
 #include "batch_norm.h"
+#include "fusion.h"
 #include "output_cache.h"
 
 namespace bnfast {
 namespace {
 
-at::Tensor elemt_cpu(const at::Tensor& input_, const OptionalTensor& weight,
-                     const OptionalTensor& bias, const at::Tensor& mean,
-                     const at::Tensor& invstd) {
-  check_elemt(input_, weight, bias, mean, invstd);
+// activation: none for the plain elemt.
+at::Tensor elemt_impl(const at::Tensor& input_, const OptionalTensor& weight, const OptionalTensor& bias,
+                      const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& residual_,
+                      std::optional<Activation> activation, double slope) {
   const auto input = readable(input_);
+  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   auto output = cpu::empty_cached_like(input);
@@ -28,14 +34,32 @@ at::Tensor elemt_cpu(const at::Tensor& input_, const OptionalTensor& weight,
     const auto b = cpu::channel_values<opmath_t>(bias, C, 0);
     const auto mu = cpu::channel_values<opmath_t>(mean, C, 0);
     const auto is = cpu::channel_values<opmath_t>(invstd, C, 0);
-    cpu::normalize<scalar_t>(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-                             layout, shape, mu.data(), is.data(), w.data(), b.data());
+    const auto fusion = activation ? std::optional(cpu::make_fusion<scalar_t>(*activation, slope, residual))
+                                   : std::nullopt;
+    cpu::normalize<scalar_t>(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), layout, shape,
+                             mu.data(), is.data(), w.data(), b.data(), fusion ? &*fusion : nullptr);
   });
   return output;
 }
 
+at::Tensor elemt_cpu(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                     const at::Tensor& mean, const at::Tensor& invstd) {
+  check_elemt(input, weight, bias, mean, invstd);
+  return elemt_impl(input, weight, bias, mean, invstd, std::nullopt, std::nullopt, 0.0);
+}
+
+at::Tensor elemt_act_cpu(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                         const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& residual,
+                         c10::string_view act, double slope) {
+  const auto activation = check_elemt_act(input, weight, bias, mean, invstd, residual, act);
+  return elemt_impl(input, weight, bias, mean, invstd, residual, activation, slope);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("elemt", &elemt_cpu); }
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) {
+  m.impl("elemt", &elemt_cpu);
+  m.impl("elemt_act", &elemt_act_cpu);
+}
 
 }  // namespace bnfast

@@ -1,25 +1,31 @@
 // bnfast::forward on CPU, the fused training forward: the batch statistics
 // (one pass over x, see stats_kernel.cpp) then y = (x - mean) * scale + bias (a second
 // pass reading x and writing y): 3 tensor passes, the streaming bound.
+// bnfast::forward_act, the same with an activation (and residual) applied in
+// the second pass, or with relu(x) read in both (csrc/common/activation.h).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "../common/checks.h"
 #include "../common/layout.h"
 #include "batch_norm.h"
+#include "fusion.h"
 #include "output_cache.h"
 
 namespace bnfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& input_, const OptionalTensor& weight,
-    const OptionalTensor& bias, double eps) {
-  check_forward(input_, weight, bias);
+// activation: none for the plain forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& input_, const OptionalTensor& weight,
+                                                            const OptionalTensor& bias,
+                                                            const OptionalTensor& residual_, double eps,
+                                                            std::optional<Activation> activation, double slope) {
   const auto input = readable(input_);
+  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   const auto options = input.options().dtype(stats_dtype(input.scalar_type()));
@@ -29,19 +35,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = shape.channels;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    auto* mu = mean.mutable_data_ptr<opmath_t>();
-    auto* is = invstd.mutable_data_ptr<opmath_t>();
     const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
     const auto b = cpu::channel_values<opmath_t>(bias, C, 0);
-    cpu::forward_train<scalar_t>(x, output.mutable_data_ptr<scalar_t>(), layout, shape, eps, mu, is,
-                                 w.data(), b.data());
+    const auto fusion = activation ? std::optional(cpu::make_fusion<scalar_t>(*activation, slope, residual))
+                                   : std::nullopt;
+    cpu::forward_train<scalar_t>(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), layout,
+                                 shape, eps, mean.mutable_data_ptr<opmath_t>(), invstd.mutable_data_ptr<opmath_t>(),
+                                 w.data(), b.data(), fusion ? &*fusion : nullptr);
   });
   return {output, mean, invstd};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const OptionalTensor& weight,
+                                                           const OptionalTensor& bias, double eps) {
+  check_forward(input, weight, bias);
+  return forward_impl(input, weight, bias, std::nullopt, eps, std::nullopt, 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_act_cpu(const at::Tensor& input, const OptionalTensor& weight,
+                                                               const OptionalTensor& bias,
+                                                               const OptionalTensor& residual, double eps,
+                                                               c10::string_view act, double slope) {
+  const auto activation = check_forward_act(input, weight, bias, residual, act);
+  return forward_impl(input, weight, bias, residual, eps, activation, slope);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("forward", &forward_cpu); }
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("forward_act", &forward_act_cpu);
+}
 
 }  // namespace bnfast

@@ -13,12 +13,36 @@
 #include <c10/util/Half.h>
 #include <cstdint>
 
+#include "../common/activation.h"
+
 namespace bnfast {
 namespace cpu {
+
+// What a fused op adds around the plain loops (activations:
+// csrc/common/activation.h, applied in opmath precision with torch's
+// formulas); a null Fusion* is the plain batch norm. With z = (x - mean) * zp[c] + zq[c] + residual (the
+// normalized, scaled, shifted input and the residual):
+//   forward / eval:  y = act(z)   (the affine loop's m, p, q are mean, zp, zq)
+//   backward:        the reduce sums and the affine step take a = dy * act'(z)
+//                    in place of dy, and grad_residual (when given) gets a.
+// pre_relu reads the input as relu(x) everywhere (y = BN(relu(x))), and the
+// backward's result is masked by x > 0 (act must be identity, no residual).
+template <typename scalar_t>
+struct Fusion {
+  using opmath_t = at::opmath_type<scalar_t>;
+  Act act = Act::kIdentity;
+  opmath_t slope = 0;
+  bool pre_relu = false;
+  const scalar_t* residual = nullptr;   // the input's layout and strides
+  const opmath_t* zp = nullptr;         // backward: z's coefficients, padded like the loops' m, p, q
+  const opmath_t* zq = nullptr;
+  scalar_t* grad_residual = nullptr;    // backward: receives a, the input's layout
+};
 
 // Two layouts (see csrc/common/layout.h):
 //   channels-first: x[(n * C + c) * S + s]
 //   channels-last:  x[m * C + c], m = n * S + s
+// Every loop takes an optional Fusion (null: the plain batch norm).
 template <typename scalar_t>
 struct Loops {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -31,13 +55,13 @@ struct Loops {
   // 2 * C * kMaxLanes opmath_t, lane_totals 2 * C * kMaxLanes double.
   void (*reduce_cf)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* shift, double* s1,
-                    double* s2, opmath_t* scratch, double* lane_totals);
+                    double* s2, opmath_t* scratch, double* lane_totals, const Fusion<scalar_t>* fusion);
   // Channels-last: rows [m_begin, m_end) of C values each, row_stride apart
   // (C for a whole channels-last tensor), shifts K[C]; adds into s1[C], s2[C].
   // scratch holds kReduceClScratch * padded_channels(C) opmath_t.
   void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const opmath_t* shift, double* s1, double* s2,
-                    opmath_t* scratch);
+                    opmath_t* scratch, const Fusion<scalar_t>* fusion);
   // Per-channel affine map, centred:
   //   out = (x - m[c]) * p[c] + q[c] (+ dy * r[c] when dy given)
   // NB: centring before scaling keeps y exact when |mean| >> std; the
@@ -46,12 +70,12 @@ struct Loops {
   // Channels-first: planes [plane_begin, plane_end) of the N * C planes.
   void (*affine_cf)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* m, const opmath_t* p,
-                    const opmath_t* q, const opmath_t* r);
+                    const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion);
   // Channels-last: rows [m_begin, m_end) of C values, row_stride apart (in
   // x, dy and out alike).
   void (*affine_cl)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const opmath_t* m,
-                    const opmath_t* p, const opmath_t* q, const opmath_t* r);
+                    const opmath_t* p, const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion);
 };
 
 struct LoopTable {

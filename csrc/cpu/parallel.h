@@ -43,6 +43,39 @@ std::vector<T> per_column(const T* per_channel, int64_t C, int64_t S) {
   return columns;
 }
 
+// A fusion (loops.h) as a loop over a view of the tensor sees it. `fusion`
+// may be null (the plain batch norm), and then so is the view.
+template <typename scalar_t>
+class FusionView {
+ public:
+  using opmath_t = at::opmath_type<scalar_t>;
+  // The same fusion, its tensors read from element `offset` on.
+  FusionView(const Fusion<scalar_t>* fusion, int64_t offset = 0) {
+    if (!fusion) return;
+    view_ = *fusion;
+    if (view_.residual) view_.residual += offset;
+    if (view_.grad_residual) view_.grad_residual += offset;
+    active_ = true;
+  }
+  // For a [rows][C * S] view of short planes: z's coefficients per column.
+  FusionView(const Fusion<scalar_t>* fusion, int64_t C, int64_t S) : FusionView(fusion) {
+    if (!fusion || !fusion->zp) return;
+    zp_ = per_column(fusion->zp, C, S);
+    zq_ = per_column(fusion->zq, C, S);
+    view_.zp = zp_.data();
+    view_.zq = zq_.data();
+  }
+  FusionView(const FusionView&) = delete;  // view_ may point into zp_ / zq_
+  FusionView& operator=(const FusionView&) = delete;
+  const Fusion<scalar_t>* get() const { return active_ ? &view_ : nullptr; }
+  Fusion<scalar_t>& mutable_view() { return view_; }
+
+ private:
+  Fusion<scalar_t> view_;
+  bool active_ = false;
+  std::vector<opmath_t> zp_, zq_;
+};
+
 // s1, s2 = the per-task partial sums [tasks][2][n] added in task order (a
 // fixed order: results do not depend on which thread ran which task).
 inline void add_partials(const std::vector<double>& partial, int64_t tasks, int64_t n, double* s1,
@@ -61,7 +94,7 @@ inline void add_partials(const std::vector<double>& partial, int64_t tasks, int6
 // Sums of reduce over rows [M][W] (channels-last; or short planes with W = C * S).
 template <typename scalar_t>
 void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
-              const at::opmath_type<scalar_t>* shift, double* s1, double* s2) {
+              const at::opmath_type<scalar_t>* shift, double* s1, double* s2, const Fusion<scalar_t>* fusion) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto& loop = loops<scalar_t>();
   const int64_t rows_per_chunk =
@@ -74,7 +107,7 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
       const int64_t m0 = chunk * rows_per_chunk;
       const int64_t m1 = std::min(M, m0 + rows_per_chunk);
       double* p = &partial[2 * W * chunk];
-      loop.reduce_cl(x, dy, W, W, m0, m1, shift, p, p + W, scratch.data());
+      loop.reduce_cl(x, dy, W, W, m0, m1, shift, p, p + W, scratch.data(), fusion);
     }
   });
   add_partials(partial, chunks, W, s1, s2);
@@ -83,19 +116,21 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
 // s1[c], s2[c] = per-channel sums of reduce (see loops.h) over the whole input.
 template <typename scalar_t>
 void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Shape& shape,
-                  const at::opmath_type<scalar_t>* shift, double* s1, double* s2) {
+                  const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
+                  const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
   const int64_t S = shape.spatial;
   if (layout == Layout::kChannelsLast) {
-    row_sums<scalar_t>(x, dy, C, shape.per_channel(), shift, s1, s2);
+    row_sums<scalar_t>(x, dy, C, shape.per_channel(), shift, s1, s2, fusion);
     return;
   }
   if (short_planes_as_rows(layout, shape)) {
     const auto column_shift = per_column(shift, C, S);
     std::vector<double> column_s1(C * S), column_s2(C * S);
+    const FusionView<scalar_t> columns(fusion, C, S);
     row_sums<scalar_t>(x, dy, C * S, shape.batch, column_shift.data(), column_s1.data(),
-                       column_s2.data());
+                       column_s2.data(), columns.get());
     for (int64_t c = 0; c < C; ++c) {
       s1[c] = std::accumulate(&column_s1[c * S], &column_s1[(c + 1) * S], 0.0);
       s2[c] = std::accumulate(&column_s2[c * S], &column_s2[(c + 1) * S], 0.0);
@@ -117,7 +152,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
       const int64_t p0 = task * planes_per_task;
       double* p = &partial[2 * C * task];
       loop.reduce_cf(x, dy, C, S, p0, std::min(planes, p0 + planes_per_task), shift, p, p + C,
-                     scratch.data(), lane_totals.data());
+                     scratch.data(), lane_totals.data(), fusion);
     }
   });
   add_partials(partial, tasks, C, s1, s2);
@@ -129,25 +164,27 @@ template <typename scalar_t>
 void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout layout,
                     const Shape& shape, const at::opmath_type<scalar_t>* m,
                     const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-                    const at::opmath_type<scalar_t>* r) {
+                    const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion = nullptr) {
   const auto& loop = loops<scalar_t>();
   const int64_t C = shape.channels;
   const int64_t S = shape.spatial;
-  auto rows = [&](int64_t W, int64_t M, const auto* m, const auto* p, const auto* q, const auto* r) {
+  auto rows = [&](int64_t W, int64_t M, const auto* m, const auto* p, const auto* q, const auto* r,
+                  const Fusion<scalar_t>* f) {
     at::parallel_for(0, M, std::max<int64_t>(1, kGrain / W), [&](int64_t begin, int64_t end) {
-      loop.affine_cl(x, dy, out, W, W, begin, end, m, p, q, r);
+      loop.affine_cl(x, dy, out, W, W, begin, end, m, p, q, r, f);
     });
   };
   if (layout == Layout::kChannelsLast) {
-    rows(C, shape.per_channel(), m, p, q, r);
+    rows(C, shape.per_channel(), m, p, q, r, fusion);
   } else if (short_planes_as_rows(layout, shape)) {
     const auto mc = per_column(m, C, S), pc = per_column(p, C, S), qc = per_column(q, C, S);
     const auto rc = dy ? per_column(r, C, S) : decltype(mc){};
-    rows(C * S, shape.batch, mc.data(), pc.data(), qc.data(), dy ? rc.data() : nullptr);
+    const FusionView<scalar_t> columns(fusion, C, S);
+    rows(C * S, shape.batch, mc.data(), pc.data(), qc.data(), dy ? rc.data() : nullptr, columns.get());
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1));
     at::parallel_for(0, shape.batch * C, grain, [&](int64_t begin, int64_t end) {
-      loop.affine_cf(x, dy, out, C, S, begin, end, m, p, q, r);
+      loop.affine_cf(x, dy, out, C, S, begin, end, m, p, q, r, fusion);
     });
   }
 }
@@ -183,22 +220,32 @@ inline int64_t channels_per_block(Layout layout, const Shape& shape, int64_t ele
 template <typename scalar_t, typename Coefficients>
 void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& shape,
                           int64_t per_block, const at::opmath_type<scalar_t>* shift,
-                          const Coefficients& coefficients) {
+                          const Coefficients& coefficients, const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto& loop = loops<scalar_t>();
   const int64_t C = shape.channels, S = shape.spatial, N = shape.batch, W = C * S;
   const int64_t padded = padded_channels(per_block * S);
   at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> scratch(kReduceClScratch * padded), columns(4 * padded, opmath_t(0));
+    std::vector<opmath_t> scratch(kReduceClScratch * padded), columns(6 * padded, opmath_t(0));
     std::vector<double> sums(2 * per_block * S);
     opmath_t *m = columns.data(), *p = m + padded, *q = p + padded, *r = q + padded;
+    opmath_t *zp = r + padded, *zq = zp + padded;  // a fusion's z coefficients, per column
     for (int64_t block = begin; block < end; ++block) {
       const int64_t c0 = block * per_block, c1 = std::min(C, c0 + per_block);
       const int64_t width = (c1 - c0) * S, col0 = c0 * S;
+      FusionView<scalar_t> view(fusion, col0);
+      if (fusion && fusion->zp) {
+        for (int64_t c = c0; c < c1; ++c) {
+          std::fill_n(zp + (c - c0) * S, S, fusion->zp[c]);
+          std::fill_n(zq + (c - c0) * S, S, fusion->zq[c]);
+        }
+        view.mutable_view().zp = zp;
+        view.mutable_view().zq = zq;
+      }
       for (int64_t c = c0; c < c1; ++c) std::fill_n(m + (c - c0) * S, S, shift[c]);
       std::fill_n(sums.begin(), 2 * width, 0.0);
       loop.reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, W, 0, N, m, sums.data(),
-                     sums.data() + width, scratch.data());
+                     sums.data() + width, scratch.data(), view.get());
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t k = (c - c0) * S;
         const double s1 = std::accumulate(&sums[k], &sums[k + S], 0.0);
@@ -211,7 +258,7 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
         std::fill_n(r + k, S, rc);
       }
       loop.affine_cl(x + col0, dy ? dy + col0 : nullptr, out + col0, width, W, 0, N, m, p, q,
-                     dy ? r : nullptr);
+                     dy ? r : nullptr, view.get());
     }
   });
 }

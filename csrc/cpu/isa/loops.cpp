@@ -147,30 +147,170 @@ struct Accumulators {
   }
 };
 
+// ---------------------------------------------------------------------------
+// The fused ops' activations (loops.h Act), on opmath vectors, with the
+// formulas of torch's own CPU kernels (so a fused op equals BN then the
+// activation up to BN's own rounding).
+
+template <typename Vec>
+inline Vec activate(Act act, const Vec& z, const Vec& slope) {
+  using T = typename Vec::value_type;
+  switch (act) {
+    case Act::kRelu: return at::vec::clamp_min(z, Vec(0));  // keeps NaN, as torch.relu
+    case Act::kLeakyRelu: return Vec::blendv(z * slope, z, z > Vec(0));
+    case Act::kSilu: return z / (Vec(1) + z.neg().exp());
+    case Act::kGelu: return z * Vec(T(0.5)) * (Vec(1) + (z * Vec(T(M_SQRT1_2))).erf());
+    case Act::kGeluTanh: {
+      const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = T(0.044715);
+      const Vec inner = Vec(beta) * (z + Vec(kappa) * z * z * z);
+      return Vec(T(0.5)) * z * (Vec(1) + inner.tanh());
+    }
+    default: return z;
+  }
+}
+
+// d act / dz at z. NB: relu' and leaky_relu' are 0 / slope at z == 0 and for
+// NaN, as torch's backward (which tests z > 0) gives them.
+template <typename Vec>
+inline Vec activate_derivative(Act act, const Vec& z, const Vec& slope) {
+  using T = typename Vec::value_type;
+  switch (act) {
+    case Act::kRelu: return Vec::blendv(Vec(0), Vec(1), z > Vec(0));
+    case Act::kLeakyRelu: return Vec::blendv(slope, Vec(1), z > Vec(0));
+    case Act::kSilu: {
+      const Vec sigmoid = Vec(1) / (Vec(1) + z.neg().exp());
+      return sigmoid * (Vec(1) + z * (Vec(1) - sigmoid));
+    }
+    case Act::kGelu: {
+      const T alpha = T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+      const Vec cdf = Vec(T(0.5)) * (Vec(1) + (z * Vec(T(M_SQRT1_2))).erf());
+      const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(alpha);
+      return cdf + z * pdf;
+    }
+    case Act::kGeluTanh: {
+      const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = T(0.044715);
+      const Vec z2 = z * z;
+      const Vec t = (Vec(beta) * (z + Vec(kappa) * z2 * z)).tanh();
+      const Vec left = Vec(T(0.5)) * z;
+      return Vec(T(0.5)) * (Vec(1) + t) + left * (Vec(1) - t * t) * Vec(beta) * (Vec(1) + Vec(3 * kappa) * z2);
+    }
+    default: return Vec(1);
+  }
+}
+
+// Loads of x, dy and the residual at one element offset of the current
+// channel(s): a full vector, or the first n lanes (n < L) of a tail.
+template <typename scalar_t>
+struct Lanes {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  int64_t n;  // lanes used; IO::kLanes for a full vector
+  Vec load(const scalar_t* p) const { return n == IO::kLanes ? IO::load(p) : IO::load(p, n); }
+  void store(scalar_t* p, const Vec& v) const { n == IO::kLanes ? IO::store(p, v) : IO::store(p, v, n); }
+};
+
+// The per-element terms of every loop, for the channel (channels-first
+// plane) or channel vector (channels-last) at hand. kFused false is the
+// plain batch norm, and compiles to it; kFused true reads the Fusion.
+template <typename scalar_t, bool kHasDy, bool kFused>
+struct Terms {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const scalar_t* x;
+  const scalar_t* dy;
+  const Fusion<scalar_t>* f;
+  Vec zp, zq, slope;  // fused: z's coefficients (backward) and leaky_relu's slope
+
+  Terms(const scalar_t* x_, const scalar_t* dy_, const Fusion<scalar_t>* f_) : x(x_), dy(dy_), f(f_) {
+    if (kFused) slope = Vec(f->slope);
+  }
+  // Per-channel z coefficients: broadcast (channels-first) or loaded (channels-last).
+  void set_z(const typename IO::opmath_t* zp_, const typename IO::opmath_t* zq_, int64_t i, int64_t n,
+             bool broadcast) {
+    if (!(kFused && kHasDy && f->act != Act::kIdentity)) return;
+    if (broadcast) {
+      zp = Vec(zp_[i]);
+      zq = Vec(zq_[i]);
+    } else {
+      zp = n == IO::kLanes ? Vec::loadu(zp_ + i) : Vec::loadu(zp_ + i, n);
+      zq = n == IO::kLanes ? Vec::loadu(zq_ + i) : Vec::loadu(zq_ + i, n);
+    }
+  }
+  // x as the loops read it: relu(x) for pre_relu.
+  Vec input(const Lanes<scalar_t>& l, int64_t o) const {
+    const Vec v = l.load(x + o);
+    return kFused && f->pre_relu ? at::vec::clamp_min(v, Vec(0)) : v;
+  }
+  // dy, times act'(z) for a fused activation (d = x - mean); stored to
+  // grad_residual when asked.
+  Vec grad(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
+    Vec a = l.load(dy + o);
+    if (kFused && f->act != Act::kIdentity) {
+      Vec z = at::vec::fmadd(d, zp, zq);
+      if (f->residual) z = z + l.load(f->residual + o);
+      a = a * activate_derivative(f->act, z, slope);
+    }
+    if (kFused && f->grad_residual) l.store(f->grad_residual + o, a);
+    return a;
+  }
+  // The reduction's terms: d = x - K, a = dy (as grad()) or d. Lanes past n
+  // are zeroed in d (a masked load of dy is 0 there already).
+  void reduce(const Lanes<scalar_t>& l, int64_t o, const Vec& k, Vec& a, Vec& d) const {
+    d = input(l, o) - k;
+    if (l.n < IO::kLanes) d = Vec::set(Vec(0), d, l.n);
+    if (kHasDy) {
+      Vec g = l.load(dy + o);
+      if (kFused && f->act != Act::kIdentity) {
+        Vec z = at::vec::fmadd(d, zp, zq);
+        if (f->residual) z = z + l.load(f->residual + o);
+        g = g * activate_derivative(f->act, z, slope);
+      }
+      a = g;
+    } else {
+      a = d;
+    }
+  }
+  // The affine step: (x - m) * p + q, then act (+ residual) forward, or
+  // + grad * r backward (masked by x > 0 for pre_relu).
+  Vec affine(const Lanes<scalar_t>& l, int64_t o, const Vec& m, const Vec& p, const Vec& q, const Vec& r) const {
+    const Vec d = input(l, o) - m;
+    Vec y = at::vec::fmadd(d, p, q);
+    if (kHasDy) {
+      y = at::vec::fmadd(grad(l, o, d), r, y);
+      if (kFused && f->pre_relu) y = Vec::blendv(Vec(0), y, l.load(x + o) > Vec(0));
+    } else if (kFused) {
+      if (f->residual) y = y + l.load(f->residual + o);
+      y = activate(f->act, y, slope);
+    }
+    return y;
+  }
+};
+
 // a = dy ? dy : x - K;  s1 += a;  s2 += a * (x - K)   over p[0, len) (full vectors only).
-template <typename scalar_t, bool kHasDy>
-inline void accumulate_span(const scalar_t* xp, const scalar_t* dyp, int64_t len,
+template <typename scalar_t, bool kHasDy, bool kFused>
+inline void accumulate_span(const Terms<scalar_t, kHasDy, kFused>& t, int64_t base, int64_t len,
                             const typename VecIO<scalar_t>::Vec& k,
                             Accumulators<typename VecIO<scalar_t>::Vec>& acc) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
+  const Lanes<scalar_t> full{L};
   int64_t s = 0;
   while (s < len) {
     // Up to the next fold, in steps of kChains vectors, then single vectors.
     const int64_t block_end = s + min64((len - s) / L, kFlushSteps - acc.steps) * L;
     for (; s + kChains * L <= block_end; s += kChains * L) {
       for (int64_t i = 0; i < kChains; ++i) {
-        const Vec d = IO::load(xp + s + i * L) - k;
-        const Vec a = kHasDy ? IO::load(dyp + s + i * L) : d;
+        Vec a, d;
+        t.reduce(full, base + s + i * L, k, a, d);
         acc.s1[i] = acc.s1[i] + a;
         acc.s2[i] = at::vec::fmadd(a, d, acc.s2[i]);
       }
       acc.steps += kChains;
     }
     for (; s < block_end; s += L) {
-      const Vec d = IO::load(xp + s) - k;
-      const Vec a = kHasDy ? IO::load(dyp + s) : d;
+      Vec a, d;
+      t.reduce(full, base + s, k, a, d);
       acc.s1[0] = acc.s1[0] + a;
       acc.s2[0] = at::vec::fmadd(a, d, acc.s2[0]);
       ++acc.steps;
@@ -186,11 +326,11 @@ inline void accumulate_span(const scalar_t* xp, const scalar_t* dyp, int64_t len
 // kPlanesPerFold planes of each channel.
 constexpr int64_t kPlanesPerFold = 16;
 
-template <typename scalar_t, bool kHasDy>
+template <typename scalar_t, bool kHasDy, bool kFused>
 void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* shift,
                     double* s1, double* s2, at::opmath_type<scalar_t>* scratch,
-                    double* lane_totals) {
+                    double* lane_totals, const Fusion<scalar_t>* fusion) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
@@ -207,18 +347,20 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
     for (int64_t i = 0; i < 2 * C * L; ++i) lane_totals[i] += scratch[i];
     zero_fill(scratch, 2 * C * L);
   };
+  Terms<scalar_t, kHasDy, kFused> t(x, dy, fusion);
+  const Lanes<scalar_t> lanes{L};
   int64_t planes_since_fold = 0;
   // The channel is tracked incrementally: a 64-bit modulo per plane costs as
   // much as summing a small (4x4) plane.
   int64_t c = plane_begin % C;
   for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec k(shift[c]);
-    const scalar_t* xp = x + plane * S;
-    const scalar_t* dyp = kHasDy ? dy + plane * S : nullptr;
+    if (kFused) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
+    const int64_t base = plane * S;
     Vec sum1, sum2;
     if (full > kChains * L) {
       Accumulators<Vec> acc;
-      accumulate_span<scalar_t, kHasDy>(xp, dyp, full, k, acc);
+      accumulate_span(t, base, full, k, acc);
       sum1 = acc.s1[0];
       sum2 = acc.s2[0];
       for (int64_t i = 1; i < kChains; ++i) {
@@ -231,17 +373,15 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
       sum1 = Vec(0);
       sum2 = Vec(0);
       for (int64_t i = 0; i < full; i += L) {
-        const Vec d = IO::load(xp + i) - k;
-        const Vec a = kHasDy ? IO::load(dyp + i) : d;
+        Vec a, d;
+        t.reduce(lanes, base + i, k, a, d);
         sum1 = sum1 + a;
         sum2 = at::vec::fmadd(a, d, sum2);
       }
     }
     if (n_tail > 0) {
-      // Masked-off lanes must add nothing: zero them in d (x - K is not 0
-      // there); a masked load of dy is already 0 there.
-      const Vec d = Vec::set(Vec(0), IO::load(xp + full, n_tail) - k, n_tail);
-      const Vec a = kHasDy ? IO::load(dyp + full, n_tail) : d;
+      Vec a, d;
+      t.reduce(Lanes<scalar_t>{n_tail}, base + full, k, a, d);
       sum1 = sum1 + a;
       sum2 = at::vec::fmadd(a, d, sum2);
     }
@@ -264,29 +404,16 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
   }
 }
 
-template <typename scalar_t>
-void reduce_cf(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int64_t plane_begin,
-               int64_t plane_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
-               at::opmath_type<scalar_t>* scratch, double* lane_totals) {
-  if (dy) {
-    reduce_cf_impl<scalar_t, true>(x, dy, C, S, plane_begin, plane_end, shift, s1, s2, scratch,
-                                   lane_totals);
-  } else {
-    reduce_cf_impl<scalar_t, false>(x, dy, C, S, plane_begin, plane_end, shift, s1, s2, scratch,
-                                    lane_totals);
-  }
-}
-
 // Channels-last: the channel vectors of a row are independent chains already;
 // kRowsPerStep rows are summed in registers before each update of the
 // per-channel partial sums in scratch, which amortizes their loads and stores.
 constexpr int64_t kRowsPerStep = 4;
 constexpr int64_t kWide = 4;
 
-template <typename scalar_t, bool kHasDy>
+template <typename scalar_t, bool kHasDy, bool kFused>
 void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
-                    at::opmath_type<scalar_t>* scratch) {
+                    at::opmath_type<scalar_t>* scratch, const Fusion<scalar_t>* fusion) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using opmath_t = typename IO::opmath_t;
@@ -294,9 +421,9 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   const int64_t Cp = padded_channels(C);
   // NB: float64 partial sums are as wide as the totals, so their run sums
   // would round at every step and lose a few ulps to torch's cascade sums on
-  // long channels ((4100, 3, 2, 2): 9 ulps). They are compensated instead
-  // (Neumaier): each step's rounding error is kept in res1/res2 and added
-  // back at the fold. float/half runs are short enough not to need it.
+  // long channels. They are compensated instead (Neumaier): each step's
+  // rounding error is kept in res1/res2 and added back at the fold.
+  // float/half runs are short enough not to need it.
   constexpr bool kCompensated = std::is_same<opmath_t, double>::value;
   const int64_t scratch_size = (kCompensated ? 4 : 2) * Cp;
   opmath_t* acc1 = scratch;
@@ -315,6 +442,9 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
     }
     sum.store(acc + i);
   };
+  // One Terms per channel vector of a wide step (each has its own z coefficients).
+  Terms<scalar_t, kHasDy, kFused> terms[kWide] = {{x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}};
+  const Lanes<scalar_t> lanes{L};
   // The last, partial channel vector reads (and discards) up to L - 1 values
   // past C in acc1/acc2 (padded) but must not read past the row in x/dy.
   auto step = [&](int64_t m0, int64_t rows) {
@@ -326,13 +456,14 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
       Vec k[kWide], a_sum[kWide], ad_sum[kWide];
       for (int64_t j = 0; j < kWide; ++j) {
         k[j] = Vec::loadu(shift + i + j * L);
+        if (kFused) terms[j].set_z(fusion->zp, fusion->zq, i + j * L, L, /*broadcast=*/false);
         a_sum[j] = ad_sum[j] = Vec(0);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (m0 + r) * row_stride + i;
         for (int64_t j = 0; j < kWide; ++j) {
-          const Vec d = IO::load(x + offset + j * L) - k[j];
-          const Vec a = kHasDy ? IO::load(dy + offset + j * L) : d;
+          Vec a, d;
+          terms[j].reduce(lanes, offset + j * L, k[j], a, d);
           a_sum[j] = a_sum[j] + a;
           ad_sum[j] = at::vec::fmadd(a, d, ad_sum[j]);
         }
@@ -343,14 +474,13 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
       }
     }
     for (; i < C; i += L) {
-      const int64_t n = min64(L, C - i);
-      const Vec k = n == L ? Vec::loadu(shift + i) : Vec::loadu(shift + i, n);
+      const Lanes<scalar_t> part{min64(L, C - i)};
+      const Vec k = part.n == L ? Vec::loadu(shift + i) : Vec::loadu(shift + i, part.n);
+      if (kFused) terms[0].set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
       Vec a_sum(0), ad_sum(0);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t offset = (m0 + r) * row_stride + i;
-        Vec d = (n == L ? IO::load(x + offset) : IO::load(x + offset, n)) - k;
-        if (n < L) d = Vec::set(Vec(0), d, n);
-        const Vec a = kHasDy ? (n == L ? IO::load(dy + offset) : IO::load(dy + offset, n)) : d;
+        Vec a, d;
+        terms[0].reduce(part, (m0 + r) * row_stride + i, k, a, d);
         a_sum = a_sum + a;
         ad_sum = at::vec::fmadd(a, d, ad_sum);
       }
@@ -377,43 +507,27 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   fold();
 }
 
-template <typename scalar_t>
-void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin, int64_t m_end,
-               const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
-               at::opmath_type<scalar_t>* scratch) {
-  if (dy) {
-    reduce_cl_impl<scalar_t, true>(x, dy, C, row_stride, m_begin, m_end, shift, s1, s2, scratch);
-  } else {
-    reduce_cl_impl<scalar_t, false>(x, dy, C, row_stride, m_begin, m_end, shift, s1, s2, scratch);
-  }
-}
-
-template <typename scalar_t>
-void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
-               int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
-               const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-               const at::opmath_type<scalar_t>* r) {
+template <typename scalar_t, bool kHasDy, bool kFused>
+void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
+                    int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
+                    const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
+                    const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
+  Terms<scalar_t, kHasDy, kFused> t(x, dy, fusion);
+  const Lanes<scalar_t> lanes{L};
   int64_t c = plane_begin % C;
   for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec mv(m[c]), pv(p[c]), qv(q[c]);
-    const Vec rv(dy ? r[c] : 0);
-    const scalar_t* xp = x + plane * S;
-    const scalar_t* dyp = dy ? dy + plane * S : nullptr;
-    scalar_t* op = out + plane * S;
+    const Vec rv(kHasDy ? r[c] : 0);
+    if (kFused) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
+    const int64_t base = plane * S;
     int64_t s = 0;
-    for (; s + L <= S; s += L) {
-      Vec y = at::vec::fmadd(IO::load(xp + s) - mv, pv, qv);
-      if (dyp) y = at::vec::fmadd(IO::load(dyp + s), rv, y);
-      IO::store(op + s, y);
-    }
+    for (; s + L <= S; s += L) IO::store(out + base + s, t.affine(lanes, base + s, mv, pv, qv, rv));
     if (s < S) {
-      const int64_t n_tail = S - s;
-      Vec y = at::vec::fmadd(IO::load(xp + s, n_tail) - mv, pv, qv);
-      if (dyp) y = at::vec::fmadd(IO::load(dyp + s, n_tail), rv, y);
-      IO::store(op + s, y, n_tail);
+      const Lanes<scalar_t> tail{S - s};
+      tail.store(out + base + s, t.affine(tail, base + s, mv, pv, qv, rv));
     }
   }
 }
@@ -421,35 +535,25 @@ void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, 
 // Channels-last: kRowsPerStep rows per pass over the channel vectors, so each
 // coefficient vector loaded serves several rows (the per-channel m, p, q, r
 // loads would otherwise outnumber the data loads).
-template <typename scalar_t, bool kHasDy>
+template <typename scalar_t, bool kHasDy, bool kFused>
 void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
                     const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-                    const at::opmath_type<scalar_t>* r) {
+                    const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
+  Terms<scalar_t, kHasDy, kFused> t(x, dy, fusion);
   auto step = [&](int64_t row0, int64_t rows) {
-    int64_t i = 0;
-    for (; i + L <= C; i += L) {
-      const Vec mv = Vec::loadu(m + i), pv = Vec::loadu(p + i), qv = Vec::loadu(q + i);
-      const Vec rv = kHasDy ? Vec::loadu(r + i) : Vec(0);
+    for (int64_t i = 0; i < C; i += L) {
+      const Lanes<scalar_t> part{min64(L, C - i)};
+      auto coef = [&](const at::opmath_type<scalar_t>* v) { return part.n == L ? Vec::loadu(v + i) : Vec::loadu(v + i, part.n); };
+      const Vec mv = coef(m), pv = coef(p), qv = coef(q);
+      const Vec rv = kHasDy ? coef(r) : Vec(0);
+      if (kFused) t.set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
       for (int64_t k = 0; k < rows; ++k) {
         const int64_t offset = (row0 + k) * row_stride + i;
-        Vec y = at::vec::fmadd(IO::load(x + offset) - mv, pv, qv);
-        if (kHasDy) y = at::vec::fmadd(IO::load(dy + offset), rv, y);
-        IO::store(out + offset, y);
-      }
-    }
-    if (i < C) {
-      const int64_t n = C - i;
-      const Vec mv = Vec::loadu(m + i, n), pv = Vec::loadu(p + i, n), qv = Vec::loadu(q + i, n);
-      const Vec rv = kHasDy ? Vec::loadu(r + i, n) : Vec(0);
-      for (int64_t k = 0; k < rows; ++k) {
-        const int64_t offset = (row0 + k) * row_stride + i;
-        Vec y = at::vec::fmadd(IO::load(x + offset, n) - mv, pv, qv);
-        if (kHasDy) y = at::vec::fmadd(IO::load(dy + offset, n), rv, y);
-        IO::store(out + offset, y, n);
+        part.store(out + offset, t.affine(part, offset, mv, pv, qv, rv));
       }
     }
   };
@@ -458,18 +562,47 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   if (row < m_end) step(row, m_end - row);
 }
 
+// The exported loops: dispatch on dy (reduction for the backward, or
+// statistics; grad or forward affine step) and on a fusion.
+#define BNFAST_DISPATCH_LOOP(impl, ...)                                            \
+  if (dy) {                                                                        \
+    fusion ? impl<scalar_t, true, true>(__VA_ARGS__) : impl<scalar_t, true, false>(__VA_ARGS__);   \
+  } else {                                                                         \
+    fusion ? impl<scalar_t, false, true>(__VA_ARGS__) : impl<scalar_t, false, false>(__VA_ARGS__); \
+  }
+
+template <typename scalar_t>
+void reduce_cf(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int64_t plane_begin,
+               int64_t plane_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
+               at::opmath_type<scalar_t>* scratch, double* lane_totals, const Fusion<scalar_t>* fusion) {
+  BNFAST_DISPATCH_LOOP(reduce_cf_impl, x, dy, C, S, plane_begin, plane_end, shift, s1, s2, scratch, lane_totals,
+                       fusion)
+}
+
+template <typename scalar_t>
+void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin, int64_t m_end,
+               const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
+               at::opmath_type<scalar_t>* scratch, const Fusion<scalar_t>* fusion) {
+  BNFAST_DISPATCH_LOOP(reduce_cl_impl, x, dy, C, row_stride, m_begin, m_end, shift, s1, s2, scratch, fusion)
+}
+
+template <typename scalar_t>
+void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
+               int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
+               const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
+               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
+  BNFAST_DISPATCH_LOOP(affine_cf_impl, x, dy, out, C, S, plane_begin, plane_end, m, p, q, r, fusion)
+}
+
 template <typename scalar_t>
 void affine_cl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t row_stride,
-               int64_t m_begin,
-               int64_t m_end, const at::opmath_type<scalar_t>* m,
+               int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
                const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-               const at::opmath_type<scalar_t>* r) {
-  if (dy) {
-    affine_cl_impl<scalar_t, true>(x, dy, out, C, row_stride, m_begin, m_end, m, p, q, r);
-  } else {
-    affine_cl_impl<scalar_t, false>(x, dy, out, C, row_stride, m_begin, m_end, m, p, q, r);
-  }
+               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
+  BNFAST_DISPATCH_LOOP(affine_cl_impl, x, dy, out, C, row_stride, m_begin, m_end, m, p, q, r, fusion)
 }
+
+#undef BNFAST_DISPATCH_LOOP
 
 template <typename scalar_t>
 Loops<scalar_t> make_loops() {

@@ -1,0 +1,107 @@
+// The fused batch norm + activation ops on backends without fused kernels of
+// their own (CUDA, for now): the plain bnfast ops of that backend and ATen's
+// activations, one after the other. Same results as a fused kernel (up to
+// rounding), not its speed: every activation is a pass of its own.
+// Registered as CompositeExplicitAutograd, so a backend kernel (CPU's) takes
+// precedence, and autograd stays the fused ops' own (csrc/autograd).
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "checks.h"
+
+namespace bnfast {
+namespace {
+
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Triple call_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::forward", "").typed<Triple(
+      const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double)>();
+  return op.call(input, weight, bias, eps);
+}
+
+at::Tensor call_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                      const at::Tensor& mean, const at::Tensor& invstd) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::elemt", "").typed<at::Tensor(
+      const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(input, weight, bias, mean, invstd);
+}
+
+Triple call_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                     const at::Tensor& invstd, const OptionalTensor& weight) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::backward", "").typed<Triple(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&)>();
+  return op.call(grad_out, input, mean, invstd, weight);
+}
+
+bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
+
+// act(z + residual), in z's dtype.
+at::Tensor activate(at::Tensor z, const OptionalTensor& residual, Act act, double slope) {
+  if (given(residual)) z = z + *residual;
+  switch (act) {
+    case Act::kRelu: return at::relu(z);
+    case Act::kLeakyRelu: return at::leaky_relu(z, slope);
+    case Act::kSilu: return at::silu(z);
+    case Act::kGelu: return at::gelu(z, "none");
+    case Act::kGeluTanh: return at::gelu(z, "tanh");
+    default: return z;
+  }
+}
+
+Triple forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                   const OptionalTensor& residual, double eps, c10::string_view act, double slope) {
+  const auto a = check_forward_act(input, weight, bias, residual, act);
+  auto [z, mean, invstd] = call_forward(a.pre_relu ? at::relu(input) : input, weight, bias, eps);
+  return {activate(z, residual, a.act, slope), mean, invstd};
+}
+
+at::Tensor elemt_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                     const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& residual,
+                     c10::string_view act, double slope) {
+  const auto a = check_elemt_act(input, weight, bias, mean, invstd, residual, act);
+  return activate(call_elemt(a.pre_relu ? at::relu(input) : input, weight, bias, mean, invstd), residual, a.act,
+                  slope);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+    const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& residual, c10::string_view act,
+    double slope) {
+  const auto a = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  const auto x = a.pre_relu ? at::relu(input) : input;
+  at::Tensor dz = grad_out;
+  if (a.act != Act::kIdentity) {
+    // z = BN(x) + residual, recomputed, then dz = dy * act'(z) in z's dtype.
+    auto z = call_elemt(x, weight, bias, mean, invstd);
+    if (given(residual)) z = z + *residual;
+    switch (a.act) {
+      case Act::kRelu: dz = at::threshold_backward(grad_out, z, 0); break;
+      case Act::kLeakyRelu: dz = at::leaky_relu_backward(grad_out, z, slope, false); break;
+      case Act::kSilu: dz = at::silu_backward(grad_out, z); break;
+      case Act::kGelu: dz = at::gelu_backward(grad_out, z, "none"); break;
+      case Act::kGeluTanh: dz = at::gelu_backward(grad_out, z, "tanh"); break;
+      default: break;
+    }
+  }
+  auto [grad_input, grad_weight, grad_bias] = call_backward(dz, x, mean, invstd, weight);
+  if (a.pre_relu) grad_input = at::threshold_backward(grad_input, input, 0);
+  // grad_residual = dz, never an alias of grad_out (an op's outputs do not alias its inputs).
+  auto grad_residual = !given(residual) ? at::empty({0}, input.options())
+                       : a.act == Act::kIdentity ? grad_out.clone() : dz;
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnfast, CompositeExplicitAutograd, m) {
+  m.impl("forward_act", &forward_act);
+  m.impl("elemt_act", &elemt_act);
+  m.impl("backward_act", &backward_act);
+}
+
+}  // namespace bnfast

@@ -1,0 +1,196 @@
+"""Batch norm fused with an activation (bnfast.batch_norm_act, BatchNormAct*d,
+the ops forward_act / elemt_act / backward_act), against the unfused torch
+ops it replaces: act(F.batch_norm(x) + residual) and F.batch_norm(relu(x)).
+
+Numerics follow the suite's rule (tests/reference.py): bnfast's error against
+the float64 truth (the unfused ops in float64) at most twice torch's unfused
+error at the same dtype, plus a rounding floor; then gradients to second
+order, forward-mode AD and torch.func, opcheck, torch.compile, modules and
+errors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import bnfast
+from tests import reference as ref
+from tests import samples
+
+EPS = 1e-5
+SLOPE = 0.2
+OPS = torch.ops.bnfast
+UNFUSED = {"identity": lambda y: y, "relu": F.relu, "leaky_relu": lambda y: F.leaky_relu(y, SLOPE),
+           "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
+ACTS = list(UNFUSED) + ["pre_relu"]
+# Every activation with and without a residual (pre_relu takes none).
+VARIANTS = [(a, r) for a in ACTS for r in (False, True) if not (r and a == "pre_relu")]
+VARIANT_IDS = [f"{a}{'+residual' if r else ''}" for a, r in VARIANTS]
+# Every variant on float32 over the loops' paths (plane loops, short planes as
+# rows and fused blocks, channels-last rows, (N, C)); half precision on the
+# activations' kinds (clamp, smooth, pre-activation). float64 is the truth
+# here; gradcheck covers it.
+_FP32 = samples.cases(dtypes=(torch.float32,), shapes=[(4, 6, 7, 5), samples.SHORT_PLANES, (16, 5),
+                                                      samples.PLANE_LOOPS], layouts=("contiguous", "channels_last"))
+_HALF = samples.cases(dtypes=(torch.bfloat16, torch.float16), shapes=[(4, 6, 7, 5), samples.SHORT_PLANES],
+                      layouts=("contiguous", "channels_last"))
+MATRIX = [(c, a, r) for c in _FP32 for a, r in VARIANTS] + \
+    [(c, a, r) for c in _HALF for a, r in (("relu", True), ("silu", False), ("pre_relu", False))]
+MATRIX_IDS = [f"{c}-{a}{'+residual' if r else ''}" for c, a, r in MATRIX]
+
+
+def unfused(x, rm, rv, w, b, training, act, residual):
+    if act == "pre_relu":
+        return F.batch_norm(F.relu(x), rm, rv, w, b, training, 0.1, EPS)
+    y = F.batch_norm(x, rm, rv, w, b, training, 0.1, EPS)
+    return UNFUSED[act](y if residual is None else y + residual)
+
+
+def fused(x, rm, rv, w, b, training, act, residual):
+    return bnfast.batch_norm_act(x, rm, rv, w, b, training, 0.1, EPS, act=act, negative_slope=SLOPE,
+                                 residual=residual)
+
+
+def _run(fn, case, device, training, act, with_residual, dtype=None):
+    """Output, input / weight / bias / residual gradients and running statistics, in `dtype` (the case's)."""
+    dtype = dtype or case.dtype
+    x = case.input(device).to(dtype).requires_grad_(True)
+    w, b = (t.to(dtype).requires_grad_(True) for t in case.params(device))
+    rm, rv = (t.to(dtype) for t in case.running(device))
+    residual = case.arrange(case.grad_out(device, seed=7).to(dtype)).requires_grad_(True) if with_residual else None
+    y = fn(x, rm, rv, w, b, training, act, residual)
+    leaves = [x, w, b] + ([residual] if with_residual else [])
+    grads = torch.autograd.grad(y, leaves, case.grad_out(device).to(dtype))
+    return [y, *grads, rm, rv]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("case", "act", "with_residual"), MATRIX, ids=MATRIX_IDS)
+def test_matches_unfused(case, act, with_residual, training, device):
+    ours = _run(fused, case, device, training, act, with_residual)
+    theirs = _run(unfused, case, device, training, act, with_residual)
+    truth = _run(unfused, case, device, training, act, with_residual, dtype=torch.float64)
+    names = ["output", "grad_input", "grad_weight", "grad_bias"] + (["grad_residual"] if with_residual else []) \
+        + ["running_mean", "running_var"]
+    for name, a, b, t in zip(names, ours, theirs, truth):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        ref.assert_error_within_torch(f"{name} ({act})", a, b, t, a.dtype)
+
+
+@pytest.mark.parametrize(("act", "with_residual"), VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(act, with_residual, training, device):
+    case = samples.Case((3, 2, 3, 2), "channels_last", torch.float64)
+    x = case.input(device, requires_grad=True)
+    w, b = (t.requires_grad_(True) for t in case.params(device))
+    residual = case.grad_out(device, seed=7).requires_grad_(True) if with_residual else None
+    rm, rv = case.running(device)
+
+    def fn(x, w, b, *residual):
+        return fused(x, rm.clone(), rv.clone(), w, b, training, act, residual[0] if residual else None)
+
+    inputs = (x, w, b) + ((residual,) if with_residual else ())
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "pre_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_ad_and_torch_func(act, training, device):
+    """Tangents (dual tensors and torch.func.jvp) and torch.func.grad equal the unfused ops'."""
+    case = samples.Case((4, 3, 5), "contiguous", torch.float64)
+    x, t = case.input(device), case.grad_out(device)
+    w, b = case.params(device)
+    rm, rv = case.running(device)
+    with_stats = (None, None) if training else (rm, rv)
+
+    def f(impl):
+        return lambda x: impl(x, *with_stats, w, b, training, act, None)
+    jvps = [torch.func.jvp(f(impl), (x,), (t,)) for impl in (unfused, fused)]
+    torch.testing.assert_close(jvps[1], jvps[0])
+    grads = [torch.func.grad(lambda x: f(impl)(x).pow(3).sum())(x) for impl in (unfused, fused)]
+    torch.testing.assert_close(grads[1], grads[0])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        tangents = [fwAD.unpack_dual(f(impl)(fwAD.make_dual(x, t))).tangent for impl in (unfused, fused)]
+    torch.testing.assert_close(tangents[1], tangents[0])
+
+
+@pytest.mark.gpu_smoke
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_opcheck(dtype, device):
+    case = samples.Case((3, 4, 3, 2), "channels_last", dtype)
+    x = case.input(device, requires_grad=dtype == torch.float32)
+    w, b = case.params(device)
+    residual = case.grad_out(device, seed=7)
+    mean, invstd = (t.detach() for t in OPS.stats(x.detach(), EPS))
+    for act, res in (("relu", residual), ("gelu", None), ("pre_relu", None)):
+        torch.library.opcheck(OPS.forward_act.default, (x, w, b, res, EPS, act, SLOPE))
+        torch.library.opcheck(OPS.elemt_act.default, (x, w, b, mean, invstd, res, act, SLOPE))
+        torch.library.opcheck(OPS.backward_act.default,
+                              (case.grad_out(device), x.detach(), mean, invstd, w, b, res, act, SLOPE))
+
+
+@pytest.mark.gpu_smoke
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnfast.BatchNormAct2d(8, act="silu")).to(device)
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    outs = [m(x) for m in (model, compiled)]
+    torch.testing.assert_close(outs[1], outs[0])
+    grads = [torch.autograd.grad(o.square().sum(), list(m.parameters())) for o, m in zip(outs, (model, compiled))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "shape"), [(bnfast.BatchNormAct1d, torch.nn.BatchNorm1d, (8, 4)),
+                                                       (bnfast.BatchNormAct2d, torch.nn.BatchNorm2d, (8, 4, 3, 3)),
+                                                       (bnfast.BatchNormAct3d, torch.nn.BatchNorm3d, (4, 4, 2, 3, 3))])
+def test_modules(ours, theirs, shape, device):
+    """BatchNormAct*d: torch's BatchNorm*d state (a checkpoint loads into either), isinstance,
+    repr, and the unfused module's results over train and eval steps, with a residual."""
+    torch.manual_seed(0)
+    plain = theirs(4).to(device)
+    act = ours(4, act="leaky_relu", negative_slope=SLOPE).to(device)
+    act.load_state_dict(plain.state_dict())
+    assert act.state_dict().keys() == plain.state_dict().keys() and isinstance(act, theirs)
+    assert "act='leaky_relu', negative_slope=0.2" in repr(act)
+    for training in (True, True, False):
+        plain.train(training), act.train(training)
+        x, residual = torch.randn(shape, device=device), torch.randn(shape, device=device)
+        torch.testing.assert_close(act(x, residual), F.leaky_relu(plain(x) + residual, SLOPE))
+    plain.load_state_dict(act.state_dict())
+    for key, value in act.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], value)
+
+
+def test_errors(device):
+    x = torch.randn(4, 3, 5, device=device)
+    with pytest.raises(ValueError, match="unknown activation"):
+        bnfast.batch_norm_act(x, None, None, training=True, act="tanh")
+    with pytest.raises(ValueError, match="unknown activation"):
+        bnfast.BatchNormAct1d(3, act="tanh")
+    with pytest.raises(ValueError, match="pre_relu"):
+        bnfast.batch_norm_act(x, None, None, training=True, act="pre_relu", residual=torch.randn_like(x))
+    with pytest.raises(ValueError, match="unknown activation"):
+        OPS.forward_act(x, None, None, None, EPS, "tanh", 0.0)
+    with pytest.raises(RuntimeError, match="residual must have the input's shape"):
+        OPS.forward_act(x, None, None, torch.randn(4, 3, 6, device=device), EPS, "relu", 0.0)
+    with pytest.raises(ValueError, match="pre_relu"):
+        OPS.forward_act(x, None, None, torch.randn_like(x), EPS, "pre_relu", 0.0)
+
+
+def test_fused_backward_is_not_differentiable(device):
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    mean, invstd = (t.detach() for t in OPS.stats(x.detach(), EPS))
+    grad_input = OPS.backward_act(torch.randn(4, 3, 5, device=device), x, mean, invstd, None, None, None, "relu",
+                                  0.0)[0]
+    with pytest.raises(RuntimeError, match="bnfast::backward_act"):
+        grad_input.sum().backward()
