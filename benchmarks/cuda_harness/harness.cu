@@ -397,9 +397,11 @@ class Tensors {
   void init() {
     const int64_t n = shape_.numel(), C = shape_.channels, S = shape_.spatial;
     fill(cfg_.t.dtype, x_.get(), n, C, S, cfg_.layout, {1, 0.0f, 1.0f, 1.0f}, stream_);
-    fill(cfg_.t.dtype, dy_.get(), n, C, S, cfg_.layout, {2, 0.0f, 0.05f, 1.0f}, stream_);
-    // Near the statistics of x (mean: its channel means; invstd ~ 1 / 0.577).
-    const Fill channel_fills[] = {{3, 1.0f, 0.1f, 0.25f}, {4, 0.0f, 0.25f, 0.5f}, {5, 0.0f, 1.0f, 0.1f},
+    fill(cfg_.t.dtype, dy_.get(), n, C, S, cfg_.layout, {2, 0.0f, 0.1f, 1.0f}, stream_);
+    // mean and invstd near the statistics of x (invstd ~ 1 / 0.577), mean
+    // offset by 0.5 and dy by channel so that the sums of dy and of
+    // dy * (x - mean) do not cancel (--check compares them to max |sum|).
+    const Fill channel_fills[] = {{3, 1.0f, 0.1f, 0.25f}, {4, 0.0f, 0.25f, 0.5f}, {5, 0.5f, 1.0f, 0.1f},
                                   {6, 1.5f, 0.0f, 0.25f}, {7, 0.0f, 0.05f, 0.01f}, {8, 0.0f, 0.0f, 0.1f}};
     for (int k = kWeight; k <= kMeanDyXmu; ++k) {
       fill(DType::kFloat, channels_[k].get(), C, C, 1, Layout::kChannelsLast, channel_fills[k], stream_);
@@ -823,9 +825,13 @@ int time_all(const Options& o, const Device& d) {
 // ---------------------------------------------------------------------------
 // --sweep
 
-// Block counts tried around the plan's d: 1, d/4 .. 4d.
-std::vector<int64_t> candidates(int64_t d) {
-  std::vector<int64_t> v = {1, d / 4, d / 2, d, 2 * d, 4 * d};
+// Blocks along y tried for a plan's d: 1, d/2, d, 2d, and the counts that
+// make the whole grid (ctiles columns) one wave of 2, 4 or 8 blocks per SM;
+// make_plan rounds its fill target up, which can leave a second, near-empty
+// wave (e.g. 64 channels x 17 = 1088 blocks for 132 x 8 = 1056 slots).
+std::vector<int64_t> candidates(int64_t d, const Plan& p, int sms) {
+  std::vector<int64_t> v = {1, d / 2, d, 2 * d};
+  for (int64_t per_sm : {2, 4, 8}) v.push_back(sms * per_sm / p.ctiles);
   for (int64_t& x : v) x = std::clamp<int64_t>(x, 1, kMaxGridY);
   std::sort(v.begin(), v.end());
   v.erase(std::unique(v.begin(), v.end()), v.end());
@@ -838,8 +844,8 @@ int sweep(const Options& o, const Device& d) {
     if (op->uses != kUsesNone) ops.push_back(op);
   }
   Timer timer(o, d.stream, d.prop.l2CacheSize);
-  std::printf("sweep: P (reduce blocks) x E (elementwise blocks) in {1, d/4 .. 4d} around the plan's d; "
-              "best per launcher as speed-up over the plan (P, E)\n");
+  std::printf("sweep: P (reduce blocks) x E (elementwise blocks) in {1, d/2, d, 2d, one wave of 2, 4 or 8 blocks "
+              "per SM} for the plan's d; best per launcher as speed-up over the plan (P, E)\n");
   std::printf("%-9s %-16s %-8s %-13s %-18s", "case", "shape", "dtype", "layout", "plan");
   for (const Op* op : ops) std::printf(" %22s", op->label);
   std::printf("\n");
@@ -854,19 +860,21 @@ int sweep(const Options& o, const Device& d) {
     JsonObject results;
     for (const Op* op : ops) {
       const bool reduce = op->uses & kUsesReduce, elementwise = op->uses & kUsesElementwise;
-      const std::vector<int64_t> ps = reduce ? candidates(cfg.plan.reduce_blocks) : std::vector{cfg.plan.reduce_blocks};
+      const Plan& plan = cfg.plan;
+      const std::vector<int64_t> ps =
+          reduce ? candidates(plan.reduce_blocks, plan, d.sms) : std::vector{plan.reduce_blocks};
       const std::vector<int64_t> es =
-          elementwise ? candidates(cfg.plan.elementwise_blocks) : std::vector{cfg.plan.elementwise_blocks};
+          elementwise ? candidates(plan.elementwise_blocks, plan, d.sms) : std::vector{plan.elementwise_blocks};
       double plan_us = 0, best_us = INFINITY;
-      Plan best = cfg.plan;
+      Plan best = plan;
       std::vector<std::string> points;
       for (int64_t p : ps) {
         for (int64_t e : es) {
-          Plan variant = cfg.plan;
+          Plan variant = plan;
           variant.reduce_blocks = p;
           variant.elementwise_blocks = e;
           const double us = timer.time(*op, data.run(variant), where + " " + op->name + " " + plan_brief(variant));
-          if (p == cfg.plan.reduce_blocks && e == cfg.plan.elementwise_blocks) plan_us = us;
+          if (p == plan.reduce_blocks && e == plan.elementwise_blocks) plan_us = us;
           if (us < best_us) {
             best_us = us;
             best = variant;
