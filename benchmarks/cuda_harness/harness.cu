@@ -758,6 +758,38 @@ std::string device_json(const Device& d) {
       .text();
 }
 
+// The JSON a device mode writes: its name, the device, then its own fields.
+JsonObject mode_json(const char* mode, const Device& d) {
+  JsonObject j;
+  j.str("mode", mode).raw("device", device_json(d));
+  return j;
+}
+
+// The device modes' loop: per configuration, its buffers with their test
+// values, a table row that starts with the configuration and its plan and
+// goes on with what f(cfg, tensors) prints, and the JSON object f returns
+// (its per-launcher results). Returns the rows' JSON.
+const char* const kRowHeader = "%-9s %-16s %-8s %-13s %7s %-18s";
+
+template <typename F>
+std::vector<std::string> on_each_config(const Options& o, const Device& d, F&& f) {
+  std::vector<std::string> rows;
+  for_each_config(o, [&](const Case& c, const DTypeInfo& t, Layout l) {
+    const Config cfg{c, t, l, plan_for(o, t.dtype, l, c.shape(), d.sms)};
+    Tensors data(cfg, d.stream);
+    data.init();
+    char mb[16];
+    std::snprintf(mb, sizeof mb, "%.2f", c.shape().numel() * dtype_bytes(t.dtype) / 1e6);
+    std::printf(kRowHeader, c.name.c_str(), c.dims_text().c_str(), t.name, layout_name(l), mb,
+                plan_brief(cfg.plan).c_str());
+    const std::string results = f(cfg, data);
+    std::printf("\n");
+    std::fflush(stdout);
+    rows.push_back(JsonObject().raw("config", config_json(c, t, l, cfg.plan)).raw("ops", results).text());
+  });
+  return rows;
+}
+
 // A copy of 2 x 512 MiB (far beyond L2): the card's streaming bandwidth.
 double dram_copy_tbs(Timer& timer) {
   const size_t bytes = size_t(512) << 20;
@@ -777,20 +809,14 @@ int time_all(const Options& o, const Device& d) {
   std::printf("copy of 512 MiB: %.2f TB/s (read + write); timing: %s, median of %d samples of %d launches\n", dram,
               o.flush_l2 ? "each launch alone after an L2 flush" : o.graph ? "CUDA graph replays" : "host launches",
               o.samples, o.flush_l2 ? 1 : o.batch);
-  std::printf("%-9s %-16s %-8s %-13s %7s %-18s", "case", "shape", "dtype", "layout", "MB", "plan");
+  std::printf(kRowHeader, "case", "shape", "dtype", "layout", "MB", "plan");
   for (const Op* op : ops) std::printf(" %16s", (std::string(op->label) + " us %cp").c_str());
   std::printf("\n");
-  std::vector<std::string> rows;
-  for_each_config(o, [&](const Case& c, const DTypeInfo& t, Layout l) {
-    const Config cfg{c, t, l, plan_for(o, t.dtype, l, c.shape(), d.sms)};
-    Tensors data(cfg, d.stream);
-    data.init();
+  const std::vector<std::string> rows = on_each_config(o, d, [&](const Config& cfg, Tensors& data) {
     const Run run = data.run(cfg.plan);
-    const std::string where = c.name + " " + t.name + " " + layout_name(l);
+    const std::string where = cfg.c.name + " " + cfg.t.name + " " + layout_name(cfg.layout);
     const double copy_us = timer.time(copy, run, where + " copy");
     const double copy_bw = passes(Kind::kCopy) * double(run.bytes) / copy_us;  // bytes per us
-    std::printf("%-9s %-16s %-8s %-13s %7.2f %-18s", c.name.c_str(), c.dims_text().c_str(), t.name, layout_name(l),
-                run.bytes / 1e6, plan_brief(cfg.plan).c_str());
     JsonObject results;
     for (const Op* op : ops) {
       const double us = op == &copy ? copy_us : timer.time(*op, run, where + " " + op->name);
@@ -804,14 +830,11 @@ int time_all(const Options& o, const Device& d) {
                                 .num("frac_copy", model / us / copy_bw)
                                 .text());
     }
-    std::printf("\n");
-    rows.push_back(JsonObject().raw("config", config_json(c, t, l, cfg.plan)).raw("ops", results.text()).text());
+    return results.text();
   });
   std::printf("us: median time per launch; %%cp: streaming-model bandwidth (passes x tensor bytes / time) over the "
               "bandwidth of copying the same tensor\n");
-  write_json(o.json, JsonObject()
-                         .str("mode", "time")
-                         .raw("device", device_json(d))
+  write_json(o.json, mode_json("time", d)
                          .num("dram_copy_tbs", dram)
                          .num("samples", o.samples)
                          .num("batch", o.batch)
@@ -846,21 +869,15 @@ int sweep(const Options& o, const Device& d) {
   Timer timer(o, d.stream, d.prop.l2CacheSize);
   std::printf("sweep: P (reduce blocks) x E (elementwise blocks) in {1, d/2, d, 2d, one wave of 2, 4 or 8 blocks "
               "per SM} for the plan's d; best per launcher as speed-up over the plan (P, E)\n");
-  std::printf("%-9s %-16s %-8s %-13s %-18s", "case", "shape", "dtype", "layout", "plan");
+  std::printf(kRowHeader, "case", "shape", "dtype", "layout", "MB", "plan");
   for (const Op* op : ops) std::printf(" %22s", op->label);
   std::printf("\n");
-  std::vector<std::string> rows;
-  for_each_config(o, [&](const Case& c, const DTypeInfo& t, Layout l) {
-    const Config cfg{c, t, l, plan_for(o, t.dtype, l, c.shape(), d.sms)};
-    Tensors data(cfg, d.stream);
-    data.init();
-    const std::string where = c.name + " " + t.name + " " + layout_name(l);
-    std::printf("%-9s %-16s %-8s %-13s %-18s", c.name.c_str(), c.dims_text().c_str(), t.name, layout_name(l),
-                plan_brief(cfg.plan).c_str());
+  const std::vector<std::string> rows = on_each_config(o, d, [&](const Config& cfg, Tensors& data) {
+    const Plan& plan = cfg.plan;
+    const std::string where = cfg.c.name + " " + cfg.t.name + " " + layout_name(cfg.layout);
     JsonObject results;
     for (const Op* op : ops) {
       const bool reduce = op->uses & kUsesReduce, elementwise = op->uses & kUsesElementwise;
-      const Plan& plan = cfg.plan;
       const std::vector<int64_t> ps =
           reduce ? candidates(plan.reduce_blocks, plan, d.sms) : std::vector{plan.reduce_blocks};
       const std::vector<int64_t> es =
@@ -895,12 +912,9 @@ int sweep(const Options& o, const Device& d) {
                                 .raw("points", json_array(points))
                                 .text());
     }
-    std::printf("\n");
-    rows.push_back(JsonObject().raw("config", config_json(c, t, l, cfg.plan)).raw("ops", results.text()).text());
+    return results.text();
   });
-  write_json(o.json, JsonObject()
-                         .str("mode", "sweep")
-                         .raw("device", device_json(d))
+  write_json(o.json, mode_json("sweep", d)
                          .num("samples", o.samples)
                          .num("batch", o.batch)
                          .raw("rows", json_array(rows))
@@ -1065,19 +1079,18 @@ int check_all(const Options& o, const Device& d) {
               "per output; tolerance %g for per-channel outputs, per dtype for tensors), outputs poisoned with NaN "
               "before each run, each run twice and compared bitwise\n",
               kChannelTolerance);
+  std::printf(kRowHeader, "case", "shape", "dtype", "layout", "MB", "plan");
+  std::printf(" launcher max error ...\n");
   int runs = 0, failures = 0;
-  std::vector<std::string> rows;
-  for_each_config(o, [&](const Case& c, const DTypeInfo& t, Layout l) {
-    const Config cfg{c, t, l, plan_for(o, t.dtype, l, c.shape(), d.sms)};
-    Tensors data(cfg, d.stream);
-    data.init();
+  const std::vector<std::string> rows = on_each_config(o, d, [&](const Config& cfg, Tensors& data) {
     const Run run = data.run(cfg.plan);
-    const int64_t n = c.shape().numel(), C = c.shape().channels;
-    HostInputs in{c.shape(), l, widen(read_raw(data.x(), t.dtype, n), t.dtype),
-                  widen(read_raw(data.dy(), t.dtype, n), t.dtype), {}};
-    for (int k = 0; k < kChannels; ++k) in.channel[k] = widen(read_raw(data.channel(Channel(k)), DType::kFloat, C), DType::kFloat);
-    std::printf("%-7s %-14s %-8s %-13s %-18s", c.name.c_str(), c.dims_text().c_str(), t.name, layout_name(l),
-                plan_brief(cfg.plan).c_str());
+    const int64_t n = cfg.c.shape().numel(), C = cfg.c.shape().channels;
+    const DType dtype = cfg.t.dtype;
+    HostInputs in{cfg.c.shape(), cfg.layout, widen(read_raw(data.x(), dtype, n), dtype),
+                  widen(read_raw(data.dy(), dtype, n), dtype), {}};
+    for (int k = 0; k < kChannels; ++k) {
+      in.channel[k] = widen(read_raw(data.channel(Channel(k)), DType::kFloat, C), DType::kFloat);
+    }
     std::string failed;
     JsonObject results;
     for (const Op* op : ops) {
@@ -1096,13 +1109,12 @@ int check_all(const Options& o, const Device& d) {
         check(cudaStreamSynchronize(d.stream), op->name);
         size_t j = 0;
         for (Output k : outputs(op->kind)) {
-          const DeviceBuffer& b = output_buffer(data, k);
           const bool is_tensor = k == kY || k == kDX;
-          const DType dtype = is_tensor ? t.dtype : DType::kFloat;
-          std::vector<unsigned char> raw = read_raw(b, dtype, is_tensor ? n : C);
+          const DType out_dtype = is_tensor ? dtype : DType::kFloat;
+          std::vector<unsigned char> raw = read_raw(output_buffer(data, k), out_dtype, is_tensor ? n : C);
           if (attempt == 0) {
-            const double err = relative_error(widen(raw, dtype), want.at(k));
-            const double tol = op->kind == Kind::kCopy ? 0.0 : is_tensor ? t.tolerance : kChannelTolerance;
+            const double err = relative_error(widen(raw, out_dtype), want.at(k));
+            const double tol = op->kind == Kind::kCopy ? 0.0 : is_tensor ? cfg.t.tolerance : kChannelTolerance;
             ok = ok && err <= tol;
             worst = std::isnan(err) ? err : std::max(worst, err);
             errors.num(output_name(k), err);
@@ -1125,14 +1137,11 @@ int check_all(const Options& o, const Device& d) {
                                 .boolean("deterministic", deterministic)
                                 .text());
     }
-    std::printf("\n");
-    if (!failed.empty()) std::printf("  FAILED:%s\n", failed.c_str());
-    rows.push_back(JsonObject().raw("config", config_json(c, t, l, cfg.plan)).raw("ops", results.text()).text());
+    if (!failed.empty()) std::printf("  FAILED:%s", failed.c_str());
+    return results.text();
   });
   std::printf("check: %d launcher runs, %d failed\n", runs, failures);
-  write_json(o.json, JsonObject()
-                         .str("mode", "check")
-                         .raw("device", device_json(d))
+  write_json(o.json, mode_json("check", d)
                          .num("runs", runs)
                          .num("failures", failures)
                          .raw("rows", json_array(rows))
