@@ -31,6 +31,8 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
 
+from benchmarks import kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
@@ -146,8 +148,6 @@ def test_harness_build_uses_the_ci_flags():
 
 
 def test_harness_plans_every_default_case_without_a_gpu(harness):
-    from benchmarks import kernels
-
     binary, returncode, _, _ = harness
     if returncode != 0:
         pytest.skip("the harness did not build (test_harness_builds says why)")
