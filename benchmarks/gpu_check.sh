@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_check.sh            the check
 #   bash benchmarks/gpu_check.sh --full     + the whole CUDA-parametrized suite
 #   bash benchmarks/gpu_check.sh --train    + the training-step timings
+#   bash benchmarks/gpu_check.sh --harness  + the standalone kernel harness built for this card
+#                                           (benchmarks/cuda_harness): --check, then the kernel
+#                                           timings without torch (~1 minute more)
 #
 # Uses the python that already has CUDA torch (PYTHON, else python3, else
 # python) and never makes a virtual environment: on images whose python is
@@ -19,11 +22,13 @@ ROOT=$(pwd)
 
 FULL=0
 TRAIN=0
+HARNESS=0
 for arg in "$@"; do
   case "$arg" in
     --full) FULL=1 ;;
     --train) TRAIN=1 ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [--full] [--train]" >&2; exit 2 ;;
+    --harness) HARNESS=1 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--full] [--train] [--harness]" >&2; exit 2 ;;
   esac
 done
 
@@ -85,6 +90,12 @@ step benchmark 120 "$PY" -m benchmarks.kernels --device cuda --out "$OUT" --no-p
 step bars 30 "$PY" -m benchmarks.cuda_bars "$OUT/kernels.json"
 if [ $TRAIN -eq 1 ]; then
   step train 240 "$PY" -m benchmarks.train_cifar --device cuda --timing-only --out "$OUT/train"
+fi
+if [ $HARNESS -eq 1 ]; then
+  # Built here for this card from the tree being checked, never a carried binary of another tree.
+  step harness-build 240 bash benchmarks/cuda_harness/build.sh --arch "${ARCH/./}" -o "$OUT/bnfast_harness"
+  step harness-check 60 "$OUT/bnfast_harness" --check --json "$OUT/harness-check.json"
+  step harness-time 120 "$OUT/bnfast_harness" --json "$OUT/harness-time.json"
 fi
 
 {

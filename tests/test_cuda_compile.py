@@ -11,6 +11,8 @@ the host.
   (test-only).
 * The kernels' 32-bit index divider (csrc/cuda/divider.h) is host-callable:
   tests/native/divider_check.cpp checks it against integer division.
+* The standalone timing harness (benchmarks/cuda_harness) builds from the
+  kernel objects compiled here, and its --plan mode runs without a GPU.
 
 All files compile once, in parallel (one process per core), the first time a
 case needs them; each case then reports its own file's result.
@@ -29,6 +31,8 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
 
+from benchmarks import kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
@@ -36,6 +40,7 @@ SHIM = Path(__file__).resolve().parent / "cuda_shim"
 KERNELS = sorted(CUDA_DIR.glob("*.cu"))
 OP_FILES = sorted(CUDA_DIR.glob("*.cpp"))
 DIVIDER_CHECK = Path(__file__).resolve().parent / "native" / "divider_check.cpp"
+HARNESS_BUILD = ROOT / "benchmarks" / "cuda_harness" / "build.sh"
 NVCC = shutil.which("nvcc")
 
 pytestmark = [pytest.mark.cuda_compile, pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")]
@@ -87,8 +92,23 @@ def _compile_all(outdir):
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    return _compile_all(str(tmp_path_factory.mktemp("cuda_objects")))
+def object_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cuda_objects")
+
+
+@pytest.fixture(scope="module")
+def compiled(object_dir):
+    return _compile_all(str(object_dir))
+
+
+@pytest.fixture(scope="module")
+def harness(compiled, object_dir):
+    """(binary, returncode, log, seconds) of build.sh linking the kernel objects
+    compiled above: one extra nvcc compile, harness.cu's."""
+    binary = object_dir / "bnfast_harness"
+    returncode, log, seconds = _run(["bash", str(HARNESS_BUILD), "--objects", str(object_dir), "-o", str(binary)])
+    print(f"\nbuilt the CUDA harness in {seconds:.1f}s")
+    return binary, returncode, log, seconds
 
 
 def test_cuda_sources_exist():
@@ -112,3 +132,36 @@ def test_index_divider_matches_integer_division(tmp_path):
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_harness_builds(harness):
+    _, returncode, log, seconds = harness
+    assert returncode == 0, f"building the CUDA harness failed ({seconds:.1f}s):\n{log[-20000:]}"
+    assert "warning" not in log.lower(), f"the CUDA harness built with warnings:\n{log[-20000:]}"
+
+
+def test_harness_build_uses_the_ci_flags():
+    # build.sh compiles the kernels as kernel_command does (sm_90 by default), without importing torch.
+    script = HARNESS_BUILD.read_text()
+    for flag in [*NVCC_FLAGS, f"-std={_cxx_standard()}", "-O3", "ARCH=90"]:
+        assert flag in script, f"{HARNESS_BUILD.name} lacks {flag}"
+
+
+def test_harness_plans_every_default_case_without_a_gpu(harness):
+    binary, returncode, _, _ = harness
+    if returncode != 0:
+        pytest.skip("the harness did not build (test_harness_builds says why)")
+    # No device visible: --plan --sms must not need one, GPU machine or not.
+    run = subprocess.run([str(binary), "--plan", "--sms", "132"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()]
+    planned = {tuple(r[:4]) for r in rows if len(r) > 4 and r[2] in ("float32", "bfloat16")}
+    expected = set()
+    for case in kernels.select_cases([], "default", "cuda"):
+        for dtype in ("float32", "bfloat16"):
+            # 2-D input (spatial size 1) is read channels-last only.
+            for layout in ("nchw", "channels_last") if len(case.shape) > 2 else ("channels_last",):
+                expected.add((case.name, case.shape_str, dtype, layout))
+    assert planned >= expected, f"no plan printed for {sorted(expected - planned)}:\n{run.stdout}"
+    assert {p[0] for p in planned} <= {e[0] for e in expected}, "the harness has default cases kernels.py lacks"
