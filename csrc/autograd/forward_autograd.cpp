@@ -34,6 +34,7 @@ struct ForwardBackward : public NodeWithSaved<kSaved> {
     }
     variable_list result(3);
     if (!grad_out.defined()) return result;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_input, grad_weight, grad_bias] = call_backward(grad_out, input, mean, invstd, optional(weight));
     // The op returns grad_weight / grad_bias in the stats dtype.
     if (want[0]) result[0] = grad_input;
