@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import math
 import os
 import statistics
@@ -87,8 +86,6 @@ QUICK = {"subset": 2048, "test_subset": 2000, "epochs": 1, "steps": 20}
 SYNTHETIC_STEPS = 100
 PREFIX = "cifar10_"
 CPU_SHARE_WARN = 0.7
-FUSE_UNSUPPORTED = ("--fuse needs bnfast.convert(model, fuse=True), and this bnfast's convert takes no "
-                    "'fuse' argument (BN + activation fusion is not implemented yet); run without --fuse")
 
 
 class Case(NamedTuple):
@@ -135,11 +132,6 @@ def import_bnfast():
         return bnfast, None
     except Exception as e:  # ImportError, or a broken extension build (OSError, ...)
         return None, f"{type(e).__name__}: {e}"
-
-
-def convert_supports_fuse(bnfast_mod) -> bool:
-    """Whether bnfast.convert takes fuse= (BN + activation fusion, issue 11)."""
-    return "fuse" in inspect.signature(bnfast_mod.convert).parameters
 
 
 def make_models(variant: str, impls, seed: int, dropout: float = 0.5, bnfast_mod=None,
@@ -735,7 +727,7 @@ def load_data(args) -> tuple[cifar10.Cifar10 | None, str | None]:
 
 def load_bnfast(args, notes: list[str]):
     """(impls, bnfast module or None): bnfast leaves impls, with a note, when it
-    cannot run on args.device. Raises ValueError when --fuse cannot be honoured."""
+    cannot run on args.device. Raises ValueError for --fuse without bnfast."""
     impls = list(args.impls)
     bn_runs = any(c.model != "seed" for c in args.cases) or any(v != "no_bn" for v in args.variants)
     if "bnfast" not in impls or not bn_runs:
@@ -746,8 +738,6 @@ def load_bnfast(args, notes: list[str]):
         bnfast_mod, err = None, "it was built without its CUDA kernels (build with a CUDA torch and nvcc)"
     if args.fuse and bnfast_mod is None:
         raise ValueError(f"--fuse needs bnfast, which cannot run here ({err})")
-    if args.fuse and not convert_supports_fuse(bnfast_mod):
-        raise ValueError(FUSE_UNSUPPORTED)
     if bnfast_mod is None:
         notes.append(f"bnfast could not be used ({err}); bnfast runs skipped")
         print(f"warning: {notes[-1]}", file=sys.stderr)

@@ -71,7 +71,9 @@ def batch_norm_act(
         y = act(batch_norm(input, ...) + residual)
 
     for act in "identity", "relu", "leaky_relu" (negative_slope), "silu",
-    "gelu", "gelu_tanh" (residual: a tensor like input, or None), and
+    "gelu", "gelu_tanh" (residual: None, a tensor like input, fused, or any
+    tensor that broadcasts to the output, added unfused with torch's type
+    promotion), and
 
         y = batch_norm(relu(input), ...)
 
@@ -102,6 +104,13 @@ _UNFUSED_ACTS = {"identity": lambda y, slope: y, "relu": lambda y, slope: F.relu
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                 act: Optional[str], slope: float, residual: Optional[Tensor]) -> Tensor:
     """batch_norm (act None) and batch_norm_act: torch.nn.functional.batch_norm's checks, in its order."""
+    if residual is not None and act != "pre_relu" and (
+            residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device):
+        # The fused kernels add a residual like the input; any other one is
+        # added as torch would, with broadcasting and type promotion.
+        output = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, slope,
+                             None)
+        return _UNFUSED_ACTS[act](output + residual, slope)
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:

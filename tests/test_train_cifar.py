@@ -66,15 +66,17 @@ def test_loss_decreases(subset):
 
 
 @pytest.mark.data
+@pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("variant", BN_VARIANTS)
-def test_bnfast_tracks_torch(subset, variant):
+def test_bnfast_tracks_torch(subset, variant, fuse):
     x, y = subset
     # Dropout off: the comparison is about BN numerics, not mask luck.
     models = train_cifar.make_models(variant, ["torch", "bnfast"], seed=1, dropout=0.0,
-                                     bnfast_mod=bnfast)
+                                     bnfast_mod=bnfast, fuse=fuse)
     t, f = models["torch"], models["bnfast"]
     # Otherwise this would compare torch with itself.
     assert not any(type(m) is nn.BatchNorm2d for m in f.modules())
+    assert sum(type(m) is bnfast.BatchNormAct2d for m in f.modules()) == (3 if fuse else 0)
     assert sum(type(m) is nn.BatchNorm2d for m in t.modules()) == 3
     for pt, pf in zip(t.parameters(), f.parameters(), strict=True):
         assert torch.equal(pt, pf)  # same initial weights
@@ -352,27 +354,12 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------------------
-# --fuse (issue 11: bnfast.convert(model, fuse=True) is another change's work)
+# --fuse
 
-def test_fuse_is_refused_until_bnfast_supports_it(tmp_path, capsys):
-    """Flip this when bnfast.convert gains fuse=: then --fuse must train (see the test below)."""
-    assert not train_cifar.convert_supports_fuse(bnfast)
-    assert train_cifar.main(["--fuse", "--timing-only", "--out", str(tmp_path)]) == 2
-    assert f"error: {train_cifar.FUSE_UNSUPPORTED}" in capsys.readouterr().err
-
-
-def test_fuse_calls_convert_with_fuse(tmp_path, monkeypatch):
-    calls = []
-    convert = bnfast.convert
-
-    def fusing_convert(module, fuse=False):
-        calls.append(fuse)
-        return convert(module)
-
-    monkeypatch.setattr(bnfast, "convert", fusing_convert)
-    res = train_cifar.run({"fuse": True, "timing_only": True, "models": "seed", "batch_size": 8, "steps": 1,
+def test_fuse_trains_fused_models(tmp_path):
+    res = train_cifar.run({"fuse": True, "timing_only": True, "models": "seed", "batch_size": 8, "steps": 2,
                            "variants": "seed", "out": str(tmp_path), **ONE_THREAD})
-    assert calls == [True] and res["options"]["fuse"]
+    assert res["options"]["fuse"]
     assert "bnfast.convert(model, fuse=True)" in (tmp_path / "cifar10_summary.md").read_text()
 
 
