@@ -16,7 +16,10 @@
 // the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std.
 //
 // Performance assumption: every loop is memory-bound once the add latency is
-// hidden by independent accumulator chains (4 per sum).
+// hidden by independent accumulator chains (4 per sum), and the per-element
+// helpers (BNFAST_ELEMENT) are inlined: with every variant of every loop in
+// one file, GCC's inlining budget otherwise runs out and leaves some of them
+// as calls per vector.
 //
 // NB: nothing from the C++ standard library is instantiated here: an inline
 // template compiled with -mavx512f could be the copy the linker keeps for the
@@ -24,6 +27,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 
 #include "../loops.h"
 
@@ -38,6 +42,8 @@ namespace {
 
 using at::vec::Vectorized;
 
+#define BNFAST_ELEMENT C10_ALWAYS_INLINE
+
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename T>
@@ -51,10 +57,10 @@ struct VecIO {
   using opmath_t = scalar_t;
   using Vec = Vectorized<opmath_t>;
   static constexpr int64_t kLanes = Vec::size();
-  static Vec load(const scalar_t* p) { return Vec::loadu(p); }
-  static Vec load(const scalar_t* p, int64_t n) { return Vec::loadu(p, n); }
-  static void store(scalar_t* p, const Vec& v) { v.store(p); }
-  static void store(scalar_t* p, const Vec& v, int64_t n) { v.store(p, n); }
+  BNFAST_ELEMENT static Vec load(const scalar_t* p) { return Vec::loadu(p); }
+  BNFAST_ELEMENT static Vec load(const scalar_t* p, int64_t n) { return Vec::loadu(p, n); }
+  BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v) { v.store(p); }
+  BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v, int64_t n) { v.store(p, n); }
 };
 
 template <typename scalar_t>
@@ -63,19 +69,19 @@ struct VecIO<scalar_t, true> {
   using Vec = Vectorized<float>;
   static constexpr int64_t kLanes = Vec::size();
 #if defined(CPU_CAPABILITY_AVX512)
-  static __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+  BNFAST_ELEMENT static __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
   // v rounded to scalar_t (to nearest even, as torch rounds), 16 lanes.
-  static __m256i packed(const Vec& v) {
+  BNFAST_ELEMENT static __m256i packed(const Vec& v) {
     return std::is_same<scalar_t, at::BFloat16>::value ? at::vec::CPU_CAPABILITY::cvtfp32_bf16(v)
                                                        : at::vec::CPU_CAPABILITY::cvtfp32_fp16(v);
   }
 #endif
-  static Vec load(const scalar_t* p) {
+  BNFAST_ELEMENT static Vec load(const scalar_t* p) {
     Vec out;
     at::vec::load_to_float<scalar_t>(p, out);
     return out;
   }
-  static Vec load(const scalar_t* p, int64_t n) {
+  BNFAST_ELEMENT static Vec load(const scalar_t* p, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
     // A masked load: copying the tail through a buffer stalls store-to-load
     // forwarding once per call, i.e. per plane on the channels-first path.
@@ -88,7 +94,7 @@ struct VecIO<scalar_t, true> {
     return load(buf);
 #endif
   }
-  static void store(scalar_t* p, const Vec& v) {
+  BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     // One conversion and a plain 256-bit store: the generic path below
     // converts v twice and stores with a mask.
@@ -97,7 +103,7 @@ struct VecIO<scalar_t, true> {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, kLanes);
 #endif
   }
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
+  BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
     _mm256_mask_storeu_epi16(p, tail_mask(n), packed(v));
 #else
@@ -131,7 +137,7 @@ struct Accumulators {
   Vec s1[kChains], s2[kChains];
   double t1 = 0, t2 = 0;
   int64_t steps = 0;  // vector steps since the last fold
-  Accumulators() {
+  BNFAST_ELEMENT Accumulators() {
     for (int64_t i = 0; i < kChains; ++i) s1[i] = s2[i] = Vec(0);
   }
   inline void fold() {
@@ -151,50 +157,69 @@ struct Accumulators {
 // The fused ops' activations (loops.h Act), on opmath vectors, with the
 // formulas of torch's own CPU kernels (so a fused op equals BN then the
 // activation up to BN's own rounding).
+//
+// Each loop is compiled per Variant: the plain batch norm, or a fusion with
+// its activation fixed at compile time (a switch on the activation inside the
+// element loop is not hoisted out of it, and costs more than the arithmetic
+// it selects).
+enum class Variant { kPlain, kIdentity, kRelu, kLeakyRelu, kSilu, kGelu, kGeluTanh, kPreRelu };
 
-template <typename Vec>
-inline Vec activate(Act act, const Vec& z, const Vec& slope) {
+constexpr Act act_of(Variant v) {
+  switch (v) {
+    case Variant::kRelu: return Act::kRelu;
+    case Variant::kLeakyRelu: return Act::kLeakyRelu;
+    case Variant::kSilu: return Act::kSilu;
+    case Variant::kGelu: return Act::kGelu;
+    case Variant::kGeluTanh: return Act::kGeluTanh;
+    default: return Act::kIdentity;
+  }
+}
+
+template <Act kAct, typename Vec>
+BNFAST_ELEMENT Vec activate(const Vec& z, const Vec& slope) {
   using T = typename Vec::value_type;
-  switch (act) {
-    case Act::kRelu: return at::vec::clamp_min(z, Vec(0));  // keeps NaN, as torch.relu
-    case Act::kLeakyRelu: return Vec::blendv(z * slope, z, z > Vec(0));
-    case Act::kSilu: return z / (Vec(1) + z.neg().exp());
-    case Act::kGelu: return z * Vec(T(0.5)) * (Vec(1) + (z * Vec(T(M_SQRT1_2))).erf());
-    case Act::kGeluTanh: {
-      const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = T(0.044715);
-      const Vec inner = Vec(beta) * (z + Vec(kappa) * z * z * z);
-      return Vec(T(0.5)) * z * (Vec(1) + inner.tanh());
-    }
-    default: return z;
+  if constexpr (kAct == Act::kRelu) {
+    return at::vec::clamp_min(z, Vec(0));  // keeps NaN, as torch.relu
+  } else if constexpr (kAct == Act::kLeakyRelu) {
+    return Vec::blendv(z * slope, z, z > Vec(0));
+  } else if constexpr (kAct == Act::kSilu) {
+    return z / (Vec(1) + z.neg().exp());
+  } else if constexpr (kAct == Act::kGelu) {
+    return z * Vec(T(0.5)) * (Vec(1) + (z * Vec(T(M_SQRT1_2))).erf());
+  } else if constexpr (kAct == Act::kGeluTanh) {
+    const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = T(0.044715);
+    const Vec inner = Vec(beta) * (z + Vec(kappa) * z * z * z);
+    return Vec(T(0.5)) * z * (Vec(1) + inner.tanh());
+  } else {
+    return z;
   }
 }
 
 // d act / dz at z. NB: relu' and leaky_relu' are 0 / slope at z == 0 and for
 // NaN, as torch's backward (which tests z > 0) gives them.
-template <typename Vec>
-inline Vec activate_derivative(Act act, const Vec& z, const Vec& slope) {
+template <Act kAct, typename Vec>
+BNFAST_ELEMENT Vec activate_derivative(const Vec& z, const Vec& slope) {
   using T = typename Vec::value_type;
-  switch (act) {
-    case Act::kRelu: return Vec::blendv(Vec(0), Vec(1), z > Vec(0));
-    case Act::kLeakyRelu: return Vec::blendv(slope, Vec(1), z > Vec(0));
-    case Act::kSilu: {
-      const Vec sigmoid = Vec(1) / (Vec(1) + z.neg().exp());
-      return sigmoid * (Vec(1) + z * (Vec(1) - sigmoid));
-    }
-    case Act::kGelu: {
-      const T alpha = T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-      const Vec cdf = Vec(T(0.5)) * (Vec(1) + (z * Vec(T(M_SQRT1_2))).erf());
-      const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(alpha);
-      return cdf + z * pdf;
-    }
-    case Act::kGeluTanh: {
-      const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = T(0.044715);
-      const Vec z2 = z * z;
-      const Vec t = (Vec(beta) * (z + Vec(kappa) * z2 * z)).tanh();
-      const Vec left = Vec(T(0.5)) * z;
-      return Vec(T(0.5)) * (Vec(1) + t) + left * (Vec(1) - t * t) * Vec(beta) * (Vec(1) + Vec(3 * kappa) * z2);
-    }
-    default: return Vec(1);
+  if constexpr (kAct == Act::kRelu) {
+    return Vec::blendv(Vec(0), Vec(1), z > Vec(0));
+  } else if constexpr (kAct == Act::kLeakyRelu) {
+    return Vec::blendv(slope, Vec(1), z > Vec(0));
+  } else if constexpr (kAct == Act::kSilu) {
+    const Vec sigmoid = Vec(1) / (Vec(1) + z.neg().exp());
+    return sigmoid * (Vec(1) + z * (Vec(1) - sigmoid));
+  } else if constexpr (kAct == Act::kGelu) {
+    const T alpha = T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+    const Vec cdf = Vec(T(0.5)) * (Vec(1) + (z * Vec(T(M_SQRT1_2))).erf());
+    const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(alpha);
+    return cdf + z * pdf;
+  } else if constexpr (kAct == Act::kGeluTanh) {
+    const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = T(0.044715);
+    const Vec z2 = z * z;
+    const Vec t = (Vec(beta) * (z + Vec(kappa) * z2 * z)).tanh();
+    const Vec left = Vec(T(0.5)) * z;
+    return Vec(T(0.5)) * (Vec(1) + t) + left * (Vec(1) - t * t) * Vec(beta) * (Vec(1) + Vec(3 * kappa) * z2);
+  } else {
+    return Vec(1);
   }
 }
 
@@ -205,29 +230,41 @@ struct Lanes {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   int64_t n;  // lanes used; IO::kLanes for a full vector
-  Vec load(const scalar_t* p) const { return n == IO::kLanes ? IO::load(p) : IO::load(p, n); }
-  void store(scalar_t* p, const Vec& v) const { n == IO::kLanes ? IO::store(p, v) : IO::store(p, v, n); }
+  BNFAST_ELEMENT Vec load(const scalar_t* p) const { return n == IO::kLanes ? IO::load(p) : IO::load(p, n); }
+  BNFAST_ELEMENT void store(scalar_t* p, const Vec& v) const { n == IO::kLanes ? IO::store(p, v) : IO::store(p, v, n); }
 };
 
 // The per-element terms of every loop, for the channel (channels-first
-// plane) or channel vector (channels-last) at hand. kFused false is the
-// plain batch norm, and compiles to it; kFused true reads the Fusion.
-template <typename scalar_t, bool kHasDy, bool kFused>
+// plane) or channel vector (channels-last) at hand. Variant::kPlain is the
+// plain batch norm, and compiles to it; the others read the Fusion.
+template <typename scalar_t, bool kHasDy, Variant kVariant>
 struct Terms {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
+  static constexpr bool kFused = kVariant != Variant::kPlain;
+  static constexpr bool kPreRelu = kVariant == Variant::kPreRelu;
+  static constexpr Act kAct = act_of(kVariant);
+  static constexpr bool kActive = kAct != Act::kIdentity;  // an activation after BN
   const scalar_t* x;
   const scalar_t* dy;
   const Fusion<scalar_t>* f;
+  // The fusion's tensors, copied out of *f: loads through f in the element
+  // loops are not hoisted (the compiler cannot rule out that out aliases *f).
+  const scalar_t* residual = nullptr;
+  scalar_t* grad_residual = nullptr;
   Vec zp, zq, slope;  // fused: z's coefficients (backward) and leaky_relu's slope
 
-  Terms(const scalar_t* x_, const scalar_t* dy_, const Fusion<scalar_t>* f_) : x(x_), dy(dy_), f(f_) {
-    if (kFused) slope = Vec(f->slope);
+  BNFAST_ELEMENT Terms(const scalar_t* x_, const scalar_t* dy_, const Fusion<scalar_t>* f_) : x(x_), dy(dy_), f(f_) {
+    if constexpr (kFused) {
+      slope = Vec(f->slope);
+      residual = f->residual;
+      grad_residual = f->grad_residual;
+    }
   }
   // Per-channel z coefficients: broadcast (channels-first) or loaded (channels-last).
-  void set_z(const typename IO::opmath_t* zp_, const typename IO::opmath_t* zq_, int64_t i, int64_t n,
+  BNFAST_ELEMENT void set_z(const typename IO::opmath_t* zp_, const typename IO::opmath_t* zq_, int64_t i, int64_t n,
              bool broadcast) {
-    if (!(kFused && kHasDy && f->act != Act::kIdentity)) return;
+    if constexpr (!(kHasDy && kActive)) return;
     if (broadcast) {
       zp = Vec(zp_[i]);
       zq = Vec(zq_[i]);
@@ -237,33 +274,33 @@ struct Terms {
     }
   }
   // x as the loops read it: relu(x) for pre_relu.
-  Vec input(const Lanes<scalar_t>& l, int64_t o) const {
+  BNFAST_ELEMENT Vec input(const Lanes<scalar_t>& l, int64_t o) const {
     const Vec v = l.load(x + o);
-    return kFused && f->pre_relu ? at::vec::clamp_min(v, Vec(0)) : v;
+    return kPreRelu ? at::vec::clamp_min(v, Vec(0)) : v;
   }
   // dy, times act'(z) for a fused activation (d = x - mean); stored to
   // grad_residual when asked.
-  Vec grad(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
+  BNFAST_ELEMENT Vec grad(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
     Vec a = l.load(dy + o);
-    if (kFused && f->act != Act::kIdentity) {
+    if constexpr (kActive) {
       Vec z = at::vec::fmadd(d, zp, zq);
-      if (f->residual) z = z + l.load(f->residual + o);
-      a = a * activate_derivative(f->act, z, slope);
+      if (residual) z = z + l.load(residual + o);
+      a = a * activate_derivative<kAct>(z, slope);
     }
-    if (kFused && f->grad_residual) l.store(f->grad_residual + o, a);
+    if (kFused && grad_residual) l.store(grad_residual + o, a);
     return a;
   }
   // The reduction's terms: d = x - K, a = dy (as grad()) or d. Lanes past n
   // are zeroed in d (a masked load of dy is 0 there already).
-  void reduce(const Lanes<scalar_t>& l, int64_t o, const Vec& k, Vec& a, Vec& d) const {
+  BNFAST_ELEMENT void reduce(const Lanes<scalar_t>& l, int64_t o, const Vec& k, Vec& a, Vec& d) const {
     d = input(l, o) - k;
     if (l.n < IO::kLanes) d = Vec::set(Vec(0), d, l.n);
     if (kHasDy) {
       Vec g = l.load(dy + o);
-      if (kFused && f->act != Act::kIdentity) {
+      if constexpr (kActive) {
         Vec z = at::vec::fmadd(d, zp, zq);
-        if (f->residual) z = z + l.load(f->residual + o);
-        g = g * activate_derivative(f->act, z, slope);
+        if (residual) z = z + l.load(residual + o);
+        g = g * activate_derivative<kAct>(z, slope);
       }
       a = g;
     } else {
@@ -272,23 +309,23 @@ struct Terms {
   }
   // The affine step: (x - m) * p + q, then act (+ residual) forward, or
   // + grad * r backward (masked by x > 0 for pre_relu).
-  Vec affine(const Lanes<scalar_t>& l, int64_t o, const Vec& m, const Vec& p, const Vec& q, const Vec& r) const {
+  BNFAST_ELEMENT Vec affine(const Lanes<scalar_t>& l, int64_t o, const Vec& m, const Vec& p, const Vec& q, const Vec& r) const {
     const Vec d = input(l, o) - m;
     Vec y = at::vec::fmadd(d, p, q);
     if (kHasDy) {
       y = at::vec::fmadd(grad(l, o, d), r, y);
-      if (kFused && f->pre_relu) y = Vec::blendv(Vec(0), y, l.load(x + o) > Vec(0));
-    } else if (kFused) {
-      if (f->residual) y = y + l.load(f->residual + o);
-      y = activate(f->act, y, slope);
+      if constexpr (kPreRelu) y = Vec::blendv(Vec(0), y, l.load(x + o) > Vec(0));
+    } else if constexpr (kFused) {
+      if (residual) y = y + l.load(residual + o);
+      y = activate<kAct>(y, slope);
     }
     return y;
   }
 };
 
 // a = dy ? dy : x - K;  s1 += a;  s2 += a * (x - K)   over p[0, len) (full vectors only).
-template <typename scalar_t, bool kHasDy, bool kFused>
-inline void accumulate_span(const Terms<scalar_t, kHasDy, kFused>& t, int64_t base, int64_t len,
+template <typename scalar_t, bool kHasDy, Variant kVariant>
+inline void accumulate_span(const Terms<scalar_t, kHasDy, kVariant>& t, int64_t base, int64_t len,
                             const typename VecIO<scalar_t>::Vec& k,
                             Accumulators<typename VecIO<scalar_t>::Vec>& acc) {
   using IO = VecIO<scalar_t>;
@@ -326,7 +363,7 @@ inline void accumulate_span(const Terms<scalar_t, kHasDy, kFused>& t, int64_t ba
 // kPlanesPerFold planes of each channel.
 constexpr int64_t kPlanesPerFold = 16;
 
-template <typename scalar_t, bool kHasDy, bool kFused>
+template <typename scalar_t, bool kHasDy, Variant kVariant>
 void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* shift,
                     double* s1, double* s2, at::opmath_type<scalar_t>* scratch,
@@ -347,7 +384,7 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
     for (int64_t i = 0; i < 2 * C * L; ++i) lane_totals[i] += scratch[i];
     zero_fill(scratch, 2 * C * L);
   };
-  Terms<scalar_t, kHasDy, kFused> t(x, dy, fusion);
+  Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
   const Lanes<scalar_t> lanes{L};
   int64_t planes_since_fold = 0;
   // The channel is tracked incrementally: a 64-bit modulo per plane costs as
@@ -355,7 +392,7 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
   int64_t c = plane_begin % C;
   for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec k(shift[c]);
-    if (kFused) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
+    if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
     const int64_t base = plane * S;
     Vec sum1, sum2;
     if (full > kChains * L) {
@@ -410,7 +447,7 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
 constexpr int64_t kRowsPerStep = 4;
 constexpr int64_t kWide = 4;
 
-template <typename scalar_t, bool kHasDy, bool kFused>
+template <typename scalar_t, bool kHasDy, Variant kVariant>
 void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
                     at::opmath_type<scalar_t>* scratch, const Fusion<scalar_t>* fusion) {
@@ -443,7 +480,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
     sum.store(acc + i);
   };
   // One Terms per channel vector of a wide step (each has its own z coefficients).
-  Terms<scalar_t, kHasDy, kFused> terms[kWide] = {{x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}};
+  Terms<scalar_t, kHasDy, kVariant> terms[kWide] = {{x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}};
   const Lanes<scalar_t> lanes{L};
   // The last, partial channel vector reads (and discards) up to L - 1 values
   // past C in acc1/acc2 (padded) but must not read past the row in x/dy.
@@ -456,7 +493,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
       Vec k[kWide], a_sum[kWide], ad_sum[kWide];
       for (int64_t j = 0; j < kWide; ++j) {
         k[j] = Vec::loadu(shift + i + j * L);
-        if (kFused) terms[j].set_z(fusion->zp, fusion->zq, i + j * L, L, /*broadcast=*/false);
+        if constexpr (kVariant != Variant::kPlain) terms[j].set_z(fusion->zp, fusion->zq, i + j * L, L, /*broadcast=*/false);
         a_sum[j] = ad_sum[j] = Vec(0);
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -476,7 +513,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
     for (; i < C; i += L) {
       const Lanes<scalar_t> part{min64(L, C - i)};
       const Vec k = part.n == L ? Vec::loadu(shift + i) : Vec::loadu(shift + i, part.n);
-      if (kFused) terms[0].set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
+      if constexpr (kVariant != Variant::kPlain) terms[0].set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
       Vec a_sum(0), ad_sum(0);
       for (int64_t r = 0; r < rows; ++r) {
         Vec a, d;
@@ -507,7 +544,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   fold();
 }
 
-template <typename scalar_t, bool kHasDy, bool kFused>
+template <typename scalar_t, bool kHasDy, Variant kVariant>
 void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
                     const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
@@ -515,13 +552,13 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
-  Terms<scalar_t, kHasDy, kFused> t(x, dy, fusion);
+  Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
   const Lanes<scalar_t> lanes{L};
   int64_t c = plane_begin % C;
   for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec mv(m[c]), pv(p[c]), qv(q[c]);
     const Vec rv(kHasDy ? r[c] : 0);
-    if (kFused) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
+    if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
     const int64_t base = plane * S;
     int64_t s = 0;
     for (; s + L <= S; s += L) IO::store(out + base + s, t.affine(lanes, base + s, mv, pv, qv, rv));
@@ -535,7 +572,7 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
 // Channels-last: kRowsPerStep rows per pass over the channel vectors, so each
 // coefficient vector loaded serves several rows (the per-channel m, p, q, r
 // loads would otherwise outnumber the data loads).
-template <typename scalar_t, bool kHasDy, bool kFused>
+template <typename scalar_t, bool kHasDy, Variant kVariant>
 void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
                     const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
@@ -543,14 +580,14 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
-  Terms<scalar_t, kHasDy, kFused> t(x, dy, fusion);
+  Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
   auto step = [&](int64_t row0, int64_t rows) {
     for (int64_t i = 0; i < C; i += L) {
       const Lanes<scalar_t> part{min64(L, C - i)};
       auto coef = [&](const at::opmath_type<scalar_t>* v) { return part.n == L ? Vec::loadu(v + i) : Vec::loadu(v + i, part.n); };
       const Vec mv = coef(m), pv = coef(p), qv = coef(q);
       const Vec rv = kHasDy ? coef(r) : Vec(0);
-      if (kFused) t.set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
+      if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
       for (int64_t k = 0; k < rows; ++k) {
         const int64_t offset = (row0 + k) * row_stride + i;
         part.store(out + offset, t.affine(part, offset, mv, pv, qv, rv));
@@ -563,12 +600,38 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
 }
 
 // The exported loops: dispatch on dy (reduction for the backward, or
-// statistics; grad or forward affine step) and on a fusion.
-#define BNFAST_DISPATCH_LOOP(impl, ...)                                            \
-  if (dy) {                                                                        \
-    fusion ? impl<scalar_t, true, true>(__VA_ARGS__) : impl<scalar_t, true, false>(__VA_ARGS__);   \
-  } else {                                                                         \
-    fusion ? impl<scalar_t, false, true>(__VA_ARGS__) : impl<scalar_t, false, false>(__VA_ARGS__); \
+// statistics; grad or forward affine step) and on the fusion's variant.
+template <typename scalar_t>
+Variant variant_of(const Fusion<scalar_t>* fusion) {
+  if (!fusion) return Variant::kPlain;
+  if (fusion->pre_relu) return Variant::kPreRelu;
+  switch (fusion->act) {
+    case Act::kRelu: return Variant::kRelu;
+    case Act::kLeakyRelu: return Variant::kLeakyRelu;
+    case Act::kSilu: return Variant::kSilu;
+    case Act::kGelu: return Variant::kGelu;
+    case Act::kGeluTanh: return Variant::kGeluTanh;
+    default: return Variant::kIdentity;
+  }
+}
+
+#define BNFAST_DISPATCH_VARIANT(impl, has_dy, ...)                                              \
+  switch (variant_of(fusion)) {                                                                 \
+    case Variant::kPlain: return impl<scalar_t, has_dy, Variant::kPlain>(__VA_ARGS__);          \
+    case Variant::kIdentity: return impl<scalar_t, has_dy, Variant::kIdentity>(__VA_ARGS__);    \
+    case Variant::kRelu: return impl<scalar_t, has_dy, Variant::kRelu>(__VA_ARGS__);            \
+    case Variant::kLeakyRelu: return impl<scalar_t, has_dy, Variant::kLeakyRelu>(__VA_ARGS__);  \
+    case Variant::kSilu: return impl<scalar_t, has_dy, Variant::kSilu>(__VA_ARGS__);            \
+    case Variant::kGelu: return impl<scalar_t, has_dy, Variant::kGelu>(__VA_ARGS__);            \
+    case Variant::kGeluTanh: return impl<scalar_t, has_dy, Variant::kGeluTanh>(__VA_ARGS__);    \
+    case Variant::kPreRelu: return impl<scalar_t, has_dy, Variant::kPreRelu>(__VA_ARGS__);      \
+  }
+
+#define BNFAST_DISPATCH_LOOP(impl, ...)                 \
+  if (dy) {                                             \
+    BNFAST_DISPATCH_VARIANT(impl, true, __VA_ARGS__)    \
+  } else {                                              \
+    BNFAST_DISPATCH_VARIANT(impl, false, __VA_ARGS__)   \
   }
 
 template <typename scalar_t>
@@ -603,6 +666,8 @@ void affine_cl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, 
 }
 
 #undef BNFAST_DISPATCH_LOOP
+#undef BNFAST_DISPATCH_VARIANT
+#undef BNFAST_ELEMENT
 
 template <typename scalar_t>
 Loops<scalar_t> make_loops() {
