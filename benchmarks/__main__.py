@@ -4,6 +4,10 @@ Runs, into one output folder:
 
 1. the kernel benchmark (benchmarks/kernels.py) on the CPU, and on CUDA when
    torch sees a GPU: bnfast.BatchNorm*d vs torch.nn.BatchNorm*d per phase;
+   then batch norm fused with relu (BN -> relu, BN + add -> relu,
+   relu -> BN) against torch's unfused modules, eval forward and training
+   forward+backward (on the CPU: the seed CNN's and two ResNet-18 shapes,
+   float32 NCHW);
 2. the CIFAR-10 training benchmark (benchmarks/train_cifar.py): the seed CNN
    trained with torch's BatchNorm2d and with bnfast; on CUDA (when torch sees
    a GPU) also the step times of the reference rows on random data (seed
@@ -97,10 +101,23 @@ def _demote(md: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in md.splitlines())
 
 
-def run_kernels(args, device: str, out: Path) -> dict:
+# The fused configurations: what the fusing convert produces in the seed CNN
+# (relu -> BN) and in ResNets (BN -> relu, BN + add -> relu).
+FUSIONS = ("relu", "add_relu", "pre_relu")
+FUSED_PHASES = ("fwd_eval", "fwd_bwd")
+FUSED_CPU_CASES = {"quick": ("seed_bn3",), "default": ("seed_bn1", "seed_bn2", "seed_bn3", "r18_s1", "r18_s3")}
+
+
+def run_kernels(args, device: str, out: Path, fused: bool = False) -> dict:
     opts = {"device": device, "quick": args.quick, "full": args.full, "out": str(out),
             "cases": args.cases, "dtypes": args.dtypes, "formats": args.formats,
             "threads": args.threads, "quiet": args.no_progress}
+    if fused:
+        opts.update(fusions=list(FUSIONS), phases=list(FUSED_PHASES))
+        if device == "cpu":  # a 2-core CPU's budget: the shapes that matter, in float32 NCHW
+            opts["cases"] = args.cases or list(FUSED_CPU_CASES["quick" if args.quick else "default"])
+            opts["dtypes"] = args.dtypes or ["float32"]
+            opts["formats"] = args.formats or ["nchw"]
     return kernels.run(opts)
 
 
@@ -185,26 +202,27 @@ def main(argv=None) -> int:
     sections = []
     t_suite = time.perf_counter()
 
-    if "kernels" in parts:
-        for device in devices:
-            name = f"kernels-{device}"
-            print(f"\n== kernel benchmark, {device} ==", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            try:
-                res = run_kernels(args, device, out / name)
-            except Exception as e:
-                record_failure(suite, sections, name, f"Kernels, {device}", e)
-                continue
-            suite["parts"][name] = {"ok": not res["errors"], "elapsed_s": time.perf_counter() - t0,
-                                    "files": res["files"], "summary": res["summary"],
-                                    "errors": res["errors"]}
-            suite["errors"] += [f"{name}: {e}" for e in res["errors"]]
-            m = res["machine"]
-            dev = m["gpu_name"] if device == "cuda" else f"{m['cpu_model']}, {m['torch_threads']} threads, ISA {m['bnfast_cpu_isa']}"
-            sections.append(f"## Kernels, {device} ({dev})\n\nSpeed-up = torch time / bnfast time "
-                            f"(median; > 1: bnfast faster). Details: {_relative(res['files']['markdown'], out)}\n\n"
-                            + (f"**{kernels.busy_note(res)}**\n\n" if kernels.busy_note(res) else "")
-                            + kernels.speedup_table(res))
+    kernel_runs = [(device, fused) for device in devices for fused in (False, True)] if "kernels" in parts else []
+    for device, fused in kernel_runs:
+        name = f"kernels-{device}" + ("-fused" if fused else "")
+        title = f"Kernels, {device}" + (", fused with relu" if fused else "")
+        print(f"\n== kernel benchmark, {device}{' (fused)' if fused else ''} ==", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            res = run_kernels(args, device, out / name, fused)
+        except Exception as e:
+            record_failure(suite, sections, name, title, e)
+            continue
+        suite["parts"][name] = {"ok": not res["errors"], "elapsed_s": time.perf_counter() - t0,
+                                "files": res["files"], "summary": res["summary"],
+                                "errors": res["errors"]}
+        suite["errors"] += [f"{name}: {e}" for e in res["errors"]]
+        m = res["machine"]
+        dev = m["gpu_name"] if device == "cuda" else f"{m['cpu_model']}, {m['torch_threads']} threads, ISA {m['bnfast_cpu_isa']}"
+        sections.append(f"## {title} ({dev})\n\nSpeed-up = torch time / bnfast time "
+                        f"(median; > 1: bnfast faster). Details: {_relative(res['files']['markdown'], out)}\n\n"
+                        + (f"**{kernels.busy_note(res)}**\n\n" if kernels.busy_note(res) else "")
+                        + kernels.speedup_table(res))
 
     if "train" in parts:
         from benchmarks import train_cifar

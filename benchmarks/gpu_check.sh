@@ -87,7 +87,9 @@ if [ $FULL -eq 1 ]; then
     "${XDIST[@]}" --junitxml="$OUT/tests-full.xml"
 fi
 step benchmark 120 "$PY" -m benchmarks.kernels --device cuda --out "$OUT" --no-plot --quiet
-step bars 30 "$PY" -m benchmarks.cuda_bars "$OUT/kernels.json"
+step fused 90 "$PY" -m benchmarks.kernels --device cuda --fusions relu add_relu --phases fwd_bwd \
+  --out "$OUT/fused" --no-plot --quiet
+step bars 30 "$PY" -m benchmarks.cuda_bars "$OUT/kernels.json" "$OUT/fused/kernels.json"
 if [ $TRAIN -eq 1 ]; then
   step train 240 "$PY" -m benchmarks.train_cifar --device cuda --timing-only --out "$OUT/train"
 fi

@@ -15,6 +15,12 @@ process on the same input and are timed phase by phase:
 plus a copy of the same tensor (dst.copy_(x) into a preallocated tensor of
 the same layout), the practical streaming bound of the machine.
 
+``--fusions`` adds batch norm fused with what follows or precedes it, each
+against torch's unfused modules on the same input: ``relu`` (torch: BN then
+F.relu; bnfast: BatchNormAct*d(act="relu")), ``add_relu`` (relu(BN(x) + r),
+the end of a residual block; r gets a gradient too) and ``pre_relu``
+(BN(relu(x)), the seed CNN's order).
+
 Timing (torch.utils.benchmark.Timer, which synchronizes CUDA): each timer is
 warmed up and its block size (iterations per sample) picked by
 Timer.blocked_autorange; then ``rounds`` measurement rounds follow, and in each
@@ -30,7 +36,8 @@ case list adds the ~100 MB ResNet-50 stem and first stage.
 
 Effective bandwidth uses the streaming model of DESIGN.md (N elements of s
 bytes): fwd_train 3·N·s, fwd_eval 2·N·s, bwd 5·N·s, fwd_bwd 8·N·s, copy
-2·N·s. ``% copy`` is effective bandwidth / copy bandwidth.
+2·N·s; a fused residual adds one pass to each phase (its read forward, the
+write of its gradient backward). ``% copy`` is effective bandwidth / copy bandwidth.
 
 Usage: ``python -m benchmarks.kernels [--device cpu|cuda] [--quick | --full]
 [--out DIR] [--cases ...] [--dtypes ...] [--formats ...]`` (``-h`` for all).
@@ -58,6 +65,9 @@ PHASE_TITLES = {"fwd_train": "fwd train", "fwd_eval": "fwd eval", "bwd": "bwd", 
 # Streaming-model passes over an N*s-byte tensor (DESIGN.md, performance model).
 PASSES = {"fwd_train": 3, "fwd_eval": 2, "bwd": 5, "fwd_bwd": 8}
 COPY_PASSES = 2
+# The residual's extra passes (read forward, its gradient written backward).
+RESIDUAL_PASSES = {"fwd_train": 1, "fwd_eval": 1, "bwd": 1, "fwd_bwd": 2}
+FUSIONS = ("none", "relu", "add_relu", "pre_relu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = ("nchw", "channels_last")
 IMPLS = ("torch", "bnfast")
@@ -153,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", default=None,
                    help=f"from {', '.join(FORMATS)} (default all; channels_last means "
                         "channels_last_3d for 5-D inputs and does not apply to BatchNorm1d)")
+    p.add_argument("--fusions", nargs="+", default=None,
+                   help=f"from {', '.join(FUSIONS)} (default none: plain batch norm); each fused one "
+                        "against torch's unfused modules")
     p.add_argument("--phases", nargs="+", default=None,
                    help=f"from {', '.join(PHASES)} (default all)")
     p.add_argument("--rounds", type=int, default=None,
@@ -190,8 +203,9 @@ def resolve_options(options=None, **overrides) -> argparse.Namespace:
     args.dtypes = _split(args.dtypes) or list(DTYPES)
     args.formats = _split(args.formats) or list(FORMATS)
     args.phases = _split(args.phases) or list(PHASES)
+    args.fusions = _split(args.fusions) or ["none"]
     for name, got, allowed in (("dtype", args.dtypes, DTYPES), ("format", args.formats, FORMATS),
-                               ("phase", args.phases, PHASES)):
+                               ("phase", args.phases, PHASES), ("fusion", args.fusions, FUSIONS)):
         bad = [g for g in got if g not in allowed]
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
@@ -264,11 +278,20 @@ def machine_info(device: str) -> dict:
 # Measurement
 
 
-def _module_class(impl: str, case: Case):
+def _module_class(impl: str, case: Case, fusion: str = "none"):
     if impl == "torch":
         return getattr(torch.nn, case.module)
     import bnfast
-    return getattr(bnfast, case.module)
+    return getattr(bnfast, case.module.replace("BatchNorm", "BatchNormAct") if fusion != "none" else case.module)
+
+
+def _fused_forward(impl: str, fusion: str, module, residual):
+    """module(x) as the configuration computes it: torch's unfused sequence or bnfast's fused module."""
+    import torch.nn.functional as F
+    if impl == "bnfast" or fusion == "none":
+        return (lambda x: module(x, residual)) if fusion == "add_relu" else module
+    return {"relu": lambda x: F.relu(module(x)), "add_relu": lambda x: F.relu(module(x) + residual),
+            "pre_relu": lambda x: module(F.relu(x))}[fusion]
 
 
 def _memory_format(fmt: str, ndim: int):
@@ -295,42 +318,46 @@ def _stats(samples_s: list[float]) -> dict:
 
 
 def _closures(impl: str, case: Case, x: torch.Tensor, dy: torch.Tensor, phases,
-              param_dtype: torch.dtype) -> tuple[dict, dict]:
+              param_dtype: torch.dtype, fusion: str = "none", residual=None) -> tuple[dict, dict]:
     """{phase: zero-argument callable} for one implementation, and check tensors."""
-    cls = _module_class(impl, case)
+    cls = _module_class(impl, case, fusion)
     c = case.shape[1]
+    kwargs = {"act": "relu" if fusion == "add_relu" else fusion} if impl == "bnfast" and fusion != "none" else {}
     torch.manual_seed(1)
-    train = cls(c).to(device=x.device, dtype=param_dtype)
+    train = cls(c, **kwargs).to(device=x.device, dtype=param_dtype)
     with torch.no_grad():  # non-trivial affine parameters and running statistics
         train.weight.uniform_(0.5, 1.5)
         train.bias.uniform_(-0.5, 0.5)
         train.running_mean.uniform_(-0.1, 0.1)
         train.running_var.uniform_(0.5, 1.5)
-    ev = cls(c).to(device=x.device, dtype=param_dtype)
+    ev = cls(c, **kwargs).to(device=x.device, dtype=param_dtype)
     ev.load_state_dict(train.state_dict())
     ev.eval()
-    params = (x, train.weight, train.bias)
+    params = (x, train.weight, train.bias) + ((residual,) if residual is not None else ())
+    train_fn, eval_fn = (_fused_forward(impl, fusion, m, residual) for m in (train, ev))
 
     # Outputs and gradients once, for the torch-vs-bnfast agreement check;
     # the kept graph is the one the bwd phase differentiates again and again.
-    y = train(x)
+    y = train_fn(x)
     grads = torch.autograd.grad(y, params, dy, retain_graph=True)
     with torch.no_grad():
-        y_eval = ev(x)
+        y_eval = eval_fn(x)
     check = {"y": y.detach(), "dx": grads[0], "dw": grads[1], "db": grads[2], "y_eval": y_eval}
+    if residual is not None:
+        check["dr"] = grads[3]
 
     def fwd_train():
-        return train(x)
+        return train_fn(x)
 
     def fwd_eval():
         with torch.no_grad():
-            return ev(x)
+            return eval_fn(x)
 
     def bwd():
         return torch.autograd.grad(y, params, dy, retain_graph=True)
 
     def fwd_bwd():
-        return torch.autograd.grad(train(x), params, dy)
+        return torch.autograd.grad(train_fn(x), params, dy)
 
     fns = {"fwd_train": fwd_train, "fwd_eval": fwd_eval, "bwd": bwd, "fwd_bwd": fwd_bwd}
     return {p: fns[p] for p in phases}, check
@@ -342,7 +369,8 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_config(case: Case, dtype_name: str, fmt: str, device: str, phases, *,
-                 rounds: int, block_s: float, warmup_s: float, seed: int = 0, params: str = "float32") -> dict:
+                 rounds: int, block_s: float, warmup_s: float, seed: int = 0, params: str = "float32",
+                 fusion: str = "none") -> dict:
     """Time one (case, dtype, format) configuration; a dict with one row per phase."""
     from torch.utils.benchmark import Timer
 
@@ -352,13 +380,17 @@ def bench_config(case: Case, dtype_name: str, fmt: str, device: str, phases, *,
     x = torch.randn(case.shape, generator=g).to(device=device, dtype=dtype, memory_format=mf)
     x = (3 * x + 1).requires_grad_()  # mean and variance away from 0 and 1
     dy = torch.randn(case.shape, generator=g).to(device=device, dtype=dtype, memory_format=mf)
+    residual = None
+    if fusion == "add_relu":
+        residual = torch.randn(case.shape, generator=g).to(device=device, dtype=dtype, memory_format=mf)
+        residual.requires_grad_()
     dst = torch.empty_like(x, requires_grad=False)
     xd = x.detach()
 
     param_dtype = torch.float32 if params == "float32" and dtype != torch.float64 else dtype
     fns, checks = {}, {}
     for impl in IMPLS:
-        fns[impl], checks[impl] = _closures(impl, case, x, dy, phases, param_dtype)
+        fns[impl], checks[impl] = _closures(impl, case, x, dy, phases, param_dtype, fusion, residual)
     agreement = {k: _rel_err(checks["bnfast"][k], checks["torch"][k]) for k in checks["torch"]}
     del checks
 
@@ -397,14 +429,15 @@ def bench_config(case: Case, dtype_name: str, fmt: str, device: str, phases, *,
     rows = []
     for phase in phases:
         t, b = _stats(samples[(phase, "torch")]), _stats(samples[(phase, "bnfast")])
-        bytes_model = PASSES[phase] * nbytes
+        passes = PASSES[phase] + (RESIDUAL_PASSES[phase] if residual is not None else 0)
+        bytes_model = passes * nbytes
         t_gbps = bytes_model / (t["median_ms"] * 1e-3) / 1e9
         b_gbps = bytes_model / (b["median_ms"] * 1e-3) / 1e9
         rows.append({
             "case": case.name, "group": case.group, "module": case.module,
             "shape": list(case.shape), "dtype": dtype_name, "format": fmt,
-            "format_label": format_label(fmt, len(case.shape)), "phase": phase,
-            "numel": case.numel, "elem_bytes": x.element_size(), "passes": PASSES[phase],
+            "format_label": format_label(fmt, len(case.shape)), "fusion": fusion, "phase": phase,
+            "numel": case.numel, "elem_bytes": x.element_size(), "passes": passes,
             "model_bytes": bytes_model,
             "torch": t, "bnfast": b, "copy": copy, "clone": clone, "clone_gbps": clone_gbps,
             "speedup": t["median_ms"] / b["median_ms"],
@@ -414,7 +447,7 @@ def bench_config(case: Case, dtype_name: str, fmt: str, device: str, phases, *,
             "torch_frac_copy": t_gbps / copy_gbps, "bnfast_frac_copy": b_gbps / copy_gbps,
             "iters_per_block": {"torch": number[(phase, "torch")], "bnfast": number[(phase, "bnfast")]},
         })
-    return {"case": case.name, "dtype": dtype_name, "format": fmt, "copy": copy,
+    return {"case": case.name, "dtype": dtype_name, "format": fmt, "fusion": fusion, "copy": copy,
             "copy_gbps": copy_gbps, "clone": clone, "clone_gbps": clone_gbps, "copy_iters_per_block": number[("copy", "copy")],
             "agreement_rel_err": agreement, "rows": rows}
 
@@ -445,7 +478,14 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _config_key(r: dict) -> tuple:
-    return r["case"], r["dtype"], r["format"]
+    return r["case"], r["dtype"], r["format"], r.get("fusion", "none")
+
+
+FUSION_LABELS = {"none": "BN", "relu": "BN -> relu", "add_relu": "BN + add -> relu", "pre_relu": "relu -> BN"}
+
+
+def _fused(rows) -> bool:
+    return any(r.get("fusion", "none") != "none" for r in rows)
 
 
 def speedup_table(result: dict) -> str:
@@ -455,13 +495,17 @@ def speedup_table(result: dict) -> str:
     by = {}
     for r in rows:
         by.setdefault(_config_key(r), {})[r["phase"]] = r
-    head = ["case", "shape", "dtype", "format"] + [f"{PHASE_TITLES[p]} x" for p in phases]
+    fused = _fused(rows)
+    head = ["case", "shape", "dtype", "format"] + (["computes"] if fused else [])
+    key_columns = len(head)
+    head += [f"{PHASE_TITLES[p]} x" for p in phases]
     last = "fwd_bwd" if "fwd_bwd" in phases else phases[-1]
     head += [f"{PHASE_TITLES[last]} ms torch / bnfast", f"{PHASE_TITLES[last]} % copy torch / bnfast"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * key_columns + "---:|" * (len(head) - key_columns)]
     for key, ph in by.items():
         any_r = next(iter(ph.values()))
         cells = [any_r["case"], "x".join(map(str, any_r["shape"])), any_r["dtype"], any_r["format_label"]]
+        cells += [FUSION_LABELS[any_r.get("fusion", "none")]] if fused else []
         cells += [f"{ph[p]['speedup']:.2f}" if p in ph else "-" for p in phases]
         lr = ph.get(last)
         cells += [f"{lr['torch']['median_ms']:.3f} / {lr['bnfast']['median_ms']:.3f}" if lr else "-",
@@ -479,14 +523,17 @@ def speedup_table(result: dict) -> str:
 
 
 def detail_table(result: dict) -> str:
-    head = ["case", "shape", "dtype", "format", "phase", "torch ms (IQR)", "bnfast ms (IQR)",
-            "speed-up", "speed-up (min)", "torch GB/s", "bnfast GB/s", "copy GB/s", "clone GB/s",
-            "torch % copy", "bnfast % copy"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
+    fused = _fused(result["rows"])
+    head = ["case", "shape", "dtype", "format"] + (["computes"] if fused else []) + [
+        "phase", "torch ms (IQR)", "bnfast ms (IQR)", "speed-up", "speed-up (min)", "torch GB/s", "bnfast GB/s",
+        "copy GB/s", "clone GB/s", "torch % copy", "bnfast % copy"]
+    key_columns = 6 if fused else 5
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * key_columns + "---:|" * (len(head) - key_columns)]
     for r in result["rows"]:
         t, b = r["torch"], r["bnfast"]
         lines.append("| " + " | ".join([
-            r["case"], "x".join(map(str, r["shape"])), r["dtype"], r["format_label"], PHASE_TITLES[r["phase"]],
+            r["case"], "x".join(map(str, r["shape"])), r["dtype"], r["format_label"]]
+            + ([FUSION_LABELS[r.get("fusion", "none")]] if fused else []) + [PHASE_TITLES[r["phase"]],
             f"{t['median_ms']:.3f} ({t['iqr_ms']:.3f})", f"{b['median_ms']:.3f} ({b['iqr_ms']:.3f})",
             f"{r['speedup']:.2f}x", f"{r['speedup_min']:.2f}x", f"{r['torch_gbps']:.1f}", f"{r['bnfast_gbps']:.1f}",
             f"{r['copy_gbps']:.1f}", f"{r['clone_gbps']:.1f}", f"{100 * r['torch_frac_copy']:.0f}%",
@@ -535,7 +582,14 @@ def markdown(result: dict) -> str:
     if worst:
         k, v = max(worst["agreement_rel_err"].items(), key=lambda kv: kv[1])
         lines += ["", f"Agreement check (max relative error bnfast vs torch over outputs and "
-                  f"gradients): worst {v:.2e} ({k}, {worst['case']} {worst['dtype']} {worst['format']})."]
+                  f"gradients): worst {v:.2e} ({k}, {worst['case']} {worst['dtype']} {worst['format']} "
+                  f"{FUSION_LABELS[worst.get('fusion', 'none')]})."]
+        if _fused(result["rows"]):
+            lines.append("Fused configurations in half precision differ from torch's unfused modules where "
+                         "an element's pre-activation is near 0: torch rounds BN's output before the add "
+                         "and the activation, bnfast rounds once at the end, so the relu mask (and with it "
+                         "that element's gradient) can differ; tests/test_fused_act.py checks both against "
+                         "float64.")
     if result.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in result["errors"]]
     return "\n".join(lines) + "\n"
@@ -552,7 +606,8 @@ def plot(result: dict, path: Path) -> str | None:
     phases = [p for p in PHASES if any(r["phase"] == p for r in rows)]
     configs = list(dict.fromkeys(_config_key(r) for r in rows))
     by = {(_config_key(r), r["phase"]): r["speedup"] for r in rows}
-    labels = [f"{c} {d} {'CL' if f == 'channels_last' else ''}".strip() for c, d, f in configs]
+    labels = [f"{c} {d} {'CL' if f == 'channels_last' else ''} {'' if u == 'none' else FUSION_LABELS[u]}".strip()
+              for c, d, f, u in configs]
     fig, axes = plt.subplots(1, len(phases), figsize=(3.2 * len(phases) + 2.5, 0.28 * len(configs) + 1.6),
                              sharey=True, squeeze=False)
     ys = range(len(configs))
@@ -605,23 +660,23 @@ def run(options=None, **overrides) -> dict:
             for fmt in args.formats:
                 if fmt == "channels_last" and len(case.shape) < 4:
                     continue  # BatchNorm1d: (N, C) is channels-last already
-                todo.append((case, dt, fmt))
+                todo += [(case, dt, fmt, fusion) for fusion in args.fusions]
     t_start = time.perf_counter()
-    for i, (case, dt, fmt) in enumerate(todo):
+    for i, (case, dt, fmt, fusion) in enumerate(todo):
         t0 = time.perf_counter()
         try:
             cfg = bench_config(case, dt, fmt, args.device, args.phases, rounds=args.rounds,
                                block_s=args.block_s, warmup_s=args.warmup_s, seed=args.seed,
-                               params=args.params)
+                               params=args.params, fusion=fusion)
         except Exception as e:  # e.g. bnfast built without kernels for this device
-            errors.append(f"{case.name} {dt} {fmt}: {type(e).__name__}: {e}")
+            errors.append(f"{case.name} {dt} {fmt} {fusion}: {type(e).__name__}: {e}")
             print(f"error: {errors[-1]}", file=sys.stderr)
             continue
         configs.append(cfg)
         if not args.quiet:
             sp = "  ".join(f"{PHASE_TITLES[r['phase']]} {r['speedup']:.2f}x" for r in cfg["rows"])
             print(f"[{i + 1}/{len(todo)}] {case.name:11s} {case.shape_str:17s} {dt:8s} "
-                  f"{format_label(fmt, len(case.shape)):16s} {sp}  ({time.perf_counter() - t0:.1f} s)",
+                  f"{format_label(fmt, len(case.shape)):16s} {FUSION_LABELS[fusion]:16s} {sp}  ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
         if args.device == "cuda":
             torch.cuda.empty_cache()

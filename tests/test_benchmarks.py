@@ -149,12 +149,16 @@ def test_suite_quick_end_to_end(tmp_path):
     suite = json.loads((out / "suite.json").read_text())
     assert suite["size"] == "quick" and not suite["errors"]
     assert suite["parts"]["kernels-cpu"]["ok"] and suite["parts"]["train"]["ok"]
+    assert suite["parts"]["kernels-cpu-fused"]["ok"]
     assert json.loads((out / "kernels-cpu" / "kernels.json").read_text())["rows"]
+    fused = json.loads((out / "kernels-cpu-fused" / "kernels.json").read_text())["rows"]
+    assert {r["fusion"] for r in fused} == {"relu", "add_relu", "pre_relu"}
     assert (out / "kernels-cpu" / "kernels_speedup.png").read_bytes()[:8] == PNG_MAGIC
     train = json.loads((out / "cifar10" / "cifar10_results.json").read_text())
     assert train["runs"]
     summary = (out / "summary.md").read_text()
-    assert "## Kernels, cpu" in summary and "## CIFAR-10 training" in summary
+    assert "## Kernels, cpu" in summary and "## Kernels, cpu, fused with relu" in summary
+    assert "## CIFAR-10 training" in summary
     assert "fwd+bwd" in summary
     # Links to the parts are relative to the suite folder (it can be moved).
     assert "Details: kernels-cpu/kernels.md" in summary and "Details: cifar10/cifar10_summary.md" in summary
@@ -208,6 +212,40 @@ def test_cuda_bars_judge_worst_rows():
     assert cuda_bars.report({"rows": good, "device": "cuda"})[1]
     assert not cuda_bars.report({"rows": good[:1], "device": "cuda"})[1]  # a bar with no rows is not met
     assert not cuda_bars.report({"rows": good, "device": "cuda", "errors": ["r50_s2 bfloat16: OOM"]})[1]
+
+
+def test_cuda_bars_fused_rows():
+    from benchmarks import cuda_bars
+
+    shape = (128, 64, 32, 32)  # large enough for the bandwidth bar
+    plain = [_bench_row("r18_s1", "ResNet-18 CIFAR", shape, dt, fmt, "fwd_bwd", 1.6, 0.9)
+             for dt, fmt in (("float32", "nchw"), ("bfloat16", "channels_last"))]
+    fused = [dict(_bench_row("r18_s1", "ResNet-18 CIFAR", shape, "float32", "nchw", "fwd_bwd", speedup, 0.9), fusion=f)
+             for f, speedup in (("relu", 1.7), ("add_relu", 1.4), ("pre_relu", 1.0))]
+    plain_only = {"rows": plain, "options": {"fusions": ["none"]}}
+    assert cuda_bars.report(plain_only)[1]  # no fused bar without fused runs
+    both = cuda_bars.merged([plain_only, {"rows": fused, "options": {"fusions": ["relu", "add_relu", "pre_relu"]}}])
+    by_name = {b["name"].split()[0]: b for b in cuda_bars.bars(both)}
+    # The fused rows stay out of the plain bars; pre_relu has no fused bar.
+    assert by_name["speed-up"]["n"] == 2 and by_name["speed-up"]["met"]
+    assert by_name["fused"]["n"] == 2 and by_name["fused"]["worst"] == 1.4 and by_name["fused"]["met"] is False
+    assert "add_relu fwd_bwd" in by_name["fused"]["worst_row"]
+
+
+def test_kernels_fused_configurations(tmp_path):
+    from benchmarks import kernels
+
+    res = kernels.run({"quick": True, "cases": "seed_bn3", "dtypes": "float32", "formats": "nchw",
+                       "fusions": ["relu", "add_relu"], "phases": ["fwd_eval", "fwd_bwd"], "rounds": 2,
+                       "out": str(tmp_path), "no_plot": True, "quiet": True})
+    assert [(c["fusion"], sorted(c["agreement_rel_err"])) for c in res["configs"]] == [
+        ("relu", ["db", "dw", "dx", "y", "y_eval"]), ("add_relu", ["db", "dr", "dw", "dx", "y", "y_eval"])]
+    for c in res["configs"]:  # float32: the fused result is torch's up to rounding
+        assert max(c["agreement_rel_err"].values()) < 1e-5, c
+    passes = {(r["fusion"], r["phase"]): r["passes"] for r in res["rows"]}
+    assert passes == {("relu", "fwd_eval"): 2, ("relu", "fwd_bwd"): 8, ("add_relu", "fwd_eval"): 3,
+                      ("add_relu", "fwd_bwd"): 10}
+    assert "BN + add -> relu" in (tmp_path / "kernels.md").read_text()
 
 
 @pytest.mark.distributed
