@@ -38,7 +38,7 @@ Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const 
   auto grad_input = cpu::empty_cached_like(input);
   auto grad_weight = at::empty({shape.channels}, mean.options());
   auto grad_bias = at::empty({shape.channels}, mean.options());
-  auto grad_residual = residual.defined() ? at::empty_like(input) : at::empty({0}, input.options());
+  auto grad_residual = residual.defined() ? cpu::empty_cached_like(input) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = shape.channels;

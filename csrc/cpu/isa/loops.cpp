@@ -278,31 +278,39 @@ struct Terms {
     const Vec v = l.load(x + o);
     return kPreRelu ? at::vec::clamp_min(v, Vec(0)) : v;
   }
-  // dy, times act'(z) for a fused activation (d = x - mean); stored to
-  // grad_residual when asked.
-  BNFAST_ELEMENT Vec grad(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
+  // With a residual, grad_residual is the fused backward's dz = dy * act'(z):
+  // the reduction (the first pass) writes it, and the affine pass reads it
+  // back in place of dy and the residual, one stream fewer than recomputing
+  // it. Only where scalar_t is the opmath type: a rounded half-precision dz
+  // would change the result.
+  static constexpr bool kReuseGrad = kFused && std::is_same<scalar_t, typename IO::opmath_t>::value;
+  // dy times act'(z) for a fused activation (d = x - mean), from dy and the
+  // residual.
+  BNFAST_ELEMENT Vec dz(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
     Vec a = l.load(dy + o);
     if constexpr (kActive) {
       Vec z = at::vec::fmadd(d, zp, zq);
       if (residual) z = z + l.load(residual + o);
       a = a * activate_derivative<kAct>(z, slope);
     }
+    return a;
+  }
+  // dz for the affine pass; stored to grad_residual when asked (unless the
+  // reduction did).
+  BNFAST_ELEMENT Vec grad(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
+    if (kReuseGrad && grad_residual) return l.load(grad_residual + o);
+    const Vec a = dz(l, o, d);
     if (kFused && grad_residual) l.store(grad_residual + o, a);
     return a;
   }
-  // The reduction's terms: d = x - K, a = dy (as grad()) or d. Lanes past n
-  // are zeroed in d (a masked load of dy is 0 there already).
+  // The reduction's terms: d = x - K, a = dz (K is the mean then) or d.
+  // Lanes past n are zeroed in d (a masked load of dy is 0 there already).
   BNFAST_ELEMENT void reduce(const Lanes<scalar_t>& l, int64_t o, const Vec& k, Vec& a, Vec& d) const {
     d = input(l, o) - k;
     if (l.n < IO::kLanes) d = Vec::set(Vec(0), d, l.n);
     if (kHasDy) {
-      Vec g = l.load(dy + o);
-      if constexpr (kActive) {
-        Vec z = at::vec::fmadd(d, zp, zq);
-        if (residual) z = z + l.load(residual + o);
-        g = g * activate_derivative<kAct>(z, slope);
-      }
-      a = g;
+      a = dz(l, o, d);
+      if (kReuseGrad && grad_residual) l.store(grad_residual + o, a);
     } else {
       a = d;
     }
