@@ -53,8 +53,12 @@ _FOLD_ROWS = CPU["kFlushSteps"] // CPU["kChains"]  # rows summed in opmath befor
 ROW_CHUNKS = (CPU["kReduceGrain"] // 512 * 3 // 2, 512)
 # more than kGrain elements per channel: several work chunks per channel in both layouts
 LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
-# planes of 2 * kShortPlane - 1 values: the channels-first plane loops, with a vector tail
-PLANE_LOOPS = (3, 6, 7, (2 * CPU["kShortPlane"] - 1) // 7)
+# planes of 2 * kShortPlane - 1 values, rows wider than kMaxRowWidth: the channels-first
+# plane loops of every pass, with a vector tail
+PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1) // 7)
+# planes of a length that is no multiple of the vector width, in narrow rows: the
+# reductions' plane loops, the affine pass's rows
+AFFINE_ROWS = (4, 6, 7, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
 # in training (backward: a partial last block)
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
@@ -73,7 +77,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     (ROW_CHUNKS, "BatchNorm1d (N, C), wide: two row chunks of the channels-last path, many lanes"),
     ((16, 5), "BatchNorm1d (N, C), small"),
     ((4, 5, 9), "BatchNorm1d (N, C, L)"),
-    ((4, 6, 7, 5), "BatchNorm2d"),
+    (AFFINE_ROWS, "BatchNorm2d; planes of 35: reductions by plane, the affine pass by rows"),
     ((2, 3, 4, 5, 3), "BatchNorm3d"),
     ((5, 1, 4, 4), "C = 1"),
     ((2, 3), "N * HW = 2, 2-D"),
@@ -82,7 +86,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((3, 13, 7, 5), "odd sizes, 4-D"),
     ((2, 1000, 3), "large C"),
     (LONG_CHANNELS, "more than kGrain elements per channel: several work chunks per channel"),
-    (PLANE_LOOPS, "the channels-first plane loops, with a vector tail"),
+    (PLANE_LOOPS, "the channels-first plane loops of every pass, with a vector tail"),
     (SHORT_PLANES, "short planes as rows in 3 chunks; fused channel blocks (backward: a partial last one)"),
     (WIDE_SHORT_PLANES, "short planes too wide to read as rows: plane loops"),
     (ALIGNED, "vector-aligned: planes of 64 and 32 channels, multiples of every vector width"),

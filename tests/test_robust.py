@@ -16,7 +16,7 @@ EPS = 1e-5
 def _large_mean_input(device, layout, first_outlier=False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, 16, 16, generator=g, dtype=torch.float64)
-    if first_outlier:  # the first element of each channel (bnfast's shift) is a 4-sigma sample
+    if first_outlier:  # the first element of each channel (one of bnfast's shift samples) is a 4-sigma sample
         x[0, :, 0, 0] = 4.0
     x = (x + 1e4).float().to(device)
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
@@ -46,6 +46,29 @@ def test_large_mean_variance(layout, first_outlier, device):
     e_b, e_t = ref.max_err(invstd_b, invstd), ref.max_err(invstd_t, invstd)
     assert e_b <= 2 * e_t + ref.ulp_floor(torch.float32, invstd.abs().max().item()), (e_b, e_t)
     ref.assert_error_within_torch("output", yb, yt, y64, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("pre_relu", [False, True], ids=["plain", "pre_relu"])
+def test_skewed_channel_invstd(layout, pre_relu, device):
+    """A channel that is nearly all 0 (a relu'd activation) but for its first element and one other:
+    invstd within 8 ulps (relative) of the float64 truth. A shift taken from the first element alone
+    sits far from the mean and loses ~2 digits to cancellation."""
+    x = torch.zeros(3, 5, 7, 9, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.5223729
+    x[2, :, 3, 4] = 0.3141593
+    if pre_relu:
+        x[1] = -torch.rand(5, 7, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # relu'd to 0
+    x = x.float().to(device)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    if pre_relu:
+        _, _, invstd = torch.ops.bnfast.forward_act(x, None, None, None, EPS, "pre_relu", 0.0)
+        truth = ref.stats(F.relu(x.double()), EPS)[2]
+    else:
+        _, invstd = torch.ops.bnfast.stats(x, EPS)
+        truth = ref.stats(x.double(), EPS)[2]
+    rel = ((invstd.double().cpu() - truth.cpu()) / truth.cpu()).abs().max().item()
+    assert rel <= 8 * torch.finfo(torch.float32).eps, f"invstd relative error {rel:.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

@@ -33,25 +33,41 @@ std::vector<opmath_t> channel_values(const std::optional<at::Tensor>& t, int64_t
   return values;
 }
 
-// The shift K[c] for statistics: the channel's first element (as the loops
-// read it: relu'd for a pre_relu fusion). Any sample of the channel is within
-// a few standard deviations of its mean, which is all the shifted sums need
-// to stay free of cancellation. NB: an infinite or NaN first element would
-// poison every x - K; any finite shift is correct, so 0.
+// The shift K[c] for statistics: the mean of up to kShiftSamples elements
+// spread evenly over the channel (as the loops read them: relu'd for a
+// pre_relu fusion). The shifted sums lose about (|K - mean| / std)^2 of
+// their relative precision to cancellation. One sample can sit far out in a
+// skewed channel (a relu'd channel that is nearly all 0 but for one sample of
+// 0.5), the mean of several rarely does. NB: infinite and NaN samples are
+// skipped (they would poison every x - K); any finite shift is correct.
+constexpr int64_t kShiftSamples = 8;
+
 template <typename scalar_t>
-at::opmath_type<scalar_t> first_element(const scalar_t* x, Layout layout, const Shape& shape, int64_t c,
+at::opmath_type<scalar_t> channel_shift(const scalar_t* x, Layout layout, const Shape& shape, int64_t c,
                                         bool relu) {
-  auto k = static_cast<at::opmath_type<scalar_t>>(layout == Layout::kChannelsFirst ? x[c * shape.spatial] : x[c]);
-  if (relu && k < 0) k = 0;
-  return std::isfinite(k) ? k : at::opmath_type<scalar_t>(0);
+  const int64_t M = shape.per_channel(), S = shape.spatial, C = shape.channels;
+  const int64_t samples = std::min(kShiftSamples, M);
+  double sum = 0;
+  int64_t finite = 0;
+  for (int64_t j = 0; j < samples; ++j) {
+    const int64_t m = j * M / samples;  // m = n * S + s
+    const int64_t offset = layout == Layout::kChannelsFirst ? (m / S * C + c) * S + m % S : m * C + c;
+    double v = static_cast<double>(x[offset]);
+    if (relu && v < 0) v = 0;
+    if (std::isfinite(v)) {
+      sum += v;
+      ++finite;
+    }
+  }
+  return static_cast<at::opmath_type<scalar_t>>(finite ? sum / finite : 0.0);
 }
 
-// K[c] = first_element for every channel, padded for the row loops.
+// K[c] = channel_shift for every channel, padded for the row loops.
 template <typename scalar_t>
 std::vector<at::opmath_type<scalar_t>> channel_shifts(const scalar_t* x, Layout layout, const Shape& shape,
                                                       bool relu = false) {
   std::vector<at::opmath_type<scalar_t>> shift(padded_channels(shape.channels), 0);
-  for (int64_t c = 0; c < shape.channels; ++c) shift[c] = first_element(x, layout, shape, c, relu);
+  for (int64_t c = 0; c < shape.channels; ++c) shift[c] = channel_shift(x, layout, shape, c, relu);
   return shift;
 }
 

@@ -34,6 +34,15 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
          shape.channels * shape.spatial <= kMaxRowWidth;
 }
 
+// The affine pass also reads planes whose length is not a multiple of the
+// vector width as rows when they fit kMaxRowWidth: per plane, the masked tail
+// vector costs about as much as a full one, and rows have none.
+inline bool affine_as_rows(Layout layout, const Shape& shape) {
+  return short_planes_as_rows(layout, shape) ||
+         (layout == Layout::kChannelsFirst && shape.spatial % kMaxLanes != 0 &&
+          shape.channels * shape.spatial <= kMaxRowWidth);
+}
+
 // A per-channel vector repeated per column of a [rows][C * S] view (padded for
 // the row loops' vector tails).
 template <typename T>
@@ -176,7 +185,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   };
   if (layout == Layout::kChannelsLast) {
     rows(C, shape.per_channel(), m, p, q, r, fusion);
-  } else if (short_planes_as_rows(layout, shape)) {
+  } else if (affine_as_rows(layout, shape)) {
     const auto mc = per_column(m, C, S), pc = per_column(p, C, S), qc = per_column(q, C, S);
     const auto rc = dy ? per_column(r, C, S) : decltype(mc){};
     const FusionView<scalar_t> columns(fusion, C, S);
