@@ -98,6 +98,12 @@ def _argument(node: fx.Node, index: int, name: str, default):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    """Module hooks would see the fused result (or never run): such modules are not fused."""
+    return any(getattr(m, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                   "_backward_pre_hooks"))
+
+
 def _activation(node: fx.Node, module: nn.Module) -> Optional[tuple[str, float, bool]]:
     """(act, negative_slope, in place) when node applies an activation bnfast
     fuses to its first argument and nothing else; None otherwise."""
@@ -105,6 +111,8 @@ def _activation(node: fx.Node, module: nn.Module) -> Optional[tuple[str, float, 
         if len(node.args) != 1 or node.kwargs:
             return None
         m = module.get_submodule(node.target)
+        if _has_hooks(m):
+            return None
         kind = type(m)
         if kind is nn.ReLU:
             return "relu", 0.01, m.inplace
@@ -182,6 +190,9 @@ def _matches(graph: fx.Graph, module: nn.Module, candidates: Callable[[str], boo
     for bn in bns:
         if calls[bn.target] != 1 or len(bn.args) != 1 or bn.kwargs or not isinstance(bn.args[0], fx.Node):
             left[bn.target] = "called more than once or with extra arguments"
+            continue
+        if _has_hooks(module.get_submodule(bn.target)):
+            left[bn.target] = "it has hooks, which would see the fused result"
             continue
         users = list(bn.users)
         if len(users) != 1:

@@ -146,6 +146,18 @@ class DataDependent(nn.Module):
         return torch.relu(self.bn(x)) if x.sum() > 0 else self.bn(x)
 
 
+def test_modules_with_hooks_are_not_fused(caplog):
+    model = build_model("conv_bn_relu", dropout=0.0)
+    seen = []
+    model[1].register_forward_hook(lambda m, args, out: seen.append("bn"))
+    model[6].register_forward_hook(lambda m, args, out: seen.append("relu"))  # the second BN's relu
+    fused, lines = summary(model, caplog)
+    assert lines == ["1: not fused, it has hooks, which would see the fused result",
+                     "5: not fused, no activation it can fuse with", "9: BN -> relu"]
+    fused(torch.randn(2, 3, 32, 32))
+    assert seen == ["bn", "relu"]
+
+
 def test_untraceable_module_is_converted_unfused(caplog):
     fused, lines = summary(DataDependent(), caplog)
     assert len(lines) == 1 and lines[0].startswith("DataDependent: not fused, its forward cannot be traced")
