@@ -50,7 +50,7 @@ def _retyped(module: nn.Module, cls: type, **attributes) -> nn.Module:
     work), requires_grad, training flag, hooks, device and dtype."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
-    for name in ("act", "negative_slope"):  # BatchNormAct's own attributes
+    for name in ("act", "negative_slope", "memory_efficient"):  # BatchNormAct's own attributes
         new.__dict__.pop(name, None)
     new.__dict__.update(attributes)
     return new
@@ -305,7 +305,8 @@ def _fused_class(cls: type) -> type:
                                        "_bnfast_fused": True})
 
 
-def _fuse_children(module: nn.Module, fusions: Optional[tuple] = None) -> dict[str, str]:
+def _fuse_children(module: nn.Module, fusions: Optional[tuple] = None,
+                   memory_efficient: bool = False) -> dict[str, str]:
     """Fuse the batch norm children of one module: all that match a pattern
     (fusions None), or exactly the given ones (after unpickling). Returns what
     became of each candidate, by name, in the order the forward calls them."""
@@ -330,7 +331,8 @@ def _fuse_children(module: nn.Module, fusions: Optional[tuple] = None) -> dict[s
         bn = module._modules[m.fusion.bn]
         if type(bn) in _TO_FUSED:
             module._modules[m.fusion.bn] = _retyped(bn, _TO_FUSED[type(bn)], act=m.fusion.act,
-                                                    negative_slope=m.fusion.negative_slope)
+                                                    negative_slope=m.fusion.negative_slope,
+                                                    memory_efficient=memory_efficient)
     module.__dict__["_bnfast_forward"] = _compile(graph, type(module).__qualname__)
     module.__dict__["_bnfast_fusions"] = tuple(m.fusion for m in matches)
     module.__class__ = _fused_class(type(module))
@@ -341,7 +343,7 @@ def _is_fused(module: nn.Module) -> bool:
     return getattr(type(module), "_bnfast_fused", False) and "_bnfast_fusions" in module.__dict__
 
 
-def _fuse(model: nn.Module) -> list[str]:
+def _fuse(model: nn.Module, memory_efficient: bool) -> list[str]:
     """Fuse every module of model whose children include a bnfast batch norm;
     the summary lines."""
     lines = []
@@ -350,7 +352,7 @@ def _fuse(model: nn.Module) -> list[str]:
             continue
         where = name or type(model).__name__
         try:
-            outcome = _fuse_children(module)
+            outcome = _fuse_children(module, memory_efficient=memory_efficient)
         except Exception as error:  # noqa: BLE001 - any trace failure leaves the module unfused, said why
             lines.append(f"{where}: not fused, its forward cannot be traced by torch.fx "
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
@@ -373,7 +375,7 @@ def _unfuse(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------- API
 
-def convert(module: nn.Module, fuse: bool = False, verbose: bool = False) -> nn.Module:
+def convert(module: nn.Module, fuse: bool = False, verbose: bool = False, memory_efficient: bool = False) -> nn.Module:
     """Return module with every torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm
     replaced, recursively, by bnfast's drop-in (sharing parameters and
     buffers). The module is changed in place where a child is replaced; a BN
@@ -394,10 +396,16 @@ def convert(module: nn.Module, fuse: bool = False, verbose: bool = False) -> nn.
     is printed with verbose=True. Fused modules keep their class (a subclass
     of the same name), children and state_dict keys; the fused-away activation
     modules stay as unused children. SyncBatchNorm is not fused.
+
+    memory_efficient=True (with fuse=True) makes the fused modules keep their
+    output for backward instead of their input where that is exact
+    (bnfast.batch_norm_act says when).
     """
+    if memory_efficient and not fuse:
+        raise ValueError("bnfast.convert: memory_efficient=True applies to fused batch norms; pass fuse=True too")
     module = _swap(module, _TO_BNFAST)
     if fuse:
-        lines = _fuse(module)
+        lines = _fuse(module, memory_efficient)
         summary = "bnfast.convert(fuse=True):\n  " + ("\n  ".join(lines) if lines else "no batch norm to fuse")
         _LOG.info(summary)
         if verbose:

@@ -4,6 +4,7 @@ bnfast.batch_norm_act: the same fused with an activation (and a residual)."""
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -63,6 +64,7 @@ def batch_norm_act(
     act: str = "relu",
     negative_slope: float = 0.01,
     residual: Optional[Tensor] = None,
+    memory_efficient: bool = False,
 ) -> Tensor:
     r"""Batch normalization fused with an activation, in one pass of bnfast's
     kernels instead of one per operation, with batch_norm's arguments and
@@ -80,6 +82,18 @@ def batch_norm_act(
     for act="pre_relu" (the running statistics are those of relu(input)).
     Equal to the unfused torch.nn.functional ops up to rounding (the fused
     result is rounded once, in the input's dtype).
+
+    memory_efficient=True (training): backward keeps the output (which the
+    next layer keeps anyway) instead of the input, and recovers the
+    normalized input from it, xhat = (act^-1(y) - residual - bias) / weight,
+    as In-Place ABN does but with the same parameters and gradients. Exact for
+    act "identity", "leaky_relu" (negative_slope > 0) and "pre_relu" (which
+    also keeps the sign of the input, one byte an element) when no weight
+    element is zero; otherwise (relu, silu and gelu are not invertible) the
+    input is kept as without the mode, with a warning, once. Recovering xhat
+    from a rounded y costs precision where |bias| >> |weight| in half or
+    bfloat16; it reads the weight on the host (one sync on a GPU) each
+    forward.
     """
     if act not in ops.ACTIVATIONS:
         raise ValueError(f"bnfast: unknown activation {act!r}; choose from {', '.join(ops.ACTIVATIONS)}")
@@ -91,9 +105,9 @@ def batch_norm_act(
         return handle_torch_function(
             batch_norm_act, tensors, input, running_mean, running_var, weight=weight, bias=bias,
             training=training, momentum=momentum, eps=eps, act=act, negative_slope=negative_slope,
-            residual=residual)
+            residual=residual, memory_efficient=memory_efficient)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act,
-                       negative_slope, residual)
+                       negative_slope, residual, memory_efficient)
 
 
 _UNFUSED_ACTS = {"identity": lambda y, slope: y, "relu": lambda y, slope: F.relu(y),
@@ -102,7 +116,8 @@ _UNFUSED_ACTS = {"identity": lambda y, slope: y, "relu": lambda y, slope: F.relu
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                act: Optional[str], slope: float, residual: Optional[Tensor]) -> Tensor:
+                act: Optional[str], slope: float, residual: Optional[Tensor],
+                memory_efficient: bool = False) -> Tensor:
     """batch_norm (act None) and batch_norm_act: torch.nn.functional.batch_norm's checks, in its order."""
     if residual is not None and act != "pre_relu" and (
             residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device):
@@ -144,7 +159,14 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         if act is None:
             output, mean, invstd = _ops.forward(input, weight, bias, eps)
         else:
-            output, mean, invstd = _ops.forward_act(input, weight, bias, residual, eps, act, slope)
+            if memory_efficient and not _output_invertible(act, slope):
+                warnings.warn(f"bnfast: memory_efficient=True keeps the batch norm input for backward (saves no "
+                              f"memory) with act={act!r}: it is not invertible, so the output does not determine "
+                              f"the normalized input (identity, pre_relu and leaky_relu with a positive "
+                              f"negative_slope are)", stacklevel=3)
+                memory_efficient = False
+            output, mean, invstd = _ops.forward_act(input, weight, bias, residual, eps, act, slope,
+                                                    memory_efficient)
         if running_mean is not None:  # (update_stats_ keeps the statistics' graph out of the buffers)
             _ops.update_stats_(running_mean, running_var, mean, invstd, momentum, eps,
                                input.numel() // input.size(1))
@@ -155,6 +177,12 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if act is None:
         return _ops.elemt(input, weight, bias, mean, invstd)
     return _ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
+
+
+def _output_invertible(act: str, slope: float) -> bool:
+    """Whether act(z) determines z (csrc/autograd/fused_autograd.cpp keeps the
+    same rule, and also needs no zero weight element)."""
+    return act in ("identity", "pre_relu") or (act == "leaky_relu" and slope > 0)
 
 
 def _check_running_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

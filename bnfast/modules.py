@@ -22,6 +22,7 @@ class _BatchNormForward:
     # The fused activation (BatchNormAct*d); None for plain batch norm.
     act: Optional[str] = None
     negative_slope: float = 0.01
+    memory_efficient: bool = False
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         # Same control flow as torch.nn.modules.batchnorm._BatchNorm.forward.
@@ -48,6 +49,7 @@ class _BatchNormForward:
             self.act,
             self.negative_slope,
             residual,
+            self.memory_efficient,
         )
 
 
@@ -67,20 +69,24 @@ class _BatchNormAct:
     """Batch norm fused with an activation, as timm's BatchNormAct2d names it:
     forward(x, residual=None) = act(BN(x) + residual), or BN(relu(x)) for
     act="pre_relu". The parameters, buffers and state_dict keys are the plain
-    BatchNorm*d's, so a checkpoint loads into either."""
+    BatchNorm*d's, so a checkpoint loads into either. memory_efficient=True:
+    backward keeps the output instead of the input where that is exact
+    (bnfast.batch_norm_act says when)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, act: str = "relu", negative_slope: float = 0.01, device=None,
-                 dtype=None) -> None:
+                 track_running_stats: bool = True, act: str = "relu", negative_slope: float = 0.01,
+                 memory_efficient: bool = False, device=None, dtype=None) -> None:
         if act not in ops.ACTIVATIONS:
             raise ValueError(f"bnfast: unknown activation {act!r}; choose from {', '.join(ops.ACTIVATIONS)}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.act = act
         self.negative_slope = negative_slope
+        self.memory_efficient = memory_efficient
 
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
-        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+        saving = ", memory_efficient=True" if self.memory_efficient else ""
+        return f"{super().extra_repr()}, act={self.act!r}{slope}{saving}"
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

@@ -179,14 +179,16 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "p
 
 
 def forward_act(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                eps: float, act: str, slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+                eps: float, act: str, slope: float, memory_efficient: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Training forward fused with an activation: (y, mean, invstd) with
-    y = act(BN(x) + residual), or y = BN(relu(x)) for act="pre_relu"."""
-    return _ops.forward_act(input, weight, bias, residual, eps, act, slope)
+    y = act(BN(x) + residual), or y = BN(relu(x)) for act="pre_relu".
+    memory_efficient: autograd keeps y instead of x where x's normalized value
+    can be recovered from y exactly (see bnfast.batch_norm_act)."""
+    return _ops.forward_act(input, weight, bias, residual, eps, act, slope, memory_efficient)
 
 
 @torch.library.register_fake("bnfast::forward_act")
-def _forward_act_fake(input, weight, bias, residual, eps, act, slope):
+def _forward_act_fake(input, weight, bias, residual, eps, act, slope, memory_efficient=False):
     _check_devices(input, weight=weight, bias=bias, residual=residual)
     return _empty_output_like(input), _stats_like(input), _stats_like(input)
 

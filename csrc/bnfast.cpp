@@ -73,10 +73,13 @@ TORCH_LIBRARY(bnfast, m) {
   //                               slope `slope`), silu, gelu, gelu_tanh
   //   y = BN(relu(x))             act = "pre_relu" (no residual)
   // The training forward, as forward: (y, mean, invstd) with the statistics
-  // of the batch (of relu(x) for pre_relu).
+  // of the batch (of relu(x) for pre_relu). memory_efficient only changes
+  // what autograd keeps for backward: the output (and for pre_relu the sign
+  // of x, one byte an element) instead of the input, where the normalized
+  // input can be recovered from it exactly (csrc/autograd/fused_autograd.cpp).
   m.def(
       "forward_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act,"
-      " float slope) -> (Tensor output, Tensor mean, Tensor invstd)");
+      " float slope, bool memory_efficient=False) -> (Tensor output, Tensor mean, Tensor invstd)");
   // With given statistics, as elemt (the eval forward).
   m.def(
       "elemt_act(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? residual,"

@@ -50,11 +50,12 @@ inline Pair call_backward_reduce(const at::Tensor& grad_out, const at::Tensor& i
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline Triple call_forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-                               const OptionalTensor& residual, double eps, c10::string_view act, double slope) {
+                               const OptionalTensor& residual, double eps, c10::string_view act, double slope,
+                               bool memory_efficient) {
   static const auto op = op_handle<Triple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                                          const OptionalTensor&, double, c10::string_view, double)>(
+                                          const OptionalTensor&, double, c10::string_view, double, bool)>(
       "bnfast::forward_act");
-  return op.call(input, weight, bias, residual, eps, act, slope);
+  return op.call(input, weight, bias, residual, eps, act, slope, memory_efficient);
 }
 
 inline at::Tensor call_elemt_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,

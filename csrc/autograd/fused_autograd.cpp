@@ -5,8 +5,27 @@
 // dy * act'(z) with z recomputed from the input, and grad_residual = dz);
 // higher orders, tangents and torch.func go through the composite, as for
 // forward. elemt_act, the eval form, differentiates its composite.
+//
+// forward_act(memory_efficient=True) keeps the output y instead of the input
+// (the next layer keeps y anyway, so the input can be freed), as In-Place ABN
+// does but without reparametrizing the weight. With w and b the weight and
+// bias, r the residual, M the elements per channel:
+//   z    = act^-1(y) - r,   xhat = (z - b) / w   (= (x - mean) * invstd)
+//   dz   = dy * act'(z),    grad_bias = sum(dz),  grad_weight = sum(dz * xhat)
+//   dx   = w * invstd * (dz - grad_bias / M - xhat * grad_weight / M)
+//          + grad_mean / M - xhat * invstd^2 * grad_invstd / M
+// That needs act invertible (identity; leaky_relu with a positive slope) and
+// no zero in w. pre_relu (y = BN(relu(x)), identity after) keeps y and
+// where x <= 0 (a bool tensor): dx = the above for relu(x), 0 there. Anything
+// else (relu, silu, gelu: z is lost where act is flat or not one-to-one; a
+// zero weight element: xhat is lost) keeps the input, as without the mode,
+// and warns once; so does a traced call (torch.compile), whose weight cannot
+// be read and whose partitioner picks what to keep. The backward is made of
+// differentiable ATen ops, and y,
+// mean and invstd are saved with their graph, so it differentiates again.
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 
 #include "calls.h"
@@ -80,8 +99,151 @@ struct ForwardActBackward : public NodeWithSaved<kForwardSaved> {
   std::string act_;
 };
 
+enum FromOutputSaved { kOutput, kNonPositive, kOutWeight, kOutBias, kOutResidual, kOutMean, kOutInvstd, kFromOutputSaved };
+
+// The gradients of forward_act w.r.t. (input, weight, bias, residual) from
+// its output (the formulas at the top of this file), in differentiable ATen
+// ops: for create_graph, gradients of the statistics, and half precision
+// (whose output, rounded, would rebuild the input with more error than the
+// stats dtype adds here).
+variable_list backward_from_output(const variable_list& grads, const at::Tensor& y, const at::Tensor& nonpositive,
+                                   const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual,
+                                   const at::Tensor& mean, const at::Tensor& invstd, const Activation& a,
+                                   double slope) {
+  const auto &grad_out = grads[0], &grad_mean = grads[1], &grad_invstd = grads[2];
+  const int64_t dim = y.dim();
+  const auto dims = reduce_dims(dim);
+  const double count = static_cast<double>(y.numel() / y.size(1));
+  const auto y_s = in_stats_dtype(y);
+  auto z = a.act == Act::kLeakyRelu ? at::where(y_s > 0, y_s, y_s / slope) : y_s;
+  auto dz = grad_out.defined() ? in_stats_dtype(grad_out) : at::zeros_like(y_s);
+  // torch's leaky_relu backward: the slope where z <= 0, i.e. where y <= 0.
+  if (a.act == Act::kLeakyRelu) dz = at::where(y_s > 0, dz, dz * slope);
+  if (residual.defined()) z = z - residual.to(z.scalar_type());
+  if (bias.defined()) z = z - per_channel(bias.to(z.scalar_type()), dim);
+  const auto xhat = weight.defined() ? z / per_channel(weight.to(z.scalar_type()), dim) : z;
+  const auto sum_dz = dz.sum(dims), sum_dz_xhat = (dz * xhat).sum(dims);
+  auto scale = invstd;
+  if (weight.defined()) scale = scale * weight.to(invstd.scalar_type());
+  auto dx = per_channel(scale, dim) * (dz - per_channel(sum_dz / count, dim) - xhat * per_channel(sum_dz_xhat / count, dim));
+  if (grad_mean.defined()) dx = dx + per_channel(grad_mean / count, dim);
+  if (grad_invstd.defined()) dx = dx - xhat * per_channel(invstd * invstd * grad_invstd / count, dim);
+  if (a.pre_relu) dx = dx.masked_fill(nonpositive, 0);
+  variable_list result(4);
+  result[0] = dx.to(y.scalar_type());
+  if (weight.defined()) result[1] = sum_dz_xhat.to(weight.scalar_type());
+  if (bias.defined()) result[2] = sum_dz.to(bias.scalar_type());
+  if (residual.defined()) result[3] = dz.to(residual.scalar_type());
+  return result;
+}
+
+// The same through bnfast's backward kernels, for first-order gradients of
+// the output alone, holding no more full-size temporaries than the backward
+// without the mode, where it can:
+// * identity and pre_relu without a residual (any dtype): xhat = (y - b) / w
+//   is backward's xhat = (x - mean) * invstd with mean := b, invstd := 1 / w,
+//   and backward's grad_input scale weight * invstd is w * invstd_batch with
+//   weight := w^2 * invstd_batch. bnfast::backward on y with those, then
+//   pre_relu's zeros where x <= 0.
+// * otherwise (leaky_relu, a residual; float and double): dz from y itself
+//   (y > 0 exactly where z > 0) and the input rebuilt in one tensor,
+//   x' = xhat / invstd + mean, into the fused backward. (In half precision
+//   the rounded output would rebuild x' with too much error: the composite.)
+// Returns nothing (undefined) where neither applies.
+std::optional<variable_list> backward_from_output_kernel(const at::Tensor& grad_out, const at::Tensor& y,
+                                                         const at::Tensor& nonpositive, const at::Tensor& weight,
+                                                         const at::Tensor& bias, const at::Tensor& residual,
+                                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                                         const Activation& a, double slope) {
+  const auto dtype = y.scalar_type();
+  const bool plain = a.act == Act::kIdentity && !residual.defined();
+  if (!plain && dtype != at::kFloat && dtype != at::kDouble) return std::nullopt;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  variable_list result(4);
+  if (plain) {
+    const auto stats = invstd.scalar_type();
+    const auto w = weight.defined() ? weight.to(stats) : at::ones_like(invstd);
+    const auto b = bias.defined() ? bias.to(stats) : at::zeros_like(mean);
+    auto [grad_input, grad_weight, grad_bias] = call_backward(grad_out, y, b, w.reciprocal(), w * w * invstd);
+    if (a.pre_relu) grad_input.masked_fill_(nonpositive, 0);
+    result[0] = grad_input;
+    if (weight.defined()) result[1] = grad_weight.to(weight.scalar_type());
+    if (bias.defined()) result[2] = grad_bias.to(bias.scalar_type());
+    return result;
+  }
+  const int64_t dim = y.dim();
+  const bool leaky = a.act == Act::kLeakyRelu;
+  const auto dz = leaky ? at::leaky_relu_backward(grad_out, y, slope, /*self_is_result=*/false) : grad_out;
+  auto x = leaky ? at::leaky_relu(y, 1.0 / slope) : y.clone();  // act^-1(y), in y's layout
+  if (residual.defined()) x.sub_(residual);
+  if (bias.defined()) x.sub_(per_channel(bias.to(x.scalar_type()), dim));
+  auto scale = invstd;
+  if (weight.defined()) scale = scale * weight.to(invstd.scalar_type());
+  x.div_(per_channel(scale, dim)).add_(per_channel(mean, dim));
+  auto [grad_input, grad_weight, grad_bias, unused] =
+      call_backward_act(dz, x, mean, invstd, optional(weight), optional(bias), std::nullopt, "identity", 0.0);
+  result[0] = grad_input;
+  if (weight.defined()) result[1] = grad_weight.to(weight.scalar_type());
+  if (bias.defined()) result[2] = grad_bias.to(bias.scalar_type());
+  if (residual.defined()) result[3] = dz;
+  return result;
+}
+
+struct ForwardActFromOutputBackward : public NodeWithSaved<kFromOutputSaved> {
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(4);
+    const auto y = unpack_output(kOutput);
+    const auto a = parse_activation(act_);
+    const bool first_order = !at::GradMode::is_enabled() && grads[0].defined() && !grads[1].defined() &&
+                             !grads[2].defined() && !any_tangent({&grads[0]}) &&
+                             grads[0].scalar_type() == y.scalar_type();
+    std::optional<variable_list> kernels;
+    if (first_order) {
+      kernels = backward_from_output_kernel(grads[0], y, unpack(kNonPositive), unpack(kOutWeight),
+                                            unpack(kOutBias), unpack(kOutResidual), unpack_output(kOutMean),
+                                            unpack_output(kOutInvstd), a, slope_);
+    }
+    auto result = kernels ? *std::move(kernels)
+                          : backward_from_output(grads, y, unpack(kNonPositive), unpack(kOutWeight),
+                                                 unpack(kOutBias), unpack(kOutResidual), unpack_output(kOutMean),
+                                                 unpack_output(kOutInvstd), a, slope_);
+    for (size_t i = 0; i < 4; ++i) {
+      if (!task_should_compute_output(i)) result[i] = at::Tensor();
+    }
+    return result;
+  }
+  std::string name() const override { return "BnfastForwardActFromOutputBackward"; }
+  double slope_ = 0;
+  std::string act_;
+};
+
+// Whether t's values cannot be read here: a tracer's tensor (fake,
+// functional or meta), as under torch.compile, whose partitioner chooses
+// what the compiled graph keeps anyway.
+bool values_unknown(const at::Tensor& t) {
+  const auto keys = t.key_set();
+  return t.is_meta() || keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Functionalize);
+}
+
+// Why memory_efficient cannot recover the normalized input from the output
+// (nullptr when it can). Reads the weight: one host sync on a GPU.
+const char* output_not_invertible(const Activation& a, double slope, const at::Tensor& input,
+                                  const at::Tensor& weight) {
+  if (a.act == Act::kLeakyRelu ? slope <= 0 : a.act != Act::kIdentity) {
+    return "the activation is not invertible (only identity, pre_relu and leaky_relu with a positive slope are)";
+  }
+  if (values_unknown(input) || (weight.defined() && values_unknown(weight))) {
+    return "the weight cannot be read (traced), so it may have a zero element";
+  }
+  if (weight.defined() && weight.eq(0).any().item<bool>()) {
+    return "the weight has a zero element, so the output does not determine the normalized input";
+  }
+  return nullptr;
+}
+
 Triple forward_act_autograd(const at::Tensor& input, const OptionalTensor& weight_, const OptionalTensor& bias_,
-                            const OptionalTensor& residual_, double eps, c10::string_view act, double slope) {
+                            const OptionalTensor& residual_, double eps, c10::string_view act, double slope,
+                            bool memory_efficient) {
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
   const at::Tensor residual = residual_.value_or(at::Tensor());
   const Activation a = parse_activation(act);
@@ -91,9 +253,27 @@ Triple forward_act_autograd(const at::Tensor& input, const OptionalTensor& weigh
   }
   auto [y, mean, invstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward_act(input, weight_, bias_, residual_, eps, act, slope);
+    return call_forward_act(input, weight_, bias_, residual_, eps, act, slope, memory_efficient);
   }();
-  if (requires_grad({&input, &weight, &bias, &residual})) {
+  const bool grad = requires_grad({&input, &weight, &bias, &residual});
+  const char* not_invertible = grad && memory_efficient ? output_not_invertible(a, slope, input, weight) : nullptr;
+  if (not_invertible && !values_unknown(input)) {
+    // (bnfast.functional warns about the activation before it gets here, as
+    // a Python warning; this reaches callers of the op and zero weights.)
+    TORCH_WARN_ONCE("bnfast: memory_efficient=True keeps the batch norm input for backward (saves no memory) "
+                    "where ", not_invertible, "; here act='", std::string(act), "'");
+  }
+  if (grad && memory_efficient && !not_invertible) {
+    auto node = make_node<ForwardActFromOutputBackward>();
+    record(node, {&input, &weight, &bias, &residual}, {&y, &mean, &invstd});
+    // The outputs with their graph (is_output), so the backward differentiates again.
+    node->saved_ = {SavedVariable(y, /*is_output=*/true),
+                    a.pre_relu ? save_input(input.le(0)) : SavedVariable(),
+                    save_input(weight), save_input(bias), save_input(residual),
+                    SavedVariable(mean, /*is_output=*/true), SavedVariable(invstd, /*is_output=*/true)};
+    node->slope_ = slope;
+    node->act_ = std::string(act);
+  } else if (grad) {
     auto node = make_node<ForwardActBackward>();
     record(node, {&input, &weight, &bias, &residual}, {&y, &mean, &invstd});
     node->saved_ = {save_input(input), save_input(weight), save_input(bias), save_input(residual),

@@ -120,6 +120,9 @@ struct NodeWithSaved : public Node {
     for (auto& s : saved_) s.reset_data();
   }
   at::Tensor unpack(size_t i) const { return saved_[i].unpack(); }
+  // An output saved with its graph (SavedVariable(t, /*is_output=*/true)),
+  // whose grad_fn is this node: the saved variable holds no reference to it.
+  at::Tensor unpack_output(size_t i) { return saved_[i].unpack(getptr()); }
   std::array<SavedVariable, N> saved_;
 };
 

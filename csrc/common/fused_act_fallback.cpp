@@ -54,7 +54,8 @@ at::Tensor activate(at::Tensor z, const OptionalTensor& residual, Act act, doubl
 }
 
 Triple forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-                   const OptionalTensor& residual, double eps, c10::string_view act, double slope) {
+                   const OptionalTensor& residual, double eps, c10::string_view act, double slope,
+                   bool /*memory_efficient: autograd's concern*/) {
   const auto a = check_forward_act(input, weight, bias, residual, act);
   auto [z, mean, invstd] = call_forward(a.pre_relu ? at::relu(input) : input, weight, bias, eps);
   return {activate(z, residual, a.act, slope), mean, invstd};

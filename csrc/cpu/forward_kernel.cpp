@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_act_cpu(const at::Tensor& input, const OptionalTensor& weight,
                                                                const OptionalTensor& bias,
                                                                const OptionalTensor& residual, double eps,
-                                                               c10::string_view act, double slope) {
+                                                               c10::string_view act, double slope,
+                                                               bool /*memory_efficient: autograd's concern*/) {
   const auto activation = check_forward_act(input, weight, bias, residual, act);
   return forward_impl(input, weight, bias, residual, eps, activation, slope);
 }

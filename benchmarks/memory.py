@@ -1,0 +1,166 @@
+"""Peak memory of one training step: torch's BN, bnfast fused
+(convert(fuse=True)) and bnfast fused with memory_efficient=True.
+
+    python -m benchmarks.memory --device cpu  --model seed
+    python -m benchmarks.memory --device cuda --model resnet50 --act leaky_relu --dtype bfloat16 --channels-last
+
+Each variant runs in a fresh subprocess from the same initial weights and
+batch, two steps (forward, backward, SGD); per variant it reports
+- peak: the step's peak memory above what was held before it. CUDA: torch's
+  allocator (max_memory_allocated); CPU: the process's peak resident set
+  (ru_maxrss; glibc is told to mmap every block above 64 KiB, so it follows
+  live tensor memory) above its size before the first step;
+- saved: the bytes of the distinct storages autograd keeps for backward at the
+  end of the forward (saved-tensor hooks; parameters included);
+- loss: the first step's loss, which must not depend on the variant.
+On the CPU every variant runs twice: with bnfast's output cache as it is by
+default, and with it off (BNFAST_CPU_CACHE_MB=0), since the buffers it keeps
+idle for reuse count in the resident set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VARIANTS = ("torch", "fused", "memory_efficient")
+MODELS = ("seed", "resnet18", "resnet50")
+
+
+def build(model: str, act: str) -> nn.Module:
+    from benchmarks.train_cifar import build_model
+    net = build_model(model, dropout=0.0) if model == "seed" else build_model(model)
+    if act == "leaky_relu":
+        for module in list(net.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.ReLU):
+                    setattr(module, name, nn.LeakyReLU(0.01, inplace=child.inplace))
+    return net
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    sizes = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x).float(), y)
+    return loss, sum(sizes.values())
+
+
+def measure(options: argparse.Namespace) -> dict:
+    """One variant, in this process."""
+    device = torch.device(options.device)
+    dtype = getattr(torch, options.dtype)
+    torch.manual_seed(0)
+    model = build(options.model, options.act)
+    if options.variant != "torch":
+        import bnfast
+        model = bnfast.convert(model, fuse=True, memory_efficient=options.variant == "memory_efficient")
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    model = model.to(device=device, dtype=dtype, memory_format=memory_format)
+    size = 32 if options.model != "resnet50" else options.image_size
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(options.batch_size, 3, size, size, generator=generator).to(device, dtype)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (options.batch_size,), generator=generator).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses, saved = [], []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        loss, kept = _saved_bytes(model, x, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        saved.append(kept)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"variant": options.variant, "loss": losses[0], "peak_MiB": peak / 2**20, "saved_MiB": saved[0] / 2**20,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def _measuring_env(cpu_cache_off: bool) -> dict:
+    """glibc serves blocks above 64 KiB by mmap and gives them back when
+    freed, so the resident set follows live tensor memory (by default its
+    mmap threshold grows with the blocks freed, and freed tensors stay resident)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    if cpu_cache_off:
+        env["BNFAST_CPU_CACHE_MB"] = "0"
+    return env
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--model", default="seed", choices=MODELS)
+    p.add_argument("--act", default="relu", choices=("relu", "leaky_relu"),
+                   help="the ResNets' activation (the seed CNN's relu -> BN is fused as pre_relu either way)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=224, help="ResNet-50's input size (default %(default)s)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in this process (the subprocess)
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    options = build_parser().parse_args(argv)
+    if options.variant:
+        print(json.dumps(measure(options)))
+        return []
+    rows = []
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    # On the CPU also without bnfast's output cache, whose idle buffers count
+    # in the resident set (csrc/cpu/output_cache.h; BNFAST_CPU_CACHE_MB=0).
+    caches = ("default", "off") if options.device == "cpu" else ("default",)
+    for cache in caches:
+        for variant in options.variants:
+            # A fresh process per variant: CPU peak RSS is a process-wide high-water mark.
+            env = _measuring_env(cpu_cache_off=cache == "off")
+            out = subprocess.run([sys.executable, "-m", "benchmarks.memory", *forwarded, "--variant", variant],
+                                 check=True, capture_output=True, text=True, env=env).stdout
+            rows.append({**json.loads(out.strip().splitlines()[-1]), "cpu_cache": cache})
+    print(f"{options.model} ({options.act}, {options.dtype}{', channels_last' if options.channels_last else ''}, "
+          f"batch {options.batch_size}) on {rows[0]['device']}: peak memory of a training step")
+    for row in rows:
+        base = next(r for r in rows if r["cpu_cache"] == row["cpu_cache"])
+        row["peak_vs_first"] = row["peak_MiB"] / base["peak_MiB"]
+        cache = f"  (bnfast CPU cache {row['cpu_cache']})" if options.device == "cpu" else ""
+        print(f"  {row['variant']:<17} peak {row['peak_MiB']:8.1f} MiB ({row['peak_vs_first']:.2f}x)   "
+              f"saved for backward {row['saved_MiB']:8.1f} MiB   loss {row['loss']:.6f}{cache}")
+    if options.out:
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.out).write_text(json.dumps({"options": {k: v for k, v in vars(options).items()
+                                                             if k != "variant"}, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
