@@ -6,7 +6,9 @@
 #
 #   bash benchmarks/gpu_check.sh            the check
 #   bash benchmarks/gpu_check.sh --full     + the whole CUDA-parametrized suite
-#   bash benchmarks/gpu_check.sh --train    + the training-step timings
+#   bash benchmarks/gpu_check.sh --train    + the training-step timings and the peak memory of a
+#                                           ResNet-50 leaky_relu step with and without
+#                                           memory_efficient (its bar: at least 25% less)
 #   bash benchmarks/gpu_check.sh --harness  + the standalone kernel harness built for this card
 #                                           (benchmarks/cuda_harness): --check, then the kernel
 #                                           timings without torch (~1 minute more)
@@ -92,6 +94,8 @@ step fused 90 "$PY" -m benchmarks.kernels --device cuda --fusions relu add_relu 
 step bars 30 "$PY" -m benchmarks.cuda_bars "$OUT/kernels.json" "$OUT/fused/kernels.json"
 if [ $TRAIN -eq 1 ]; then
   step train 240 "$PY" -m benchmarks.train_cifar --device cuda --timing-only --out "$OUT/train"
+  step memory 150 "$PY" -m benchmarks.memory --device cuda --model resnet50 --act leaky_relu --batch-size 64 \
+    --bar 0.25 --out "$OUT/memory.json"
 fi
 if [ $HARNESS -eq 1 ]; then
   # Built here for this card from the tree being checked, never a carried binary of another tree.
@@ -108,5 +112,6 @@ fi
     [ -f "$OUT/$t.log" ] && tail -n 1 "$OUT/$t.log" | sed "s/^/$t: /"
   done
   cat "$OUT/bars.log" 2>/dev/null
+  tail -n 1 "$OUT/memory.log" 2>/dev/null
 } | tee "$OUT/summary.txt"
 exit $FAILED

@@ -126,8 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="ResNet-50's input size (default %(default)s)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--bar", type=float, default=None, metavar="FRACTION",
+                   help="exit 1 unless memory_efficient cuts the fused step's peak by at least FRACTION "
+                        "(with bnfast's defaults) at the same loss (issue 11: 0.25 on ResNet-50 leaky_relu, CUDA)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in this process (the subprocess)
     return p
+
+
+def judge(rows: list[dict], fraction: float) -> tuple[str, bool]:
+    """Whether memory_efficient cuts fused's peak by fraction at the same loss (default settings)."""
+    by = {r["variant"]: r for r in rows if r["cpu_cache"] == "default"}
+    if "fused" not in by or "memory_efficient" not in by:
+        return "memory bar: NO ROWS (needs the fused and memory_efficient variants)", False
+    fused, saving = by["fused"], by["memory_efficient"]
+    cut = 1 - saving["peak_MiB"] / fused["peak_MiB"]
+    same_loss = abs(saving["loss"] - fused["loss"]) <= 1e-3 * abs(fused["loss"])
+    met = cut >= fraction and same_loss
+    return (f"memory bar: {'met' if met else 'NOT met'}: memory_efficient cuts the peak by {cut:.1%} "
+            f"(need >= {fraction:.0%}), loss {saving['loss']:.6f} vs {fused['loss']:.6f}"), met
 
 
 def main(argv=None) -> list[dict]:
@@ -155,10 +171,17 @@ def main(argv=None) -> list[dict]:
         cache = f"  (bnfast CPU cache {row['cpu_cache']})" if options.device == "cpu" else ""
         print(f"  {row['variant']:<17} peak {row['peak_MiB']:8.1f} MiB ({row['peak_vs_first']:.2f}x)   "
               f"saved for backward {row['saved_MiB']:8.1f} MiB   loss {row['loss']:.6f}{cache}")
+    verdict = None
+    if options.bar is not None:
+        text, verdict = judge(rows, options.bar)
+        print(text)
     if options.out:
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
         Path(options.out).write_text(json.dumps({"options": {k: v for k, v in vars(options).items()
-                                                             if k != "variant"}, "rows": rows}, indent=1))
+                                                             if k != "variant"}, "rows": rows,
+                                                 "bar_met": verdict}, indent=1))
+    if verdict is False:
+        sys.exit(1)
     return rows
 
 

@@ -266,3 +266,23 @@ def test_ddp_benchmark_short_run(tmp_path):
     assert math.isclose(s["overhead"], s["variants"]["sync"]["median_step_ms"]
                         / s["variants"]["local"]["median_step_ms"] - 1)
     assert "SyncBatchNorm step overhead" in (tmp_path / "ddp.md").read_text()
+
+
+def test_memory_benchmark(tmp_path):
+    """benchmarks.memory: one fresh process per variant and CPU cache setting, the same
+    loss everywhere, less kept for backward with memory_efficient, and the bar's verdict."""
+    from benchmarks import memory
+    out = tmp_path / "memory.json"
+    rows = memory.main(["--device", "cpu", "--model", "seed", "--batch-size", "16",
+                        "--variants", "fused", "memory_efficient", "--out", str(out)])
+    assert [(r["variant"], r["cpu_cache"]) for r in rows] == [
+        ("fused", "default"), ("memory_efficient", "default"), ("fused", "off"), ("memory_efficient", "off")]
+    assert len({round(r["loss"], 5) for r in rows}) == 1
+    assert all(r["peak_MiB"] > 0 for r in rows)
+    by = {(r["variant"], r["cpu_cache"]): r for r in rows}
+    assert by["memory_efficient", "off"]["saved_MiB"] < by["fused", "off"]["saved_MiB"]
+    assert json.loads(out.read_text())["rows"] == rows
+    text, met = memory.judge(rows, 0.0)
+    assert met == (by["memory_efficient", "default"]["peak_MiB"] <= by["fused", "default"]["peak_MiB"]), text
+    assert memory.judge(rows, 1.0) == (memory.judge(rows, 1.0)[0], False)  # no step frees all its memory
+    assert memory.judge(rows[:1], 0.0)[1] is False  # a bar without its rows is not met
