@@ -21,7 +21,6 @@ idle for reuse count in the resident set.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource

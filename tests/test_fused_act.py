@@ -137,17 +137,22 @@ def test_opcheck(dtype, device):
 
 
 @pytest.mark.gpu_smoke
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("options", [{"act": "silu"}, {"act": "leaky_relu", "memory_efficient": True}],
+                         ids=["silu", "leaky_relu-memory_efficient"])
+def test_compile_fullgraph(options, device):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnfast.BatchNormAct2d(8, act="silu")).to(device)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnfast.BatchNormAct2d(8, **options)).to(device)
     compiled = torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True)
     x = torch.randn(4, 3, 8, 8, device=device)
     outs = [m(x) for m in (model, compiled)]
     torch.testing.assert_close(outs[1], outs[0])
     grads = [torch.autograd.grad(o.square().sum(), list(m.parameters())) for o, m in zip(outs, (model, compiled))]
+    # (memory_efficient: the compiled graph keeps what its partitioner picks,
+    # so its backward rounds differently; the conv bias gradient is 0 up to rounding)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if options.get("memory_efficient") else {}
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **tolerance)
 
 
 @pytest.mark.parametrize(("ours", "theirs", "shape"), [(bnfast.BatchNormAct1d, torch.nn.BatchNorm1d, (8, 4)),
