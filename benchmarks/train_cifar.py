@@ -135,7 +135,7 @@ def import_bnfast():
 
 
 def make_models(variant: str, impls, seed: int, dropout: float = 0.5, bnfast_mod=None,
-                fuse: bool = False) -> dict[str, nn.Module]:
+                fuse: bool = False, memory_efficient: bool = False) -> dict[str, nn.Module]:
     """{impl: model} with identical initial weights across impls; impl no_bn is
     the same model with its BN layers replaced by identities. The seed CNN's
     no_bn variant is its own control: {"no_bn": model}."""
@@ -147,7 +147,7 @@ def make_models(variant: str, impls, seed: int, dropout: float = 0.5, bnfast_mod
     for impl in impls:
         model = copy.deepcopy(base)
         if impl == "bnfast":
-            model = bnfast_mod.convert(model, fuse=True) if fuse else bnfast_mod.convert(model)
+            model = bnfast_mod.convert(model, fuse=fuse, memory_efficient=memory_efficient)
         elif impl == NO_BN:
             model = strip_bn(model)
         elif impl != "torch":
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BN implementations for BN variants (default %(default)s)")
     p.add_argument("--fuse", action="store_true",
                    help="bnfast runs use bnfast.convert(model, fuse=True) (BN + activation fusion)")
+    p.add_argument("--memory-efficient", action="store_true",
+                   help="with --fuse: bnfast.convert(model, fuse=True, memory_efficient=True)")
     p.add_argument("--resnet50-size", type=int, default=RESNET50_SIZE,
                    help="ResNet-50 input size in pixels (default %(default)s; smaller for smoke tests)")
     p.add_argument("--quick", action="store_true",
@@ -401,7 +403,8 @@ def resolve_options(options=None, **overrides) -> argparse.Namespace:
                            # At 32 px ResNet-50's layer4 maps are 1x1 already: nothing smaller is its workload.
                            (args.resnet50_size < 32, "--resnet50-size must be >= 32"),
                            (args.fuse and "bnfast" not in args.impls,
-                            "--fuse applies to the bnfast runs, and --impls has no bnfast")):
+                            "--fuse applies to the bnfast runs, and --impls has no bnfast"),
+                           (args.memory_efficient and not args.fuse, "--memory-efficient needs --fuse")):
         if wrong:
             raise ValueError(message)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -582,7 +585,8 @@ def markdown(result: dict) -> str:
         lines.append(f"\nResNet-50 rows are timing only: {o['steps']} steps on random "
                      f"{o['resnet50_size']}x{o['resnet50_size']} batches, no accuracy.")
     if o.get("fuse"):
-        lines.append("\nbnfast runs use bnfast.convert(model, fuse=True).")
+        saving = ", memory_efficient=True" if o.get("memory_efficient") else ""
+        lines.append(f"\nbnfast runs use bnfast.convert(model, fuse=True{saving}).")
     for note in result["notes"]:
         lines.append(f"\nNote: {note}")
     rows = result["summary"]["rows"]
@@ -761,7 +765,8 @@ def lockstep_group(case: Case, seed: int, args, impls, bnfast_mod, device) -> tu
     # The seed CNN's control is its no_bn variant; a ResNet's is itself without BN.
     run_impls = impls if case.model == "seed" else impls + [NO_BN]
     for variant in variants:
-        for impl, model in make_models(variant, run_impls, seed, bnfast_mod=bnfast_mod, fuse=args.fuse).items():
+        for impl, model in make_models(variant, run_impls, seed, bnfast_mod=bnfast_mod, fuse=args.fuse,
+                                              memory_efficient=args.memory_efficient).items():
             name = variant if variant == "no_bn" else f"{variant}/{impl}"
             models[name] = model.to(device, memory_format=memory_format(case.precision))
             meta[name] = {"name": name, "model": case.model, "variant": variant, "impl": impl, "seed": seed,

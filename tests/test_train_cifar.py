@@ -356,11 +356,19 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch, capsys)
 # ---------------------------------------------------------------------------
 # --fuse
 
-def test_fuse_trains_fused_models(tmp_path):
-    res = train_cifar.run({"fuse": True, "timing_only": True, "models": "seed", "batch_size": 8, "steps": 2,
-                           "variants": "seed", "out": str(tmp_path), **ONE_THREAD})
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_fuse_trains_fused_models(tmp_path, memory_efficient):
+    res = train_cifar.run({"fuse": True, "memory_efficient": memory_efficient, "timing_only": True,
+                           "models": "seed", "batch_size": 8, "steps": 2, "variants": "seed", "out": str(tmp_path),
+                           **ONE_THREAD})
     assert res["options"]["fuse"]
-    assert "bnfast.convert(model, fuse=True)" in (tmp_path / "cifar10_summary.md").read_text()
+    saving = ", memory_efficient=True" if memory_efficient else ""
+    assert f"bnfast.convert(model, fuse=True{saving})" in (tmp_path / "cifar10_summary.md").read_text()
+
+
+def test_memory_efficient_needs_fuse():
+    with pytest.raises(ValueError, match="--memory-efficient needs --fuse"):
+        train_cifar.resolve_options({"memory_efficient": True})
 
 
 # ---------------------------------------------------------------------------
