@@ -12,7 +12,10 @@ Runs, into one output folder:
    trained with torch's BatchNorm2d and with bnfast; on CUDA (when torch sees
    a GPU) also the step times of the reference rows on random data (seed
    CNN, ResNet-18, ResNet-50; fp32 and bf16) and a short accuracy run of the
-   seed CNN and ResNet-18 in fp32 and bf16 over three seeds.
+   seed CNN and ResNet-18 in fp32 and bf16 over three seeds;
+3. the peak memory of one training step (benchmarks/memory.py) with torch's
+   BN, bnfast fused and bnfast fused with memory_efficient=True: the seed CNN
+   on the CPU, a ResNet-50 with leaky_relu on CUDA;
 
 then prints a final summary (kernel speed-up table + training summary), also
 written to ``<out>/summary.md``; ``<out>/suite.json`` indexes every part.
@@ -37,7 +40,7 @@ import torch
 
 from benchmarks import kernels, write_report
 
-PARTS = ("kernels", "train")
+PARTS = ("kernels", "train", "memory")
 # Seeds of the GPU accuracy run: a GPU trains three as fast as a CPU trains a
 # fraction of one, and one seed cannot tell a 1-point difference from noise.
 CUDA_TRAIN_SEEDS = (0, 1, 2)
@@ -240,6 +243,23 @@ def main(argv=None) -> int:
                                     "synthetic": res["data"]["synthetic"], "notes": res["notes"]}
             sections.append(f"## {title}\n\nDetails: " + _relative(res["files"]["markdown"], out) + "\n\n"
                             + train_summary(res))
+
+    for device in devices if "memory" in parts else []:
+        from benchmarks import memory
+
+        name, title = f"memory-{device}", f"Peak memory of a training step, {device}"
+        model = ["--model", "resnet50", "--act", "leaky_relu", "--batch-size", "64"] if device == "cuda" \
+            else ["--model", "seed"]
+        print(f"\n== {title} ==", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            rows = memory.main(["--device", device, *model, "--out", str(out / name / "memory.json")])
+        except Exception as e:
+            record_failure(suite, sections, name, title, e)
+            continue
+        suite["parts"][name] = {"ok": True, "elapsed_s": time.perf_counter() - t0, "rows": rows,
+                                "files": {"json": str(out / name / "memory.json")}}
+        sections.append(f"## {title}\n\n" + memory.markdown(rows))
 
     suite["elapsed_s"] = time.perf_counter() - t_suite
     header = (f"# bnfast benchmark suite ({size})\n\nMachine: {suite['machine']['cpu_model']}, "

@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    lines = ["| variant | bnfast CPU cache | peak (MiB) | vs torch | kept for backward (MiB) | loss |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['cpu_cache']} | {r['peak_MiB']:.1f} | {r['peak_vs_first']:.2f}x | "
+                     f"{r['saved_MiB']:.1f} | {r['loss']:.6f} |")
+    return f"On {rows[0]['device']}.\n\n" + "\n".join(lines)
+
+
 def judge(rows: list[dict], fraction: float) -> tuple[str, bool]:
     """Whether memory_efficient cuts fused's peak by fraction at the same loss (default settings)."""
     by = {r["variant"]: r for r in rows if r["cpu_cache"] == "default"}

@@ -160,6 +160,8 @@ def test_suite_quick_end_to_end(tmp_path):
     assert "## Kernels, cpu" in summary and "## Kernels, cpu, fused with relu" in summary
     assert "## CIFAR-10 training" in summary
     assert "fwd+bwd" in summary
+    assert suite["parts"]["memory-cpu"]["ok"] and "## Peak memory of a training step, cpu" in summary
+    assert [r["variant"] for r in suite["parts"]["memory-cpu"]["rows"]][:3] == ["torch", "fused", "memory_efficient"]
     # Links to the parts are relative to the suite folder (it can be moved).
     assert "Details: kernels-cpu/kernels.md" in summary and "Details: cifar10/cifar10_summary.md" in summary
     assert summary.strip() in proc.stdout
