@@ -57,7 +57,7 @@ LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
 # plane loops of every pass, with a vector tail
 PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1) // 7)
 # planes of a length that is no multiple of the vector width, in narrow rows: the
-# reductions' plane loops, the affine pass's rows
+# reductions' plane loops, the forward's affine pass by rows (the backward's by planes)
 AFFINE_ROWS = (4, 6, 7, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
 # in training (backward: a partial last block)
@@ -77,7 +77,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     (ROW_CHUNKS, "BatchNorm1d (N, C), wide: two row chunks of the channels-last path, many lanes"),
     ((16, 5), "BatchNorm1d (N, C), small"),
     ((4, 5, 9), "BatchNorm1d (N, C, L)"),
-    (AFFINE_ROWS, "BatchNorm2d; planes of 35: reductions by plane, the affine pass by rows"),
+    (AFFINE_ROWS, "BatchNorm2d; planes of 35: reductions by plane, the forward's affine pass by rows"),
     ((2, 3, 4, 5, 3), "BatchNorm3d"),
     ((5, 1, 4, 4), "C = 1"),
     ((2, 3), "N * HW = 2, 2-D"),

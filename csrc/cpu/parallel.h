@@ -34,12 +34,15 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
          shape.channels * shape.spatial <= kMaxRowWidth;
 }
 
-// The affine pass also reads planes whose length is not a multiple of the
-// vector width as rows when they fit kMaxRowWidth: per plane, the masked tail
-// vector costs about as much as a full one, and rows have none.
-inline bool affine_as_rows(Layout layout, const Shape& shape) {
+// The forward's affine pass (no dy) also reads planes whose length is not a
+// multiple of the vector width as rows when they fit kMaxRowWidth: per plane,
+// the masked tail vector costs about as much as a full one, and rows have
+// none. The backward's does not: it streams x, dy and four per-column
+// vectors as rows, which costs more than the planes' tails
+// (benchmarks.kernels, backward of 128x64x13x13 and 128x32x30x30).
+inline bool affine_as_rows(Layout layout, const Shape& shape, bool backward) {
   return short_planes_as_rows(layout, shape) ||
-         (layout == Layout::kChannelsFirst && shape.spatial % kMaxLanes != 0 &&
+         (!backward && layout == Layout::kChannelsFirst && shape.spatial % kMaxLanes != 0 &&
           shape.channels * shape.spatial <= kMaxRowWidth);
 }
 
@@ -185,7 +188,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   };
   if (layout == Layout::kChannelsLast) {
     rows(C, shape.per_channel(), m, p, q, r, fusion);
-  } else if (affine_as_rows(layout, shape)) {
+  } else if (affine_as_rows(layout, shape, /*backward=*/dy != nullptr)) {
     const auto mc = per_column(m, C, S), pc = per_column(p, C, S), qc = per_column(q, C, S);
     const auto rc = dy ? per_column(r, C, S) : decltype(mc){};
     const FusionView<scalar_t> columns(fusion, C, S);
