@@ -23,6 +23,10 @@
 //   are not differentiable and say so: backpropagating through them raises;
 //   update_stats_ writes buffers outside the graph (not_differentiable.cpp).
 // * vmap: every op has a batching rule (bnfast/_vmap.py).
+// * The one exception: forward_act(memory_efficient=True) saves its outputs
+//   with their graph instead of its input, and its backward (from the
+//   output, in bnfast kernels or differentiable ATen ops) is differentiated
+//   itself for higher orders (fused_autograd.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
