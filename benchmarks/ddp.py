@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
 import statistics
 import sys
@@ -124,6 +125,12 @@ def _worker(rank: int, args: argparse.Namespace, store: str, out_path: str) -> N
     dist.all_gather_object(gathered, records)
     if rank == 0:
         Path(out_path).write_text(json.dumps(gathered))
+    # The DDP reducers hold the process group: dropped here, the group (and
+    # its gloo threads) goes with destroy_process_group. Left to interpreter
+    # exit, a gloo thread was sometimes destroyed unjoined, and the rank died
+    # with SIGABRT ("terminate called without an active exception").
+    del models, opts
+    gc.collect()
     dist.destroy_process_group()
 
 
