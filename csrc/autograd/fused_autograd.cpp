@@ -99,7 +99,9 @@ struct ForwardActBackward : public NodeWithSaved<kForwardSaved> {
   std::string act_;
 };
 
-enum FromOutputSaved { kOutput, kNonPositive, kOutWeight, kOutBias, kOutResidual, kOutMean, kOutInvstd, kFromOutputSaved };
+enum FromOutputSaved {
+  kOutput, kNonPositive, kOutWeight, kOutBias, kOutResidual, kOutMean, kOutInvstd, kFromOutputSaved
+};
 
 // The gradients of forward_act w.r.t. (input, weight, bias, residual) from
 // its output (the formulas at the top of this file), in differentiable ATen
@@ -125,7 +127,8 @@ variable_list backward_from_output(const variable_list& grads, const at::Tensor&
   const auto sum_dz = dz.sum(dims), sum_dz_xhat = (dz * xhat).sum(dims);
   auto scale = invstd;
   if (weight.defined()) scale = scale * weight.to(invstd.scalar_type());
-  auto dx = per_channel(scale, dim) * (dz - per_channel(sum_dz / count, dim) - xhat * per_channel(sum_dz_xhat / count, dim));
+  auto dx = per_channel(scale, dim) *
+            (dz - per_channel(sum_dz / count, dim) - xhat * per_channel(sum_dz_xhat / count, dim));
   if (grad_mean.defined()) dx = dx + per_channel(grad_mean / count, dim);
   if (grad_invstd.defined()) dx = dx - xhat * per_channel(invstd * invstd * grad_invstd / count, dim);
   if (a.pre_relu) dx = dx.masked_fill(nonpositive, 0);
