@@ -8,8 +8,8 @@ Each variant runs in a fresh subprocess from the same initial weights and
 batch, two steps (forward, backward, SGD); per variant it reports
 - peak: the step's peak memory above what was held before it. CUDA: torch's
   allocator (max_memory_allocated); CPU: the process's peak resident set
-  (ru_maxrss; glibc is told to mmap every block above 64 KiB, so it follows
-  live tensor memory) above its size before the first step;
+  (VmHWM, reset before the first step; glibc is told to mmap every block
+  above 64 KiB, so it follows live tensor memory) above its size then;
 - saved: the bytes of the distinct storages autograd keeps for backward at the
   end of the forward (saved-tensor hooks; parameters included);
 - loss: the first step's loss, which must not depend on the variant.
@@ -81,6 +81,7 @@ def measure(options: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         before = _rss_bytes()
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
@@ -93,7 +94,7 @@ def measure(options: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _peak_rss_bytes() - before
     return {"variant": options.variant, "loss": losses[0], "peak_MiB": peak / 2**20, "saved_MiB": saved[0] / 2**20,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
@@ -106,6 +107,25 @@ def _measuring_env(cpu_cache_off: bool) -> dict:
     if cpu_cache_off:
         env["BNFAST_CPU_CACHE_MB"] = "0"
     return env
+
+
+def _reset_peak_rss() -> None:
+    """Start the process's peak resident set (VmHWM) afresh from its current
+    size (Linux >= 4.0). Without it, VmHWM still counts from this process's
+    exec; ru_maxrss would not do: it keeps the parent's peak across exec."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _rss_bytes() -> int:
