@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/activation_aten.h"
 #include "../common/checks.h"
 
 namespace bnfast {
@@ -74,30 +75,6 @@ inline std::vector<at::Tensor> stats_composite(const std::vector<at::Tensor>& ar
   return {mean, invstd};
 }
 
-// act(z) of a fused op (csrc/common/activation.h) from ATen's own activations.
-inline at::Tensor activate_composite(const at::Tensor& z, Act act, double slope) {
-  switch (act) {
-    case Act::kRelu: return at::relu(z);
-    case Act::kLeakyRelu: return at::leaky_relu(z, slope);
-    case Act::kSilu: return at::silu(z);
-    case Act::kGelu: return at::gelu(z, "none");
-    case Act::kGeluTanh: return at::gelu(z, "tanh");
-    default: return z;
-  }
-}
-
-// act'(z) * z_t, from ATen's activation backwards (differentiable themselves).
-inline at::Tensor activate_tangent(const at::Tensor& z_t, const at::Tensor& z, Act act, double slope) {
-  switch (act) {
-    case Act::kRelu: return at::threshold_backward(z_t, z, 0);
-    case Act::kLeakyRelu: return at::leaky_relu_backward(z_t, z, slope, /*self_is_result=*/false);
-    case Act::kSilu: return at::silu_backward(z_t, z);
-    case Act::kGelu: return at::gelu_backward(z_t, z, "none");
-    case Act::kGeluTanh: return at::gelu_backward(z_t, z, "tanh");
-    default: return z_t;
-  }
-}
-
 // The input as a fused op reads it, in the stats dtype: relu(x) for pre_relu.
 inline at::Tensor fused_input(const at::Tensor& input, const Activation& a) {
   const auto x = in_stats_dtype(input);
@@ -110,7 +87,7 @@ inline at::Tensor fused_output(const at::Tensor& x, const at::Tensor& weight, co
                                const Activation& a, double slope, at::ScalarType input_dtype) {
   auto z = normalize_composite(x, weight, bias, mean, invstd);
   if (residual.defined()) z = z + residual.to(z.scalar_type());
-  return activate_composite(z, a.act, slope).to(input_dtype);
+  return activate_aten(z, a.act, slope).to(input_dtype);
 }
 
 // bnfast::forward_act: (y, mean, invstd) of (input, weight, bias, residual).

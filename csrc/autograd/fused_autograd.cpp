@@ -51,7 +51,7 @@ at::Tensor fused_tangent(const at::Tensor& input, const at::Tensor& weight, cons
     z = z + primal(residual).to(stats);
     if (tangent(residual).defined()) z_t = z_t + tangent(residual).to(stats);
   }
-  return activate_tangent(z_t, z, a.act, slope).to(input.scalar_type());
+  return activate_backward_aten(z_t, z, a.act, slope).to(input.scalar_type());
 }
 
 // x and x' as a fused op reads the input: relu(x) and x' masked by x > 0 for pre_relu.

@@ -11,6 +11,7 @@
 
 #include <tuple>
 
+#include "activation_aten.h"
 #include "checks.h"
 
 namespace bnfast {
@@ -43,14 +44,7 @@ bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 // act(z + residual), in z's dtype.
 at::Tensor activate(at::Tensor z, const OptionalTensor& residual, Act act, double slope) {
   if (given(residual)) z = z + *residual;
-  switch (act) {
-    case Act::kRelu: return at::relu(z);
-    case Act::kLeakyRelu: return at::leaky_relu(z, slope);
-    case Act::kSilu: return at::silu(z);
-    case Act::kGelu: return at::gelu(z, "none");
-    case Act::kGeluTanh: return at::gelu(z, "tanh");
-    default: return z;
-  }
+  return activate_aten(z, act, slope);
 }
 
 Triple forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
@@ -80,14 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
     // z = BN(x) + residual, recomputed, then dz = dy * act'(z) in z's dtype.
     auto z = call_elemt(x, weight, bias, mean, invstd);
     if (given(residual)) z = z + *residual;
-    switch (a.act) {
-      case Act::kRelu: dz = at::threshold_backward(grad_out, z, 0); break;
-      case Act::kLeakyRelu: dz = at::leaky_relu_backward(grad_out, z, slope, false); break;
-      case Act::kSilu: dz = at::silu_backward(grad_out, z); break;
-      case Act::kGelu: dz = at::gelu_backward(grad_out, z, "none"); break;
-      case Act::kGeluTanh: dz = at::gelu_backward(grad_out, z, "tanh"); break;
-      default: break;
-    }
+    dz = activate_backward_aten(grad_out, z, a.act, slope);
   }
   auto [grad_input, grad_weight, grad_bias] = call_backward(dz, x, mean, invstd, weight);
   if (a.pre_relu) grad_input = at::threshold_backward(grad_input, input, 0);
