@@ -6,6 +6,12 @@
 // a fixed order, so results are bitwise reproducible run to run and across
 // thread counts. (The fused channel blocks depend on the thread count, but a
 // channel's sums never leave its block.)
+//
+// Cache order: each thread runs its share of a reduction's chunks last to
+// first, and the affine pass that follows (in the two-pass training forward
+// and backward) runs its share first to last. at::parallel_for gives thread t
+// the t-th equal share of either range, so about the same rows, and the
+// affine pass starts on the data the reduction left in that core's cache.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -115,7 +121,7 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
   std::vector<double> partial(2 * W * chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> scratch(kReduceClScratch * padded_channels(W));
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
+    for (int64_t chunk = end - 1; chunk >= begin; --chunk) {  // last first: see "Cache order" above
       const int64_t m0 = chunk * rows_per_chunk;
       const int64_t m1 = std::min(M, m0 + rows_per_chunk);
       double* p = &partial[2 * W * chunk];
@@ -160,7 +166,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> scratch(2 * C * kMaxLanes);
     std::vector<double> lane_totals(2 * C * kMaxLanes);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = end - 1; task >= begin; --task) {  // last first: see "Cache order" above
       const int64_t p0 = task * planes_per_task;
       double* p = &partial[2 * C * task];
       loop.reduce_cf(x, dy, C, S, p0, std::min(planes, p0 + planes_per_task), shift, p, p + C,
