@@ -42,32 +42,35 @@ std::vector<opmath_t> channel_values(const std::optional<at::Tensor>& t, int64_t
 // skipped (they would poison every x - K); any finite shift is correct.
 constexpr int64_t kShiftSamples = 8;
 
-template <typename scalar_t>
-at::opmath_type<scalar_t> channel_shift(const scalar_t* x, Layout layout, const Shape& shape, int64_t c,
-                                        bool relu) {
-  const int64_t M = shape.per_channel(), S = shape.spatial, C = shape.channels;
-  const int64_t samples = std::min(kShiftSamples, M);
-  double sum = 0;
-  int64_t finite = 0;
-  for (int64_t j = 0; j < samples; ++j) {
-    const int64_t m = j * M / samples;  // m = n * S + s
-    const int64_t offset = layout == Layout::kChannelsFirst ? (m / S * C + c) * S + m % S : m * C + c;
-    double v = static_cast<double>(x[offset]);
-    if (relu && v < 0) v = 0;
-    if (std::isfinite(v)) {
-      sum += v;
-      ++finite;
-    }
-  }
-  return static_cast<at::opmath_type<scalar_t>>(finite ? sum / finite : 0.0);
-}
-
-// K[c] = channel_shift for every channel, padded for the row loops.
+// K[c] for every channel, padded for the row loops. Sample j of every
+// channel sits at the same index m_j = n * S + s, so its offsets are found
+// once per sample (no division per channel) and, channels-last, read as one
+// row.
 template <typename scalar_t>
 std::vector<at::opmath_type<scalar_t>> channel_shifts(const scalar_t* x, Layout layout, const Shape& shape,
                                                       bool relu = false) {
-  std::vector<at::opmath_type<scalar_t>> shift(padded_channels(shape.channels), 0);
-  for (int64_t c = 0; c < shape.channels; ++c) shift[c] = channel_shift(x, layout, shape, c, relu);
+  const int64_t M = shape.per_channel(), S = shape.spatial, C = shape.channels;
+  const int64_t samples = std::min(kShiftSamples, M);
+  std::vector<double> sum(C, 0.0);
+  std::vector<int64_t> finite(C, 0);
+  for (int64_t j = 0; j < samples; ++j) {
+    const int64_t m = j * M / samples;
+    // Offset of channel c: base + c * stride.
+    const int64_t base = layout == Layout::kChannelsFirst ? m / S * C * S + m % S : m * C;
+    const int64_t stride = layout == Layout::kChannelsFirst ? S : 1;
+    for (int64_t c = 0; c < C; ++c) {
+      double v = static_cast<double>(x[base + c * stride]);
+      if (relu && v < 0) v = 0;
+      if (std::isfinite(v)) {
+        sum[c] += v;
+        ++finite[c];
+      }
+    }
+  }
+  std::vector<at::opmath_type<scalar_t>> shift(padded_channels(C), 0);
+  for (int64_t c = 0; c < C; ++c) {
+    shift[c] = static_cast<at::opmath_type<scalar_t>>(finite[c] ? sum[c] / finite[c] : 0.0);
+  }
   return shift;
 }
 
