@@ -24,6 +24,9 @@ import argparse
 import json
 import sys
 
+from benchmarks.bars import judge
+from benchmarks.bars import report as bars_report
+
 LARGE_BYTES = 32 << 20
 BANDWIDTH_FRACTION = 0.85
 FWD_BWD_SPEEDUP = 1.3
@@ -33,24 +36,11 @@ FUSED_BARRED = ("relu", "add_relu")
 
 
 def bars(result: dict) -> list[dict]:
-    """[{name, threshold, worst (value), worst_row (label), met, n}] for the
-    rows of one kernel benchmark result; met is None when no row applies."""
+    """The judged bars (benchmarks.bars.judge) for the rows of one kernel
+    benchmark result."""
     rows = [r for r in result["rows"] if r.get("fusion", "none") == "none"]
     fused = [r for r in result["rows"] if r.get("fusion", "none") in FUSED_BARRED and r["phase"] == "fwd_bwd"]
     fusions_run = set(result.get("options", {}).get("fusions", ["none"])) - {"none"}
-
-    def label(r):
-        fusion = "" if r.get("fusion", "none") == "none" else f" {r['fusion']}"
-        return f"{r['case']} {'x'.join(map(str, r['shape']))} {r['dtype']} {r['format']}{fusion} {r['phase']}"
-
-    def judge(name, threshold, selected, value):
-        if not selected:
-            return {"name": name, "threshold": threshold, "worst": None, "worst_row": None,
-                    "met": None, "n": 0}
-        worst = min(selected, key=value)
-        return {"name": name, "threshold": threshold, "worst": value(worst), "worst_row": label(worst),
-                "met": value(worst) >= threshold, "n": len(selected)}
-
     large = [r for r in rows if r["numel"] * r["elem_bytes"] >= LARGE_BYTES]
     fp32_nchw = [r for r in rows if r["dtype"] == "float32" and r["format"] == "nchw" and r["phase"] == "fwd_bwd"]
     bf16_cl = [r for r in rows if r["dtype"] == "bfloat16" and r["format"] == "channels_last"
@@ -68,17 +58,8 @@ def bars(result: dict) -> list[dict]:
 
 def report(result: dict) -> tuple[str, bool]:
     """A short table of the bars, and whether all that apply are met."""
-    lines = [f"CUDA bars ({result.get('machine', {}).get('gpu_name') or result.get('device')}):"]
-    all_met = True
-    for b in bars(result):
-        status = {True: "met", False: "NOT met", None: "NO ROWS"}[b["met"]]
-        worst = "n/a" if b["worst"] is None else f"{b['worst']:.2f} ({b['worst_row']})"
-        lines.append(f"  {status:8s} {b['name']}: need >= {b['threshold']:.2f}, worst {worst}, {b['n']} rows")
-        all_met = all_met and b["met"] is True  # a bar nothing measured is not met
-    for error in result.get("errors", []):  # configurations that failed to run are missing rows
-        lines.append(f"  ERROR    {error}")
-        all_met = False
-    return "\n".join(lines), all_met
+    title = f"CUDA bars ({result.get('machine', {}).get('gpu_name') or result.get('device')}):"
+    return bars_report(title, bars(result), result.get("errors", []))
 
 
 def merged(results: list[dict]) -> dict:

@@ -103,11 +103,13 @@ CASES = (
     Case("r18_s2", "ResNet-18 CIFAR", (128, 128, 16, 16), "default"),
     Case("r18_s3", "ResNet-18 CIFAR", (128, 256, 8, 8), "default"),
     Case("r18_s4", "ResNet-18 CIFAR", (128, 512, 4, 4), "default"),
+    Case("r18_b64_s2", "ResNet-18 CIFAR", (64, 128, 16, 16), "full"),  # stage 2 at batch 64
     # ResNet-50 on ImageNet, batch 32: stem and one bottleneck output per stage.
     Case("r50_stem", "ResNet-50 ImageNet", (32, 64, 112, 112), "full"),
     Case("r50_s1", "ResNet-50 ImageNet", (32, 256, 56, 56), "full"),
     Case("r50_s2", "ResNet-50 ImageNet", (32, 512, 28, 28), "default"),
     Case("r50_s3", "ResNet-50 ImageNet", (32, 1024, 14, 14), "default"),
+    Case("r50_s3_mid", "ResNet-50 ImageNet", (32, 256, 14, 14), "full"),  # a stage-3 bottleneck's inner width
     Case("r50_s4", "ResNet-50 ImageNet", (32, 2048, 7, 7), "full"),
     # BatchNorm1d after a wide linear layer; BatchNorm3d in a video network.
     Case("mlp", "MLP (BatchNorm1d)", (256, 4096), "default"),

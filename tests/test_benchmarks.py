@@ -113,11 +113,13 @@ def test_case_selection():
     default = kernels.select_cases([], "default")
     full = kernels.select_cases([], "full")
     assert set(map(id, default)) < set(map(id, full))
-    assert len(full) == len(default) + 3  # the large ResNet-50 cases
+    # the large ResNet-50 cases, and the mid-size ones of the CPU channels_last bar
+    assert {c.name for c in full} - {c.name for c in default} == {
+        "r50_stem", "r50_s1", "r50_s4", "r18_b64_s2", "r50_s3_mid"}
     assert all(c.numel <= 2 << 20 for c in quick)
     assert [c.name for c in kernels.select_cases(["seed_bn3", "mlp"], "default")] == ["seed_bn3", "mlp"]
     assert {c.name for c in kernels.select_cases(["resnet-50"], "default")} == {
-        "r50_stem", "r50_s1", "r50_s2", "r50_s3", "r50_s4"}
+        "r50_stem", "r50_s1", "r50_s2", "r50_s3", "r50_s3_mid", "r50_s4"}
     with pytest.raises(ValueError):
         kernels.select_cases(["nope"], "default")
 
@@ -233,6 +235,27 @@ def test_cuda_bars_fused_rows():
     assert by_name["speed-up"]["n"] == 2 and by_name["speed-up"]["met"]
     assert by_name["fused"]["n"] == 2 and by_name["fused"]["worst"] == 1.4 and by_name["fused"]["met"] is False
     assert "add_relu fwd_bwd" in by_name["fused"]["worst_row"]
+
+
+def test_cpu_bars_judge():
+    """Issue #13's CPU bars: channels_last fwd+bwd speed-up and fraction of
+    copy, the small NCHW case as the median of its runs, eval in every row."""
+    from benchmarks import cpu_bars
+
+    cl = [_bench_row(c, "g", (128, 64, 13, 13), "float32", "channels_last", "fwd_bwd", s, f)
+          for c, s, f in (("seed_bn2", 1.7, 0.8), ("r50_s3_mid", 1.4, 0.7))]
+    small = [{"rows": [_bench_row("seed_bn3", "g", (128, 64, 4, 4), "float32", "nchw", "fwd_bwd", s, 0.3)]}
+             for s in (1.7, 2.3, 2.1, 1.9, 2.05)]
+    ev = [_bench_row("mlp", "g", (256, 4096), "float32", "nchw", "fwd_eval", s, 0.9) for s in (1.1, 0.97)]
+    measured = {"channels_last": {"rows": cl}, "small": small, "eval": {"rows": ev}}
+    speedup, bandwidth, median, every = cpu_bars.bars(measured)
+    assert speedup["worst"] == 1.4 and speedup["met"] is False and "r50_s3_mid" in speedup["worst_row"]
+    assert bandwidth["worst"] == 0.7 and bandwidth["met"] is True  # 0.7 >= 1 / 1.5
+    assert median["n"] == 1 and median["worst"] == 2.05 and median["met"] is True  # median of 5, not the worst
+    assert "median of 5 runs" in median["worst_row"]
+    assert every["n"] == 2 and every["worst"] == 0.97 and every["met"] is False
+    four = [r for run in small[:4] for r in run["rows"]]  # an even count: the lower middle one
+    assert cpu_bars.median_row(four)["speedup"] == 1.9
 
 
 def test_kernels_fused_configurations(tmp_path):
