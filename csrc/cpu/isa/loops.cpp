@@ -577,7 +577,7 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   }
 }
 
-// Channels-last: kRowsPerStep rows per pass over the channel vectors, so each
+// Channels-last: several rows per pass over the channel vectors, so each
 // coefficient vector loaded serves several rows (the per-channel m, p, q, r
 // loads would otherwise outnumber the data loads).
 template <typename scalar_t, bool kHasDy, Variant kVariant>
@@ -602,8 +602,13 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
       }
     }
   };
+  // With dy, a row has three streams (x, dy, out): two rows per step, as
+  // four (twelve lines in flight, all in one L1 set when the row stride is a
+  // multiple of 4 KiB) ran slower on the short-plane backward blocks
+  // (python -m benchmarks.kernels --cases seed_bn3 r18_s4 --phases bwd).
+  constexpr int64_t rows_per_step = kHasDy ? 2 : kRowsPerStep;
   int64_t row = m_begin;
-  for (; row + kRowsPerStep <= m_end; row += kRowsPerStep) step(row, kRowsPerStep);
+  for (; row + rows_per_step <= m_end; row += rows_per_step) step(row, rows_per_step);
   if (row < m_end) step(row, m_end - row);
 }
 
