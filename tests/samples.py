@@ -56,9 +56,10 @@ LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
 # planes of 2 * kShortPlane - 1 values, rows wider than kMaxRowWidth: the channels-first
 # plane loops of every pass, with a vector tail
 PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1) // 7)
-# planes of a length that is no multiple of the vector width, in narrow rows: the
-# reductions' plane loops, the forward's affine pass by rows (the backward's by planes)
-AFFINE_ROWS = (4, 6, 7, 5)
+# planes of a length that is no multiple of the vector width, in narrow rows, in a batch
+# large enough for rows: the reductions' plane loops, the forward's affine pass by rows
+# (the backward's by planes; in smaller batches, by planes too: (3, 13, 7, 5))
+AFFINE_ROWS = (CPU["kMinBatchForColumns"], 6, 7, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
 # in training (backward: a partial last block)
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)

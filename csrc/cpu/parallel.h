@@ -41,7 +41,8 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
 }
 
 // The forward's affine pass (no dy) also reads planes whose length is not a
-// multiple of the vector width as rows when they fit kMaxRowWidth: per plane,
+// multiple of the vector width as rows when they fit kMaxRowWidth and the
+// batch is at least kMinBatchForColumns (see tuning.h): per plane,
 // the masked tail vector costs about as much as a full one, and rows have
 // none. The backward's does not: it streams x, dy and four per-column
 // vectors as rows, which costs more than the planes' tails
@@ -49,15 +50,17 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
 inline bool affine_as_rows(Layout layout, const Shape& shape, bool backward) {
   return short_planes_as_rows(layout, shape) ||
          (!backward && layout == Layout::kChannelsFirst && shape.spatial % kMaxLanes != 0 &&
-          shape.channels * shape.spatial <= kMaxRowWidth);
+          shape.channels * shape.spatial <= kMaxRowWidth && shape.batch >= kMinBatchForColumns);
 }
 
 // A per-channel vector repeated per column of a [rows][C * S] view (padded for
 // the row loops' vector tails).
 template <typename T>
 std::vector<T> per_column(const T* per_channel, int64_t C, int64_t S) {
-  std::vector<T> columns(padded_channels(C * S), T(0));
-  for (int64_t c = 0; c < C; ++c) std::fill_n(columns.begin() + c * S, S, per_channel[c]);
+  std::vector<T> columns;
+  columns.reserve(padded_channels(C * S));
+  for (int64_t c = 0; c < C; ++c) columns.insert(columns.end(), S, per_channel[c]);
+  columns.resize(padded_channels(C * S), T(0));
   return columns;
 }
 
