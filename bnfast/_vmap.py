@@ -73,6 +73,15 @@ def _elemt_vmap(info, in_dims, input, weight, bias, mean, invstd):
     return _unbatch_input(y, b), 0
 
 
+@torch.library.register_vmap("bnfast::elemt_running")
+def _elemt_running_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
+    b = info.batch_size
+    y = _ops.elemt_running(_input(input, in_dims[0], b), _channels(weight, in_dims[1], b),
+                           _channels(bias, in_dims[2], b), _channels(running_mean, in_dims[3], b),
+                           _channels(running_var, in_dims[4], b), eps)
+    return _unbatch_input(y, b), 0
+
+
 @torch.library.register_vmap("bnfast::backward_reduce")
 def _backward_reduce_vmap(info, in_dims, grad_out, input, mean, invstd):
     b = info.batch_size

@@ -172,10 +172,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                                input.numel() // input.size(1))
         return output
 
+    if act is None:
+        return _ops.elemt_running(input, weight, bias, running_mean, running_var, eps)
     stats = ops.stats_dtype(input.dtype)
     mean, invstd = running_mean.to(stats), (running_var.to(stats) + eps).rsqrt_()
-    if act is None:
-        return _ops.elemt(input, weight, bias, mean, invstd)
     return _ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
 
 

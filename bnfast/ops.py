@@ -12,7 +12,8 @@ Autograd follows one rule for every op, stated in csrc/autograd/graph.h: the
 differentiable ops (stats, forward, elemt) have C++ autograd kernels that
 build the graph the way torch's own ops do (reverse mode with bnfast kernels,
 higher orders and forward mode through differentiable composites, all of it
-usable under torch.func); the others are registered as not differentiable.
+usable under torch.func); elemt_running decomposes into elemt whenever it is
+differentiated or transformed; the others are registered as not differentiable.
 Their batching rules for torch.vmap are in bnfast/_vmap.py.
 """
 
@@ -119,6 +120,19 @@ def elemt(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean:
 @torch.library.register_fake("bnfast::elemt")
 def _elemt_fake(input, weight, bias, mean, invstd):
     _check_devices(input, weight=weight, bias=bias, mean=mean, invstd=invstd)
+    return _empty_output_like(input)
+
+
+def elemt_running(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                  running_var: Tensor, eps: float) -> Tensor:
+    """elemt with invstd = 1 / sqrt(running_var + eps) computed in the kernel
+    (the eval forward as one op); running statistics of any floating dtype."""
+    return _ops.elemt_running(input, weight, bias, running_mean, running_var, eps)
+
+
+@torch.library.register_fake("bnfast::elemt_running")
+def _elemt_running_fake(input, weight, bias, running_mean, running_var, eps):
+    _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return _empty_output_like(input)
 
 

@@ -48,6 +48,12 @@ TORCH_LIBRARY(bnfast, m) {
   m.def(
       "elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd)"
       " -> Tensor");
+  // elemt with the running statistics (the eval forward in one op):
+  // invstd = 1 / sqrt(running_var + eps) per channel in the stats dtype,
+  // computed by the kernel. Running statistics of any floating dtype.
+  m.def(
+      "elemt_running(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var,"
+      " float eps) -> Tensor");
   // sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean))
   m.def(
       "backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd)"

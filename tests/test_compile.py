@@ -108,6 +108,9 @@ def test_compiled_graphs_call_bnfast_ops(device):
 
 @pytest.mark.gpu_smoke
 def test_compile_eval_graph_calls_elemt(device):
+    """Inference: the one-op eval forward (elemt_running) in the graph. With
+    gradients wanted (eval mode, trainable parameters): its decomposition,
+    elemt, whose backward is bnfast's too."""
     torch._dynamo.reset()
     record = {"fw": [], "bw": []}
     model = Net().to(device).eval()
@@ -115,4 +118,12 @@ def test_compile_eval_graph_calls_elemt(device):
     with torch.no_grad():
         compiled(torch.randn(8, 3, 6, 6, device=device))
     fw = set().union(*record["fw"])
+    assert torch.ops.bnfast.elemt_running.default in fw, sorted(map(str, fw))
+
+    torch._dynamo.reset()
+    record = {"fw": [], "bw": []}
+    compiled = torch.compile(model, backend=_recording_backend(record), fullgraph=True)
+    compiled(torch.randn(8, 3, 6, 6, device=device)).sum().backward()
+    fw, bw = set().union(*record["fw"]), set().union(*record["bw"])
     assert torch.ops.bnfast.elemt.default in fw, sorted(map(str, fw))
+    assert torch.ops.bnfast.backward_reduce.default in bw, sorted(map(str, bw))

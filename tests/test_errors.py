@@ -96,11 +96,12 @@ def test_zero_channels(shape, training, device):
     _both_raise(device, args, match="0 channels")
 
 
-@pytest.mark.parametrize("op", ["stats", "forward", "elemt"])
+@pytest.mark.parametrize("op", ["stats", "forward", "elemt", "elemt_running"])
 def test_zero_channels_ops_directly(op, device):
     x, empty = _x(device, (2, 0, 3, 3)), torch.zeros(0, device=device)
     call = {"stats": lambda: bnfast.ops.stats(x, 1e-5), "forward": lambda: bnfast.ops.forward(x, None, None, 1e-5),
-            "elemt": lambda: bnfast.ops.elemt(x, None, None, empty, empty)}[op]
+            "elemt": lambda: bnfast.ops.elemt(x, None, None, empty, empty),
+            "elemt_running": lambda: bnfast.ops.elemt_running(x, None, None, empty, empty, 1e-5)}[op]
     with pytest.raises(IndexError, match="0 channels"):
         call()
 
@@ -173,6 +174,18 @@ def test_stats_dtype_mismatch_in_ops(device):
     mean = torch.zeros(3, dtype=torch.bfloat16, device=device)  # must be float32 for bf16 input
     with pytest.raises(RuntimeError, match="mean must be"):
         torch.ops.bnfast.elemt(x, None, None, mean, torch.ones(3, device=device))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["kernel", "decomposition"])
+def test_elemt_running_bad_statistics(requires_grad, device):
+    """The one-op eval forward names the running statistic that is wrong, on
+    its kernel and on its differentiable decomposition alike."""
+    x = _x(device).requires_grad_(requires_grad)
+    good = torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match="running_var should contain 3 elements not 4"):
+        torch.ops.bnfast.elemt_running(x, None, None, good, torch.ones(4, device=device), 1e-5)
+    with pytest.raises(RuntimeError, match="running_mean must be a floating point tensor, got Long"):
+        torch.ops.bnfast.elemt_running(x, None, None, torch.ones(3, dtype=torch.long, device=device), good, 1e-5)
 
 
 @pytest.mark.parametrize("which", ["running_mean", "running_var"])

@@ -66,6 +66,16 @@ def test_opcheck_elemt(case, device, with_weight):
 
 
 @pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
+def test_opcheck_elemt_running(case, device, with_weight):
+    x, w, b, mean, invstd = _inputs(case, device, with_weight)
+    running_var = invstd.detach() ** -2
+    _opcheck(OPS.elemt_running.default, (x, w, b, mean.detach(), running_var, EPS))
+    # running statistics as differentiable inputs too: the decomposition's gradients
+    _opcheck(OPS.elemt_running.default, (x, w, b, mean.detach().requires_grad_(True),
+                                         running_var.requires_grad_(True), EPS))
+
+
+@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
 def test_opcheck_forward(case, device, with_weight):
     x, w, b, _, _ = _inputs(case, device, with_weight)
     _opcheck(OPS.forward.default, (x, w, b, EPS))

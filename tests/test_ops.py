@@ -155,6 +155,34 @@ def test_elemt(case, affine, device):
         assert_ulps("elemt", y, truth, case.dtype, xs * wmax + bmax, 4)
 
 
+@pytest.mark.parametrize(("case", "affine"), AFFINE_CASES, ids=AFFINE_IDS)
+def test_elemt_running(case, affine, device):
+    """The eval forward in one op: bitwise elemt with invstd computed from the
+    running variance by the ATen ops the stats dtype rounds in, and within
+    elemt's tolerance of the float64 result; running statistics in the input's
+    dtype, float32 and float64 alike."""
+    x = case.input(device)
+    w, b = case.params(device) if affine else (None, None)
+    sd = _stats_dtype(case.dtype)
+    gen = torch.Generator().manual_seed(3)
+    rm64 = torch.randn(case.channels, generator=gen, dtype=torch.float64)
+    rv64 = torch.rand(case.channels, generator=gen, dtype=torch.float64) * 4 + 0.1
+    for running_dtype in dict.fromkeys((case.dtype, torch.float32, torch.float64)):
+        rm, rv = rm64.to(device, running_dtype), rv64.to(device, running_dtype)
+        y = OPS.elemt_running(x, w, b, rm, rv, EPS)
+        assert y.dtype == case.dtype and y.shape == x.shape and y.stride() == OPS.elemt(
+            x, w, b, rm.to(sd), rv.to(sd)).stride()
+        decomposed = OPS.elemt(x, w, b, rm.to(sd), (rv.to(sd) + EPS).rsqrt())
+        torch.testing.assert_close(y, decomposed, rtol=0, atol=0, equal_nan=True)
+    y = OPS.elemt_running(x, w, b, rm64.to(device), rv64.to(device), EPS)
+    truth = ref.elemt(x, w, b, rm64, 1.0 / torch.sqrt(rv64 + EPS))
+    wmax = 1.0 if w is None else w.double().abs().max().item()
+    bmax = 0.0 if b is None else b.double().abs().max().item()
+    xs = (x.double().abs().max().item() + rm64.abs().max().item()) * (1.0 / torch.sqrt(rv64 + EPS)).max().item()
+    assert_ulps("elemt_running", y, truth, case.dtype, truth.abs().max().item(), 2) if case.low_precision else \
+        assert_ulps("elemt_running", y, truth, case.dtype, xs * wmax + bmax, 4)
+
+
 @pytest.mark.parametrize("case", **samples.by_id(CASES))
 def test_backward_reduce(case, device):
     x = case.input(device)

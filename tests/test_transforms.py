@@ -207,6 +207,7 @@ def test_op_batching_rules(device, data):
         "forward": (lambda x, w: OPS.forward(x, w, b, EPS), (x, w.repeat(B, 1)), (0, 0)),
         "elemt": (lambda x, m, s: OPS.elemt(x, w, b, m, s), (x, mean, invstd), (0, 0, 0)),
         "elemt_unbatched_input": (lambda x, m, s: OPS.elemt(x, w, b, m, s), (x[0], mean, invstd), (None, 0, 0)),
+        "elemt_running": (lambda x, m, v: OPS.elemt_running(x, w, b, m, v, EPS), (x, mean, invstd), (0, 0, 0)),
         "backward_reduce": (lambda g, x, m, s: OPS.backward_reduce(g, x, m, s), (dy, x, mean, invstd), (0, 0, 0, 0)),
         "backward_elemt": (lambda g, x, m, s: OPS.backward_elemt(g, x, m, s, w, m * 0.1, s * 0.2),
                            (dy, x, mean, invstd), (0, 0, 0, 0)),

@@ -40,6 +40,15 @@ inline at::Tensor call_elemt(const at::Tensor& input, const OptionalTensor& weig
   return op.call(input, weight, bias, mean, invstd);
 }
 
+inline at::Tensor call_elemt_running(const at::Tensor& input, const OptionalTensor& weight,
+                                     const OptionalTensor& bias, const at::Tensor& running_mean,
+                                     const at::Tensor& running_var, double eps) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&,
+                           const at::Tensor&, double)>("bnfast::elemt_running");
+  return op.call(input, weight, bias, running_mean, running_var, eps);
+}
+
 inline Pair call_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                                  const at::Tensor& invstd) {
   static const auto op = op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,

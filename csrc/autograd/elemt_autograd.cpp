@@ -8,7 +8,11 @@
 //   dmean   = -sum(dy) * invstd * weight
 //   dinvstd = sum(dy * (x - mean)) * weight
 // the sums from bnfast::backward_reduce.
+// bnfast::elemt_running: elemt with invstd from the running variance (below).
+#include <ATen/TensorOperators.h>
 #include <torch/library.h>
+
+#include <initializer_list>
 
 #include "calls.h"
 #include "composite.h"
@@ -84,9 +88,43 @@ at::Tensor elemt_autograd(const at::Tensor& input, const OptionalTensor& weight_
   return y;
 }
 
+// bnfast::elemt_running is elemt(input, weight, bias, running_mean,
+// 1 / sqrt(running_var + eps)) with the statistics in the stats dtype. Its
+// backend kernel computes invstd itself (no ATen ops around it); when a
+// gradient, a tangent or a torch.func transform is involved, it is that
+// decomposition through the dispatcher instead, so elemt's autograd, forward
+// AD and batching rule serve it. The decomposition is also the kernel of the
+// backends without one of their own (CompositeExplicitAutograd).
+at::Tensor elemt_running_decomposed(const at::Tensor& input, const OptionalTensor& weight,
+                                    const OptionalTensor& bias, const at::Tensor& running_mean,
+                                    const at::Tensor& running_var, double eps) {
+  check_elemt_running(input, weight, bias, running_mean, running_var);
+  const auto stats = stats_dtype(input.scalar_type());
+  return call_elemt(input, weight, bias, running_mean.to(stats), (running_var.to(stats) + eps).rsqrt());
+}
+
+at::Tensor elemt_running_autograd(const at::Tensor& input, const OptionalTensor& weight_,
+                                  const OptionalTensor& bias_, const at::Tensor& running_mean,
+                                  const at::Tensor& running_var, double eps) {
+  const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
+  const std::initializer_list<const at::Tensor*> args = {&input, &weight, &bias, &running_mean, &running_var};
+  if (functorch_active() || requires_grad(args) || any_tangent(args)) {
+    return elemt_running_decomposed(input, weight_, bias_, running_mean, running_var, eps);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return call_elemt_running(input, weight_, bias_, running_mean, running_var, eps);
+}
+
 }  // namespace
 }  // namespace autograd
 
-TORCH_LIBRARY_IMPL(bnfast, Autograd, m) { m.impl("elemt", &autograd::elemt_autograd); }
+TORCH_LIBRARY_IMPL(bnfast, Autograd, m) {
+  m.impl("elemt", &autograd::elemt_autograd);
+  m.impl("elemt_running", &autograd::elemt_running_autograd);
+}
+
+TORCH_LIBRARY_IMPL(bnfast, CompositeExplicitAutograd, m) {
+  m.impl("elemt_running", &autograd::elemt_running_decomposed);
+}
 
 }  // namespace bnfast

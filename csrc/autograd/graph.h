@@ -23,6 +23,9 @@
 //   are not differentiable and say so: backpropagating through them raises;
 //   update_stats_ writes buffers outside the graph (not_differentiable.cpp).
 // * vmap: every op has a batching rule (bnfast/_vmap.py).
+// * elemt_running (the eval forward in one op) records no Node: with a
+//   gradient, a tangent or a transform involved it is its decomposition into
+//   elemt, which follows this rule (elemt_autograd.cpp).
 // * The one exception: forward_act(memory_efficient=True) saves its outputs
 //   with their graph instead of its input, and its backward (from the
 //   output, in bnfast kernels or differentiable ATen ops) is differentiated

@@ -122,6 +122,23 @@ void check_elemt(const at::Tensor& input, const OptionalTensor& weight, const Op
   check_statistic(invstd, "invstd", input);
 }
 
+// Running statistics as torch's eval path takes them: any floating dtype
+// (read in the stats dtype), C elements, on the input's device.
+void check_elemt_running(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                         const at::Tensor& running_mean, const at::Tensor& running_var) {
+  check_forward(input, weight, bias);
+  auto check_running = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.defined(), "bnfast: ", name, " is undefined");
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "bnfast: ", name, " should contain ", input.size(1),
+                " elements not ", t.numel(), " (shape ", t.sizes(), ")");
+    check_same_device(t, name, input, "input");
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "bnfast: ", name, " must be a floating point tensor, got ",
+                t.scalar_type());
+  };
+  check_running(running_mean, "running_mean");
+  check_running(running_var, "running_var");
+}
+
 void check_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                            const at::Tensor& invstd) {
   check_input(input);

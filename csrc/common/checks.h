@@ -36,6 +36,8 @@ void check_stats(const at::Tensor& input);
 void check_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias);
 void check_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                  const at::Tensor& mean, const at::Tensor& invstd);
+void check_elemt_running(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                         const at::Tensor& running_mean, const at::Tensor& running_var);
 void check_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                            const at::Tensor& invstd);
 void check_backward_elemt(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
