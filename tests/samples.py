@@ -56,10 +56,13 @@ LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
 # planes of 2 * kShortPlane - 1 values, rows wider than kMaxRowWidth: the channels-first
 # plane loops of every pass, with a vector tail
 PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1) // 7)
-# planes of a length that is no multiple of the vector width, in narrow rows, in a batch
-# large enough for rows: the reductions' plane loops, the forward's affine pass by rows
-# (the backward's by planes; in smaller batches, by planes too: (3, 13, 7, 5))
-AFFINE_ROWS = (CPU["kMinBatchForColumns"], 6, 7, 5)
+# planes of a length that is no multiple of the vector width: the reductions' and the
+# backward affine pass's plane loops, the forward's affine pass as one run of vectors
+# (planes ending mid-vector)
+FLAT_PLANES = (4, 6, 7, 5)
+# short planes of a vector or more (but no multiple of it): reductions and the backward by
+# rows, the forward's affine pass as one run of vectors
+SHORT_FLAT_PLANES = (4, 6, 4, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
 # in training (backward: a partial last block)
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
@@ -78,7 +81,8 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     (ROW_CHUNKS, "BatchNorm1d (N, C), wide: two row chunks of the channels-last path, many lanes"),
     ((16, 5), "BatchNorm1d (N, C), small"),
     ((4, 5, 9), "BatchNorm1d (N, C, L)"),
-    (AFFINE_ROWS, "BatchNorm2d; planes of 35: reductions by plane, the forward's affine pass by rows"),
+    (FLAT_PLANES, "BatchNorm2d; planes of 35: reductions by plane, the forward's affine pass as one run"),
+    (SHORT_FLAT_PLANES, "short planes of 20: reductions by rows, the forward's affine pass as one run"),
     ((2, 3, 4, 5, 3), "BatchNorm3d"),
     ((5, 1, 4, 4), "C = 1"),
     ((2, 3), "N * HW = 2, 2-D"),

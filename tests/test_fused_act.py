@@ -35,9 +35,9 @@ VARIANT_IDS = [f"{a}{'+residual' if r else ''}" for a, r in VARIANTS]
 # rows and fused blocks, channels-last rows, (N, C)); half precision on the
 # activations' kinds (clamp, smooth, pre-activation). float64 is the truth
 # here; gradcheck covers it.
-_FP32 = samples.cases(dtypes=(torch.float32,), shapes=[samples.AFFINE_ROWS, samples.SHORT_PLANES, (16, 5),
+_FP32 = samples.cases(dtypes=(torch.float32,), shapes=[samples.FLAT_PLANES, samples.SHORT_PLANES, (16, 5),
                                                       samples.PLANE_LOOPS], layouts=("contiguous", "channels_last"))
-_HALF = samples.cases(dtypes=(torch.bfloat16, torch.float16), shapes=[samples.AFFINE_ROWS, samples.SHORT_PLANES],
+_HALF = samples.cases(dtypes=(torch.bfloat16, torch.float16), shapes=[samples.FLAT_PLANES, samples.SHORT_PLANES],
                       layouts=("contiguous", "channels_last"))
 MATRIX = [(c, a, r) for c in _FP32 for a, r in VARIANTS] + \
     [(c, a, r) for c in _HALF for a, r in (("relu", True), ("silu", False), ("pre_relu", False))]

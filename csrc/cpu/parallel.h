@@ -40,17 +40,14 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
          shape.channels * shape.spatial <= kMaxRowWidth;
 }
 
-// The forward's affine pass (no dy) also reads planes whose length is not a
-// multiple of the vector width as rows when they fit kMaxRowWidth and the
-// batch is at least kMinBatchForColumns (see tuning.h): per plane,
-// the masked tail vector costs about as much as a full one, and rows have
-// none. The backward's does not: it streams x, dy and four per-column
-// vectors as rows, which costs more than the planes' tails
-// (benchmarks.kernels, backward of 128x64x13x13 and 128x32x30x30).
+// The affine pass reads short planes as rows too, except the forward's (no
+// dy) on planes of a vector or more: those it walks as one run of full
+// vectors (loops.h affine_cf), which beats rows (their per-column
+// coefficients are extra streams) and the plane loop (a masked tail per
+// plane) alike (python -m benchmarks.kernels --cases seed_bn2 r18_s4 r50_s3
+// --phases fwd_eval).
 inline bool affine_as_rows(Layout layout, const Shape& shape, bool backward) {
-  return short_planes_as_rows(layout, shape) ||
-         (!backward && layout == Layout::kChannelsFirst && shape.spatial % kMaxLanes != 0 &&
-          shape.channels * shape.spatial <= kMaxRowWidth && shape.batch >= kMinBatchForColumns);
+  return short_planes_as_rows(layout, shape) && (backward || shape.spatial < kMaxLanes);
 }
 
 // A per-channel vector repeated per column of a [rows][C * S] view (padded for

@@ -27,13 +27,6 @@ constexpr int64_t kMinRowsPerChunk = 64;
 // per-column coefficients and partial sums stay in L2.
 constexpr int64_t kShortPlane = 32;
 constexpr int64_t kMaxRowWidth = 1 << 14;
-// Longer planes of a length that is no multiple of the vector width are read
-// as rows by the forward's affine pass (affine_as_rows, parallel.h) only in
-// batches of at least kMinBatchForColumns samples: the per-column
-// coefficients it builds first cost more than the planes' tails in smaller
-// ones (python -m benchmarks.kernels --cases seed_bn2 --phases fwd_eval, and
-// the same shape at batch 4-64).
-constexpr int64_t kMinBatchForColumns = 64;
 
 // Short planes, fused passes (fused_channel_blocks, parallel.h): a block of
 // whole channels of at most kChannelBlockBytes per tensor read, and at least

@@ -563,6 +563,36 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
   const Lanes<scalar_t> lanes{L};
   int64_t c = plane_begin % C;
+  if constexpr (!kHasDy) {
+    if (S >= L) {
+      // Forward: the planes are one contiguous run of values, walked in full
+      // vectors; in a vector where plane c ends, its first `left` lanes take
+      // c's coefficients and the rest the next channel's (S >= L: never a
+      // third), selected by a lane compare rather than a branch on `left`.
+      // No per-plane tail. Each element is computed as the plane loop below
+      // computes it.
+      using opmath_t = at::opmath_type<scalar_t>;
+      const Vec lane = Vec::arange(0, 1);
+      const int64_t end = plane_end * S;
+      int64_t next = (c + 1 == C) ? 0 : c + 1;
+      Vec mv(m[c]), pv(p[c]), qv(q[c]), mn(m[next]), pn(p[next]), qn(q[next]);
+      int64_t left = S;  // values of plane c from o on
+      for (int64_t o = plane_begin * S; o < end; o += L) {
+        const Lanes<scalar_t> l{min64(L, end - o)};
+        const Vec in_plane = lane < Vec(static_cast<opmath_t>(left));
+        l.store(out + o, t.affine(l, o, Vec::blendv(mn, mv, in_plane), Vec::blendv(pn, pv, in_plane),
+                                  Vec::blendv(qn, qv, in_plane), Vec(0)));
+        left -= l.n;
+        if (left <= 0) {  // plane c ended in this vector: -left values of the next one were used
+          next = (next + 1 == C) ? 0 : next + 1;
+          mv = mn, pv = pn, qv = qn;
+          mn = Vec(m[next]), pn = Vec(p[next]), qn = Vec(q[next]);
+          left += S;
+        }
+      }
+      return;
+    }
+  }
   for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec mv(m[c]), pv(p[c]), qv(q[c]);
     const Vec rv(kHasDy ? r[c] : 0);
