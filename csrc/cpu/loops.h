@@ -68,8 +68,9 @@ struct Loops {
   // uncentred x * scale + (bias - mean * scale) loses the low bits of y in
   // the rounding of the large shift.
   // Channels-first: planes [plane_begin, plane_end) of the N * C planes;
-  // without dy, planes of a vector or more are walked as one run of full
-  // vectors (a vector where a plane ends mixes two channels' coefficients).
+  // without dy, planes longer than a vector but no multiple of it are walked
+  // as one run of full vectors (a vector where a plane ends mixes two
+  // channels' coefficients).
   void (*affine_cf)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* m, const opmath_t* p,
                     const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion);

@@ -34,20 +34,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // whose column j belongs to channel j / S. Read that way, every loop runs over
 // whole contiguous rows: a plane of 16 values costs a fixed per-plane overhead
 // (broadcasts, partial-sum updates) several times its data, which the row
-// loops pay once per row of C * S values.
+// loops pay once per row of C * S values. (Longer planes go to the plane
+// loops, which walk the forward's planes with a tail as one run of full
+// vectors: loops.h, affine_cf.)
 inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
   return layout == Layout::kChannelsFirst && shape.spatial < kShortPlane &&
          shape.channels * shape.spatial <= kMaxRowWidth;
-}
-
-// The affine pass reads short planes as rows too, except the forward's (no
-// dy) on planes of a vector or more: those it walks as one run of full
-// vectors (loops.h affine_cf), which beats rows (their per-column
-// coefficients are extra streams) and the plane loop (a masked tail per
-// plane) alike (python -m benchmarks.kernels --cases seed_bn2 r18_s4 r50_s3
-// --phases fwd_eval).
-inline bool affine_as_rows(Layout layout, const Shape& shape, bool backward) {
-  return short_planes_as_rows(layout, shape) && (backward || shape.spatial < kMaxLanes);
 }
 
 // A per-channel vector repeated per column of a [rows][C * S] view (padded for
@@ -194,7 +186,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   };
   if (layout == Layout::kChannelsLast) {
     rows(C, shape.per_channel(), m, p, q, r, fusion);
-  } else if (affine_as_rows(layout, shape, /*backward=*/dy != nullptr)) {
+  } else if (short_planes_as_rows(layout, shape)) {
     const auto mc = per_column(m, C, S), pc = per_column(p, C, S), qc = per_column(q, C, S);
     const auto rc = dy ? per_column(r, C, S) : decltype(mc){};
     const FusionView<scalar_t> columns(fusion, C, S);

@@ -564,30 +564,43 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   const Lanes<scalar_t> lanes{L};
   int64_t c = plane_begin % C;
   if constexpr (!kHasDy) {
-    if (S >= L) {
-      // Forward: the planes are one contiguous run of values, walked in full
-      // vectors; in a vector where plane c ends, its first `left` lanes take
-      // c's coefficients and the rest the next channel's (S >= L: never a
-      // third), selected by a lane compare rather than a branch on `left`.
-      // No per-plane tail. Each element is computed as the plane loop below
-      // computes it.
+    if (S > L && S % L != 0) {
+      // Forward, planes with a tail: the planes are one contiguous run of
+      // values, walked in full vectors; in a vector where plane c ends, its
+      // first `left` lanes take c's coefficients and the rest the next
+      // channel's (S > L: never a third), selected by a lane compare rather
+      // than a branch on `left`. No per-plane tail. Each element is computed
+      // as the plane loop below computes it. (Planes of whole vectors keep
+      // the plane loop, which measured faster on them in bfloat16.)
       using opmath_t = at::opmath_type<scalar_t>;
       const Vec lane = Vec::arange(0, 1);
       const int64_t end = plane_end * S;
       int64_t next = (c + 1 == C) ? 0 : c + 1;
       Vec mv(m[c]), pv(p[c]), qv(q[c]), mn(m[next]), pn(p[next]), qn(q[next]);
       int64_t left = S;  // values of plane c from o on
-      for (int64_t o = plane_begin * S; o < end; o += L) {
+      int64_t o = plane_begin * S;
+      while (o < end) {
+        // Full vectors strictly inside plane c: no boundary, no tail.
+        const int64_t inside = std::min((left - 1) / L, (end - o) / L);
+        for (int64_t k = 0; k < inside; ++k, o += L) IO::store(out + o, t.affine(lanes, o, mv, pv, qv, Vec(0)));
+        left -= inside * L;
+        if (o >= end) break;
+        // The vector where plane c ends (or the last, partial one of the run).
         const Lanes<scalar_t> l{min64(L, end - o)};
-        const Vec in_plane = lane < Vec(static_cast<opmath_t>(left));
-        l.store(out + o, t.affine(l, o, Vec::blendv(mn, mv, in_plane), Vec::blendv(pn, pv, in_plane),
-                                  Vec::blendv(qn, qv, in_plane), Vec(0)));
+        if (left >= l.n) {
+          l.store(out + o, t.affine(l, o, mv, pv, qv, Vec(0)));
+        } else {
+          const Vec in_plane = lane < Vec(static_cast<opmath_t>(left));
+          l.store(out + o, t.affine(l, o, Vec::blendv(mn, mv, in_plane), Vec::blendv(pn, pv, in_plane),
+                                    Vec::blendv(qn, qv, in_plane), Vec(0)));
+        }
+        o += l.n;
         left -= l.n;
-        if (left <= 0) {  // plane c ended in this vector: -left values of the next one were used
+        if (left <= 0) {  // plane c ended: -left values of the next one were used
+          left += S;
           next = (next + 1 == C) ? 0 : next + 1;
           mv = mn, pv = pn, qv = qn;
           mn = Vec(m[next]), pn = Vec(p[next]), qn = Vec(q[next]);
-          left += S;
         }
       }
       return;
