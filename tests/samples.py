@@ -60,8 +60,8 @@ PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1)
 # backward affine pass's plane loops, the forward's affine pass as one run of vectors
 # (planes ending mid-vector)
 FLAT_PLANES = (4, 6, 7, 5)
-# short planes longer than a vector but no multiple of it: every pass by rows
-SHORT_FLAT_PLANES = (4, 6, 4, 5)
+# short planes longer than a vector but no multiple of it (rows of 120 values): every pass by rows
+ODD_SHORT_PLANES = (4, 6, 4, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
 # in training (backward: a partial last block)
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
@@ -81,7 +81,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((16, 5), "BatchNorm1d (N, C), small"),
     ((4, 5, 9), "BatchNorm1d (N, C, L)"),
     (FLAT_PLANES, "BatchNorm2d; planes of 35: reductions by plane, the forward's affine pass as one run"),
-    (SHORT_FLAT_PLANES, "short planes of 20: every pass by rows"),
+    (ODD_SHORT_PLANES, "short planes of 20: every pass by rows"),
     ((2, 3, 4, 5, 3), "BatchNorm3d"),
     ((5, 1, 4, 4), "C = 1"),
     ((2, 3), "N * HW = 2, 2-D"),

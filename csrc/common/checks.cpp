@@ -41,8 +41,10 @@ void check_like_input(const at::Tensor& t, const char* name, const at::Tensor& i
 
 // A per-channel vector: 1-D with C elements, on the input's device. A
 // parameter (weight, bias) may be in the input's dtype or in the stats dtype
-// (mixed precision); statistics and sums must be in the stats dtype exactly.
-enum class Role { kParameter, kStatistic };
+// (mixed precision); statistics and sums must be in the stats dtype exactly;
+// running statistics may be of any floating dtype (read in the stats dtype,
+// as torch's eval path takes them).
+enum class Role { kParameter, kStatistic, kRunningStatistic };
 
 void check_channel_vector(const at::Tensor& t, const char* name, const at::Tensor& input, Role role) {
   const int64_t channels = input.size(1);
@@ -52,7 +54,9 @@ void check_channel_vector(const at::Tensor& t, const char* name, const at::Tenso
   check_same_device(t, name, input, "input");
   const auto expected = stats_dtype(input.scalar_type());
   const auto dtype = t.scalar_type();
-  if (role == Role::kParameter) {
+  if (role == Role::kRunningStatistic) {
+    TORCH_CHECK(at::isFloatingType(dtype), "bnfast: ", name, " must be a floating point tensor, got ", dtype);
+  } else if (role == Role::kParameter) {
     TORCH_CHECK(dtype == expected || dtype == input.scalar_type(), "bnfast: ", name, " must be ",
                 input.scalar_type(), " (the input's dtype) or ", expected, ", got ", dtype);
   } else {
@@ -122,21 +126,11 @@ void check_elemt(const at::Tensor& input, const OptionalTensor& weight, const Op
   check_statistic(invstd, "invstd", input);
 }
 
-// Running statistics as torch's eval path takes them: any floating dtype
-// (read in the stats dtype), C elements, on the input's device.
 void check_elemt_running(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                          const at::Tensor& running_mean, const at::Tensor& running_var) {
   check_forward(input, weight, bias);
-  auto check_running = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.defined(), "bnfast: ", name, " is undefined");
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "bnfast: ", name, " should contain ", input.size(1),
-                " elements not ", t.numel(), " (shape ", t.sizes(), ")");
-    check_same_device(t, name, input, "input");
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "bnfast: ", name, " must be a floating point tensor, got ",
-                t.scalar_type());
-  };
-  check_running(running_mean, "running_mean");
-  check_running(running_var, "running_var");
+  check_channel_vector(running_mean, "running_mean", input, Role::kRunningStatistic);
+  check_channel_vector(running_var, "running_var", input, Role::kRunningStatistic);
 }
 
 void check_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
