@@ -21,6 +21,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import gc
 import functools
 import json
 import os
@@ -99,6 +100,12 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
+        # The checks' DDP models (reference cycles) hold the process group:
+        # collected here, the group and its gloo threads go with
+        # destroy_process_group. Left to interpreter exit, a gloo thread can be
+        # destroyed unjoined and the rank dies with SIGABRT ("terminate called
+        # without an active exception"), as benchmarks/ddp.py saw too.
+        gc.collect()
         dist.destroy_process_group()
 
 
