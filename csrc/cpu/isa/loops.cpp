@@ -649,7 +649,10 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   // four (twelve lines in flight, all in one L1 set when the row stride is a
   // multiple of 4 KiB) ran slower on the short-plane backward blocks
   // (python -m benchmarks.kernels --cases seed_bn3 r18_s4 --phases bwd).
-  constexpr int64_t rows_per_step = kHasDy ? 2 : kRowsPerStep;
+  // A fused forward also takes two: with four, its per-row x, out and
+  // residual pointers no longer fit in registers and spill in the inner loop
+  // (--cases seed_bn3 --fusions relu add_relu pre_relu --phases fwd_train).
+  constexpr int64_t rows_per_step = (kHasDy || kVariant != Variant::kPlain) ? 2 : kRowsPerStep;
   int64_t row = m_begin;
   for (; row + rows_per_step <= m_end; row += rows_per_step) step(row, rows_per_step);
   if (row < m_end) step(row, m_end - row);
