@@ -82,6 +82,38 @@ def test_matches_unfused(case, act, with_residual, training, device):
         ref.assert_error_within_torch(f"{name} ({act})", a, b, t, a.dtype)
 
 
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "relu+residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", samples.cases(dtypes=(torch.float32, torch.bfloat16),
+                                               shapes=[samples.SHORT_PLANES, samples.FLAT_PLANES],
+                                               layouts=("contiguous", "channels_last")), ids=str)
+def test_relu_drops_grad_where_clamped(case, with_residual, training, device):
+    """relu's backward takes nothing of grad_out where relu clamped (torch's
+    threshold_backward gives exactly 0 there): NaN and inf in those places
+    give bitwise the gradients that zeros give."""
+    x = case.input(device)
+    w, b = case.params(device)
+    rm, rv = case.running(device)
+    residual = case.arrange(case.grad_out(device, seed=7)) if with_residual else None
+    with torch.no_grad():  # clearly clamped: fused and unfused round z differently near 0
+        clamped = unfused(x, rm.clone(), rv.clone(), w, b, training, "identity", residual) < -0.05
+    assert clamped.any() and not clamped.all()
+    grad_out = case.grad_out(device)
+    zeroed, poisoned = grad_out.clone(), grad_out.clone()
+    zeroed[clamped] = 0
+    poison = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device, dtype=grad_out.dtype)
+    poisoned[clamped] = poison[torch.arange(int(clamped.sum()), device=device) % 3]
+    results = []
+    for g in (poisoned, zeroed):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b) + ((residual,) if with_residual else ())]
+        y = fused(leaves[0], rm.clone(), rv.clone(), leaves[1], leaves[2], training, "relu",
+                  leaves[3] if with_residual else None)
+        results.append(torch.autograd.grad(y, leaves, g))
+    for name, ours, clean in zip(["grad_input", "grad_weight", "grad_bias", "grad_residual"], *results):
+        assert torch.isfinite(ours).all(), name
+        assert torch.equal(ours, clean), name
+
+
 @pytest.mark.parametrize(("act", "with_residual"), VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck(act, with_residual, training, device):

@@ -161,12 +161,15 @@ struct Accumulators {
 // Each loop is compiled per Variant: the plain batch norm, or a fusion with
 // its activation fixed at compile time (a switch on the activation inside the
 // element loop is not hoisted out of it, and costs more than the arithmetic
-// it selects).
-enum class Variant { kPlain, kIdentity, kRelu, kLeakyRelu, kSilu, kGelu, kGeluTanh, kPreRelu };
+// it selects). relu, the commonest, is split by whether a residual is added
+// (kAddRelu), so that BN -> relu compiles without the residual's run-time
+// tests; the other activations test for it at run time.
+enum class Variant { kPlain, kIdentity, kRelu, kAddRelu, kLeakyRelu, kSilu, kGelu, kGeluTanh, kPreRelu };
 
 constexpr Act act_of(Variant v) {
   switch (v) {
     case Variant::kRelu: return Act::kRelu;
+    case Variant::kAddRelu: return Act::kRelu;
     case Variant::kLeakyRelu: return Act::kLeakyRelu;
     case Variant::kSilu: return Act::kSilu;
     case Variant::kGelu: return Act::kGelu;
@@ -195,14 +198,14 @@ BNFAST_ELEMENT Vec activate(const Vec& z, const Vec& slope) {
   }
 }
 
-// d act / dz at z. NB: relu' and leaky_relu' are 0 / slope at z == 0 and for
-// NaN, as torch's backward (which tests z > 0) gives them.
+// d act / dz at z, for every activation but relu (Terms::dz masks dy for
+// it). NB: leaky_relu' is slope at z == 0 and for NaN, as torch's backward
+// (which tests z > 0) gives it.
 template <Act kAct, typename Vec>
 BNFAST_ELEMENT Vec activate_derivative(const Vec& z, const Vec& slope) {
   using T = typename Vec::value_type;
-  if constexpr (kAct == Act::kRelu) {
-    return Vec::blendv(Vec(0), Vec(1), z > Vec(0));
-  } else if constexpr (kAct == Act::kLeakyRelu) {
+  static_assert(kAct != Act::kRelu, "relu's gradient is a mask (Terms::dz)");
+  if constexpr (kAct == Act::kLeakyRelu) {
     return Vec::blendv(slope, Vec(1), z > Vec(0));
   } else if constexpr (kAct == Act::kSilu) {
     const Vec sigmoid = Vec(1) / (Vec(1) + z.neg().exp());
@@ -245,6 +248,11 @@ struct Terms {
   static constexpr bool kPreRelu = kVariant == Variant::kPreRelu;
   static constexpr Act kAct = act_of(kVariant);
   static constexpr bool kActive = kAct != Act::kIdentity;  // an activation after BN
+  // Variants without a residual by construction: kRelu (see Variant), and
+  // pre_relu (a residual is added after BN; the op checks refuse one). Their
+  // loops are compiled without the residual's run-time tests, which
+  // otherwise keep the reductions' sums out of registers.
+  static constexpr bool kMayHaveResidual = kFused && !kPreRelu && kVariant != Variant::kRelu;
   const scalar_t* x;
   const scalar_t* dy;
   const Fusion<scalar_t>* f;
@@ -255,8 +263,8 @@ struct Terms {
   Vec zp, zq, slope;  // fused: z's coefficients (backward) and leaky_relu's slope
 
   BNFAST_ELEMENT Terms(const scalar_t* x_, const scalar_t* dy_, const Fusion<scalar_t>* f_) : x(x_), dy(dy_), f(f_) {
-    if constexpr (kFused) {
-      slope = Vec(f->slope);
+    if constexpr (kFused) slope = Vec(f->slope);
+    if constexpr (kMayHaveResidual) {
       residual = f->residual;
       grad_residual = f->grad_residual;
     }
@@ -283,15 +291,23 @@ struct Terms {
   // back in place of dy and the residual, one stream fewer than recomputing
   // it. Only where scalar_t is the opmath type: a rounded half-precision dz
   // would change the result.
-  static constexpr bool kReuseGrad = kFused && std::is_same<scalar_t, typename IO::opmath_t>::value;
+  static constexpr bool kReuseGrad = kMayHaveResidual && std::is_same<scalar_t, typename IO::opmath_t>::value;
   // dy times act'(z) for a fused activation (d = x - mean), from dy and the
   // residual.
   BNFAST_ELEMENT Vec dz(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
     Vec a = l.load(dy + o);
     if constexpr (kActive) {
       Vec z = at::vec::fmadd(d, zp, zq);
-      if (residual) z = z + l.load(residual + o);
-      a = a * activate_derivative<kAct>(z, slope);
+      if (kMayHaveResidual && residual) z = z + l.load(residual + o);
+      if constexpr (kAct == Act::kRelu) {
+        // dy where z > 0, else +0: torch's threshold_backward, with a mask
+        // instead of a multiply by relu'(z) (fewer instructions in the
+        // backward's hottest loops, and no -0 or NaN where dy is negative or
+        // not finite and z <= 0).
+        a = a & (z > Vec(0));
+      } else {
+        a = a * activate_derivative<kAct>(z, slope);
+      }
     }
     return a;
   }
@@ -300,7 +316,7 @@ struct Terms {
   BNFAST_ELEMENT Vec grad(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
     if (kReuseGrad && grad_residual) return l.load(grad_residual + o);
     const Vec a = dz(l, o, d);
-    if (kFused && grad_residual) l.store(grad_residual + o, a);
+    if (kMayHaveResidual && grad_residual) l.store(grad_residual + o, a);
     return a;
   }
   // The reduction's terms: d = x - K, a = dz (K is the mean then) or d.
@@ -324,7 +340,7 @@ struct Terms {
       y = at::vec::fmadd(grad(l, o, d), r, y);
       if constexpr (kPreRelu) y = Vec::blendv(Vec(0), y, l.load(x + o) > Vec(0));
     } else if constexpr (kFused) {
-      if (residual) y = y + l.load(residual + o);
+      if (kMayHaveResidual && residual) y = y + l.load(residual + o);
       y = activate<kAct>(y, slope);
     }
     return y;
@@ -665,7 +681,7 @@ Variant variant_of(const Fusion<scalar_t>* fusion) {
   if (!fusion) return Variant::kPlain;
   if (fusion->pre_relu) return Variant::kPreRelu;
   switch (fusion->act) {
-    case Act::kRelu: return Variant::kRelu;
+    case Act::kRelu: return fusion->residual || fusion->grad_residual ? Variant::kAddRelu : Variant::kRelu;
     case Act::kLeakyRelu: return Variant::kLeakyRelu;
     case Act::kSilu: return Variant::kSilu;
     case Act::kGelu: return Variant::kGelu;
@@ -679,6 +695,7 @@ Variant variant_of(const Fusion<scalar_t>* fusion) {
     case Variant::kPlain: return impl<scalar_t, has_dy, Variant::kPlain>(__VA_ARGS__);          \
     case Variant::kIdentity: return impl<scalar_t, has_dy, Variant::kIdentity>(__VA_ARGS__);    \
     case Variant::kRelu: return impl<scalar_t, has_dy, Variant::kRelu>(__VA_ARGS__);            \
+    case Variant::kAddRelu: return impl<scalar_t, has_dy, Variant::kAddRelu>(__VA_ARGS__);      \
     case Variant::kLeakyRelu: return impl<scalar_t, has_dy, Variant::kLeakyRelu>(__VA_ARGS__);  \
     case Variant::kSilu: return impl<scalar_t, has_dy, Variant::kSilu>(__VA_ARGS__);            \
     case Variant::kGelu: return impl<scalar_t, has_dy, Variant::kGelu>(__VA_ARGS__);            \
