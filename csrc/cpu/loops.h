@@ -51,8 +51,9 @@ struct Loops {
   // the backward reduction (dy given):
   //   a = dy ? dy : (x - K);   s1 += a;   s2 += a * (x - K)
   // Channels-first: planes [plane_begin, plane_end) of the N * C planes (plane
-  // p is channel p % C), shifts K[C]; adds into s1[C], s2[C]. scratch holds
-  // 2 * C * kMaxLanes opmath_t, lane_totals 2 * C * kMaxLanes double.
+  // p is channel p % C), shifts K[C]; adds into s1[c], s2[c] for the range's
+  // channels. scratch: room for 2 * C * kMaxLanes opmath_t, lane_totals for
+  // 2 * C * kMaxLanes double (no initial values needed).
   void (*reduce_cf)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* shift, double* s1,
                     double* s2, opmath_t* scratch, double* lane_totals, const Fusion<scalar_t>* fusion);

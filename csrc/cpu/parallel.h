@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -156,13 +157,14 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
   const int64_t tasks = ceil_div(planes, planes_per_task);
   std::vector<double> partial(2 * C * tasks, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> scratch(2 * C * kMaxLanes);
-    std::vector<double> lane_totals(2 * C * kMaxLanes);
+    // Uninitialized: reduce_cf zeroes the channels it uses.
+    const std::unique_ptr<opmath_t[]> scratch(new opmath_t[2 * C * kMaxLanes]);
+    const std::unique_ptr<double[]> lane_totals(new double[2 * C * kMaxLanes]);
     for (int64_t task = end - 1; task >= begin; --task) {  // last first: see "Cache order" above
       const int64_t p0 = task * planes_per_task;
       double* p = &partial[2 * C * task];
       loop.reduce_cf(x, dy, C, S, p0, std::min(planes, p0 + planes_per_task), shift, p, p + C,
-                     scratch.data(), lane_totals.data(), fusion);
+                     scratch.get(), lane_totals.get(), fusion);
     }
   });
   add_partials(partial, tasks, C, s1, s2);

@@ -384,7 +384,10 @@ inline void accumulate_span(const Terms<scalar_t, kHasDy, kVariant>& t, int64_t 
 // hardware prefetchers follow), each plane summed with kChains register chains,
 // and the plane's vector sum added into its channel's vector partial sums in
 // scratch ([2][C][L]); those are folded into the double totals every
-// kPlanesPerFold planes of each channel.
+// kPlanesPerFold planes of each channel. Only the range's channels are
+// zeroed, folded and summed: a range of fewer than C planes (each task of a
+// tensor with many channels) would otherwise pay for all C channels' partial
+// sums, more than for its own data when C is large.
 constexpr int64_t kPlanesPerFold = 16;
 
 template <typename scalar_t, bool kHasDy, Variant kVariant>
@@ -399,21 +402,41 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
   const int64_t n_tail = S - full;
   auto* part1 = scratch;
   auto* part2 = scratch + C * L;
-  zero_fill(scratch, 2 * C * L);
-  zero_fill(lane_totals, 2 * C * L);
+  // The range's channels: one run from its first plane's channel, or two
+  // when that run wraps past C - 1. f(begin, end) per run.
+  const int64_t first_channel = plane_begin % C;
+  const int64_t last_channel = first_channel + min64(C, plane_end - plane_begin);
+  auto for_channel_runs = [&](auto&& f) {
+    f(first_channel, min64(last_channel, C));
+    if (last_channel > C) f(int64_t(0), last_channel - C);
+  };
+  // Both halves ([2][C][L]) of buffer over channels [c0, c1).
+  auto zero_channels = [&](auto* buffer, int64_t c0, int64_t c1) {
+    zero_fill(buffer + c0 * L, (c1 - c0) * L);
+    zero_fill(buffer + (C + c0) * L, (c1 - c0) * L);
+  };
+  for_channel_runs([&](int64_t c0, int64_t c1) {
+    zero_channels(scratch, c0, c1);
+    zero_channels(lane_totals, c0, c1);
+  });
   // NB: folding lane by lane into double vectors is one vectorized pass; the
   // horizontal sums (serial, 16 dependent adds per channel) run once per call.
   // Done per fold they cost more than summing 4x4 planes.
   auto fold = [&] {
-    for (int64_t i = 0; i < 2 * C * L; ++i) lane_totals[i] += scratch[i];
-    zero_fill(scratch, 2 * C * L);
+    for_channel_runs([&](int64_t c0, int64_t c1) {
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t begin = (half * C + c0) * L, end = (half * C + c1) * L;
+        for (int64_t i = begin; i < end; ++i) lane_totals[i] += scratch[i];
+      }
+      zero_channels(scratch, c0, c1);
+    });
   };
   Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
   const Lanes<scalar_t> lanes{L};
   int64_t planes_since_fold = 0;
   // The channel is tracked incrementally: a 64-bit modulo per plane costs as
   // much as summing a small (4x4) plane.
-  int64_t c = plane_begin % C;
+  int64_t c = first_channel;
   for (int64_t plane = plane_begin; plane < plane_end; ++plane, c = (c + 1 == C) ? 0 : c + 1) {
     const Vec k(shift[c]);
     if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
@@ -454,15 +477,17 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
     }
   }
   fold();
-  for (int64_t c = 0; c < C; ++c) {
-    double t1 = 0, t2 = 0;
-    for (int64_t l = 0; l < L; ++l) {
-      t1 += lane_totals[c * L + l];
-      t2 += lane_totals[(C + c) * L + l];
+  for_channel_runs([&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double t1 = 0, t2 = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        t1 += lane_totals[c * L + l];
+        t2 += lane_totals[(C + c) * L + l];
+      }
+      s1[c] += t1;
+      s2[c] += t2;
     }
-    s1[c] += t1;
-    s2[c] += t2;
-  }
+  });
 }
 
 // Channels-last: the channel vectors of a row are independent chains already;
