@@ -74,6 +74,9 @@ FUSED_FALLBACK = (64 * _FOLD_ROWS + 4, 3, 2, 2)
 PARTIAL_FOLD = (17 * _FOLD_ROWS + 12, 3, 1, 2)
 # vector-aligned: planes of 64 and 32 channels, multiples of every vector width
 ALIGNED = (4, 32, 8, 8)
+# more channels than a channels-first reduction task has planes (kReduceGrain values):
+# each task sums a subset of the channels, the second one wrapping past the last channel
+MANY_CHANNELS = (2, CPU["kReduceGrain"] // 64 + 100, 8, 8)
 
 # (shape, why it is here)
 SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
@@ -94,6 +97,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     (SHORT_PLANES, "short planes as rows in 3 chunks; fused channel blocks (backward: a partial last one)"),
     (WIDE_SHORT_PLANES, "short planes too wide to read as rows: plane loops"),
     (ALIGNED, "vector-aligned: planes of 64 and 32 channels, multiples of every vector width"),
+    (MANY_CHANNELS, "channels-first reduction tasks of fewer planes than C, one wrapping past the last channel"),
     (FUSED_FALLBACK, "the fused blocks' two-pass fallback; one row chunk of 64 folds, float64 accuracy"),
     (PARTIAL_FOLD, "long short-plane channels ending in a partial fold"),
     ((0, 3, 4, 4), "empty batch"),
