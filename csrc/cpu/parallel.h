@@ -43,6 +43,18 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
          shape.channels * shape.spatial <= kMaxRowWidth;
 }
 
+// Channels-first planes of a half-precision tensor shorter than kBandPlane
+// (other than those read as rows): the reductions read bands of whole
+// channels, i.e. bands of columns of the [N][C * S] rows, with the row loops,
+// which convert whole runs of vectors, where the plane loops pay a masked,
+// converted tail and their bookkeeping per plane; and training's two passes
+// run band by band (fused_channel_blocks).
+template <typename scalar_t>
+bool planes_in_bands(Layout layout, const Shape& shape) {
+  return !std::is_same<scalar_t, at::opmath_type<scalar_t>>::value && layout == Layout::kChannelsFirst &&
+         shape.spatial < kBandPlane && !short_planes_as_rows(layout, shape);
+}
+
 // A per-channel vector repeated per column of a [rows][C * S] view (padded for
 // the row loops' vector tails).
 template <typename T>
@@ -54,23 +66,18 @@ std::vector<T> per_column(const T* per_channel, int64_t C, int64_t S) {
   return columns;
 }
 
-// A fusion (loops.h) as a loop over a view of the tensor sees it. `fusion`
-// may be null (the plain batch norm), and then so is the view.
+// A fusion (loops.h) as the row loops see it over a [rows][C * S] view of
+// short planes: z's coefficients per column. `fusion` may be null (the plain
+// batch norm), and then so is the view.
 template <typename scalar_t>
 class FusionView {
  public:
   using opmath_t = at::opmath_type<scalar_t>;
-  // The same fusion, its tensors read from element `offset` on.
-  FusionView(const Fusion<scalar_t>* fusion, int64_t offset = 0) {
+  FusionView(const Fusion<scalar_t>* fusion, int64_t C, int64_t S) {
     if (!fusion) return;
     view_ = *fusion;
-    if (view_.residual) view_.residual += offset;
-    if (view_.grad_residual) view_.grad_residual += offset;
     active_ = true;
-  }
-  // For a [rows][C * S] view of short planes: z's coefficients per column.
-  FusionView(const Fusion<scalar_t>* fusion, int64_t C, int64_t S) : FusionView(fusion) {
-    if (!fusion || !fusion->zp) return;
+    if (!fusion->zp) return;
     zp_ = per_column(fusion->zp, C, S);
     zq_ = per_column(fusion->zq, C, S);
     view_.zp = zp_.data();
@@ -79,7 +86,6 @@ class FusionView {
   FusionView(const FusionView&) = delete;  // view_ may point into zp_ / zq_
   FusionView& operator=(const FusionView&) = delete;
   const Fusion<scalar_t>* get() const { return active_ ? &view_ : nullptr; }
-  Fusion<scalar_t>& mutable_view() { return view_; }
 
  private:
   Fusion<scalar_t> view_;
@@ -101,6 +107,85 @@ inline void add_partials(const std::vector<double>& partial, int64_t tasks, int6
     }
   }
 }
+
+// A band of whole channels [c0, c1) of a channels-first tensor: columns
+// [c0 * S, c1 * S) of its [N][C * S] rows, with the per-column buffers of the
+// row loops for bands of up to max_channels channels. A channel's sums are
+// its columns' sums over all N rows, then its S columns added in order, so
+// they do not depend on the band around it (nor on the thread count).
+template <typename scalar_t>
+class ChannelBand {
+ public:
+  using opmath_t = at::opmath_type<scalar_t>;
+  ChannelBand(const Shape& shape, int64_t max_channels)
+      : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
+        padded_(padded_channels(max_channels * shape.spatial)),
+        scratch_(kReduceClScratch * padded_), columns_(6 * padded_, opmath_t(0)),
+        sums_(2 * max_channels * shape.spatial) {}
+  ChannelBand(const ChannelBand&) = delete;  // view_ points into columns_
+  ChannelBand& operator=(const ChannelBand&) = delete;
+
+  // Channels [c0, c1), of an op with this fusion (null: none).
+  void select(int64_t c0, int64_t c1, const Fusion<scalar_t>* fusion) {
+    c0_ = c0;
+    c1_ = c1;
+    active_ = fusion != nullptr;
+    if (!active_) return;
+    view_ = *fusion;
+    if (view_.residual) view_.residual += c0 * S_;
+    if (view_.grad_residual) view_.grad_residual += c0 * S_;
+    if (fusion->zp) {  // z's coefficients, per column
+      for (int64_t c = c0; c < c1; ++c) {
+        std::fill_n(column(kZp, c), S_, fusion->zp[c]);
+        std::fill_n(column(kZq, c), S_, fusion->zq[c]);
+      }
+      view_.zp = column(kZp, c0);
+      view_.zq = column(kZq, c0);
+    }
+  }
+  // reduce (loops.h) over the band with shifts K[C], then
+  // per_channel(c, s1[c], s2[c]) for each channel in order.
+  template <typename PerChannel>
+  void reduce(const scalar_t* x, const scalar_t* dy, const opmath_t* shift, PerChannel&& per_channel) {
+    for (int64_t c = c0_; c < c1_; ++c) std::fill_n(column(kM, c), S_, shift[c]);
+    const int64_t width = (c1_ - c0_) * S_, col0 = c0_ * S_;
+    std::fill_n(sums_.begin(), 2 * width, 0.0);
+    loops<scalar_t>().reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, C_ * S_, 0, N_, column(kM, c0_),
+                                sums_.data(), sums_.data() + width, scratch_.data(), fusion());
+    for (int64_t c = c0_; c < c1_; ++c) {
+      const auto* s1 = &sums_[(c - c0_) * S_];
+      const auto* s2 = s1 + width;
+      per_channel(c, std::accumulate(s1, s1 + S_, 0.0), std::accumulate(s2, s2 + S_, 0.0));
+    }
+  }
+  // Channel c's affine coefficients, for affine().
+  void set_coefficients(int64_t c, opmath_t m, opmath_t p, opmath_t q, opmath_t r) {
+    std::fill_n(column(kM, c), S_, m);
+    std::fill_n(column(kP, c), S_, p);
+    std::fill_n(column(kQ, c), S_, q);
+    std::fill_n(column(kR, c), S_, r);
+  }
+  // out = (x - m) * p + q (+ dy * r) over the band (the fusion's activation
+  // too), with every channel's set_coefficients.
+  void affine(const scalar_t* x, const scalar_t* dy, scalar_t* out) {
+    const int64_t col0 = c0_ * S_;
+    loops<scalar_t>().affine_cl(x + col0, dy ? dy + col0 : nullptr, out + col0, (c1_ - c0_) * S_, C_ * S_, 0, N_,
+                                column(kM, c0_), column(kP, c0_), column(kQ, c0_),
+                                dy ? column(kR, c0_) : nullptr, fusion());
+  }
+
+ private:
+  enum Column { kM, kP, kQ, kR, kZp, kZq };  // the 6 per-column buffers
+  opmath_t* column(Column which, int64_t c) { return columns_.data() + which * padded_ + (c - c0_) * S_; }
+  const Fusion<scalar_t>* fusion() const { return active_ ? &view_ : nullptr; }
+
+  int64_t C_, S_, N_, padded_;
+  std::vector<opmath_t> scratch_, columns_;
+  std::vector<double> sums_;
+  int64_t c0_ = 0, c1_ = 0;
+  Fusion<scalar_t> view_;
+  bool active_ = false;
+};
 
 // Sums of reduce over rows [M][W] (channels-last; or short planes with W = C * S).
 template <typename scalar_t>
@@ -146,6 +231,22 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
       s1[c] = std::accumulate(&column_s1[c * S], &column_s1[(c + 1) * S], 0.0);
       s2[c] = std::accumulate(&column_s2[c * S], &column_s2[(c + 1) * S], 0.0);
     }
+    return;
+  }
+  if (planes_in_bands<scalar_t>(layout, shape)) {
+    // Bands of about kReduceGrain values, at most kMaxRowWidth columns wide.
+    const int64_t per_band = std::max<int64_t>(
+        1, std::min(ceil_div(kReduceGrain, std::max<int64_t>(shape.per_channel(), 1)), kMaxRowWidth / S));
+    at::parallel_for(0, ceil_div(C, per_band), 1, [&](int64_t begin, int64_t end) {
+      ChannelBand<scalar_t> band(shape, per_band);
+      for (int64_t b = begin; b < end; ++b) {
+        band.select(b * per_band, std::min(C, (b + 1) * per_band), fusion);
+        band.reduce(x, dy, shift, [&](int64_t c, double t1, double t2) {
+          s1[c] = t1;
+          s2[c] = t2;
+        });
+      }
+    });
     return;
   }
   // Tasks are ranges of planes in memory order; each keeps [2][C] partial
@@ -201,15 +302,21 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   }
 }
 
-// Short planes, both passes fused: a task owns a block of whole channels,
-// i.e. a band of columns of the [N][C * S] rows, and runs the reduction and
-// then the affine pass over it, so one parallel region does the work of two
-// and the band is still in that core's cache for the second pass.
+// Short planes (and planes_in_bands), both passes fused: a task owns a block
+// of whole channels, i.e. a band of columns of the [N][C * S] rows
+// (ChannelBand), and runs the reduction and then the affine pass over it, so
+// one parallel region does the work of two and the band is still in that
+// core's cache for the second pass.
 
-// Channels per block for tensors of elem_bytes per value (per tensor read),
-// or 0 when blocks would be too narrow (kMinBlockRowBytes).
-inline int64_t channels_per_block(Layout layout, const Shape& shape, int64_t elem_bytes) {
-  if (!short_planes_as_rows(layout, shape) || shape.per_channel() == 0) return 0;
+// Channels per block when each pass reads `tensors` tensors of scalar_t, or
+// 0 when blocks would be too narrow (kMinBlockRowBytes).
+template <typename scalar_t>
+int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
+  if (!(short_planes_as_rows(layout, shape) || planes_in_bands<scalar_t>(layout, shape)) ||
+      shape.per_channel() == 0) {
+    return 0;
+  }
+  const int64_t elem_bytes = tensors * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t C = shape.channels, row_bytes = shape.spatial * elem_bytes;
   const int64_t widest = std::min(C, kChannelBlockBytes / (shape.per_channel() * elem_bytes));
   if (widest * row_bytes < kMinBlockRowBytes) return 0;
@@ -234,43 +341,17 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
                           int64_t per_block, const at::opmath_type<scalar_t>* shift,
                           const Coefficients& coefficients, const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto& loop = loops<scalar_t>();
-  const int64_t C = shape.channels, S = shape.spatial, N = shape.batch, W = C * S;
-  const int64_t padded = padded_channels(per_block * S);
+  const int64_t C = shape.channels;
   at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> scratch(kReduceClScratch * padded), columns(6 * padded, opmath_t(0));
-    std::vector<double> sums(2 * per_block * S);
-    opmath_t *m = columns.data(), *p = m + padded, *q = p + padded, *r = q + padded;
-    opmath_t *zp = r + padded, *zq = zp + padded;  // a fusion's z coefficients, per column
+    ChannelBand<scalar_t> band(shape, per_block);
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t c0 = block * per_block, c1 = std::min(C, c0 + per_block);
-      const int64_t width = (c1 - c0) * S, col0 = c0 * S;
-      FusionView<scalar_t> view(fusion, col0);
-      if (fusion && fusion->zp) {
-        for (int64_t c = c0; c < c1; ++c) {
-          std::fill_n(zp + (c - c0) * S, S, fusion->zp[c]);
-          std::fill_n(zq + (c - c0) * S, S, fusion->zq[c]);
-        }
-        view.mutable_view().zp = zp;
-        view.mutable_view().zq = zq;
-      }
-      for (int64_t c = c0; c < c1; ++c) std::fill_n(m + (c - c0) * S, S, shift[c]);
-      std::fill_n(sums.begin(), 2 * width, 0.0);
-      loop.reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, W, 0, N, m, sums.data(),
-                     sums.data() + width, scratch.data(), view.get());
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t k = (c - c0) * S;
-        const double s1 = std::accumulate(&sums[k], &sums[k + S], 0.0);
-        const double s2 = std::accumulate(&sums[width + k], &sums[width + k + S], 0.0);
-        opmath_t mc, pc, qc, rc;
-        coefficients(c, s1, s2, &mc, &pc, &qc, &rc);
-        std::fill_n(m + k, S, mc);
-        std::fill_n(p + k, S, pc);
-        std::fill_n(q + k, S, qc);
-        std::fill_n(r + k, S, rc);
-      }
-      loop.affine_cl(x + col0, dy ? dy + col0 : nullptr, out + col0, width, W, 0, N, m, p, q,
-                     dy ? r : nullptr, view.get());
+      band.select(block * per_block, std::min(C, (block + 1) * per_block), fusion);
+      band.reduce(x, dy, shift, [&](int64_t c, double s1, double s2) {
+        opmath_t m, p, q, r;
+        coefficients(c, s1, s2, &m, &p, &q, &r);
+        band.set_coefficients(c, m, p, q, r);
+      });
+      band.affine(x, dy, out);
     }
   });
 }
