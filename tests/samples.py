@@ -54,20 +54,18 @@ ROW_CHUNKS = (CPU["kReduceGrain"] // 512 * 3 // 2, 512)
 # more than kGrain elements per channel: several work chunks per channel in both layouts
 LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
 # planes of 2 * kShortPlane - 1 values, rows wider than kMaxRowWidth: the channels-first
-# plane loops of every pass, with a vector tail (half precision: bands of channels)
+# plane loops of every pass, with a vector tail
 PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1) // 7)
 # planes of a length that is no multiple of the vector width: the reductions' and the
 # backward affine pass's plane loops, the forward's affine pass as one run of vectors
-# (planes ending mid-vector); half precision: bands of channels, both training passes
-# fused
+# (planes ending mid-vector)
 FLAT_PLANES = (4, 6, 7, 5)
 # short planes longer than a vector but no multiple of it (rows of 120 values): every pass by rows
 ODD_SHORT_PLANES = (4, 6, 4, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
 # in training (backward: a partial last block)
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
-# short planes with rows wider than kMaxRowWidth: plane loops instead (half precision:
-# bands of channels)
+# short planes with rows wider than kMaxRowWidth: plane loops instead
 WIDE_SHORT_PLANES = (2, CPU["kMaxRowWidth"] // 8 + 52, 2, 4)
 # short planes whose blocks of whole channels stay under kMinBlockRowBytes per row: the
 # two-pass fallback of the fused blocks; one row chunk of 64 folds (float64 accuracy)
@@ -76,9 +74,12 @@ FUSED_FALLBACK = (64 * _FOLD_ROWS + 4, 3, 2, 2)
 PARTIAL_FOLD = (17 * _FOLD_ROWS + 12, 3, 1, 2)
 # vector-aligned: planes of 64 and 32 channels, multiples of every vector width
 ALIGNED = (4, 32, 8, 8)
-# half precision: bands of channels narrower than kMinBlockRowBytes, so training's two passes
-# run one after the other (the bands' reduction, then the forward's run of vectors)
-NARROW_BANDS = (3, 3, 5, 8)
+# planes of whole vectors (float32) and batches of kMinBandRows: bands of whole channels,
+# training's two passes fused, in every dtype but float64
+BANDS = (CPU["kMinBandRows"], 5, 8, 8)
+# as above, one channel narrower than kMinBlockRowBytes: the bands' reduction, then the
+# affine pass by planes
+NARROW_BANDS = (CPU["kMinBandRows"], 1, 4, 8)
 # more channels than a channels-first reduction task has planes (kReduceGrain values):
 # each task sums a subset of the channels, the second one wrapping past the last channel
 MANY_CHANNELS = (2, CPU["kReduceGrain"] // 64 + 100, 8, 8)
@@ -103,7 +104,8 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     (WIDE_SHORT_PLANES, "short planes too wide to read as rows: plane loops"),
     (ALIGNED, "vector-aligned: planes of 64 and 32 channels, multiples of every vector width"),
     (MANY_CHANNELS, "channels-first reduction tasks of fewer planes than C, one wrapping past the last channel"),
-    (NARROW_BANDS, "half precision: bands of channels too narrow to fuse training's passes"),
+    (BANDS, "bands of whole channels, training's passes fused (all but float64)"),
+    (NARROW_BANDS, "a band too narrow to fuse training's passes"),
     (FUSED_FALLBACK, "the fused blocks' two-pass fallback; one row chunk of 64 folds, float64 accuracy"),
     (PARTIAL_FOLD, "long short-plane channels ending in a partial fold"),
     ((0, 3, 4, 4), "empty batch"),

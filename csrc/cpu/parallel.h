@@ -43,16 +43,23 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
          shape.channels * shape.spatial <= kMaxRowWidth;
 }
 
-// Channels-first planes of a half-precision tensor shorter than kBandPlane
-// (other than those read as rows): the reductions read bands of whole
-// channels, i.e. bands of columns of the [N][C * S] rows, with the row loops,
-// which convert whole runs of vectors, where the plane loops pay a masked,
-// converted tail and their bookkeeping per plane; and training's two passes
-// run band by band (fused_channel_blocks).
+// Channels-first planes shorter than kBandPlane (other than those read as
+// rows) of a half-precision tensor, or of a float32 one when they are a whole
+// number of vectors: the reductions read bands of whole channels, i.e. bands
+// of columns of the [N][C * S] rows, with the row loops, and training's two
+// passes run band by band (fused_channel_blocks). There the plane loops pay
+// their per-plane bookkeeping (and in half precision a masked, converted
+// tail) on a few vectors; float32 planes with a tail keep them, as the
+// forward walks those as one run of vectors (affine_cf). A band's per-column
+// work is amortized over its N rows: small batches keep the plane loops.
 template <typename scalar_t>
 bool planes_in_bands(Layout layout, const Shape& shape) {
-  return !std::is_same<scalar_t, at::opmath_type<scalar_t>>::value && layout == Layout::kChannelsFirst &&
-         shape.spatial < kBandPlane && !short_planes_as_rows(layout, shape);
+  if (layout != Layout::kChannelsFirst || shape.spatial >= kBandPlane || shape.batch < kMinBandRows ||
+      short_planes_as_rows(layout, shape)) {
+    return false;
+  }
+  const bool half = !std::is_same<scalar_t, at::opmath_type<scalar_t>>::value;
+  return half || (std::is_same<scalar_t, float>::value && shape.spatial % kMaxLanes == 0);
 }
 
 // A per-channel vector repeated per column of a [rows][C * S] view (padded for
@@ -120,8 +127,8 @@ class ChannelBand {
   ChannelBand(const Shape& shape, int64_t max_channels)
       : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
         padded_(padded_channels(max_channels * shape.spatial)),
-        scratch_(kReduceClScratch * padded_), columns_(6 * padded_, opmath_t(0)),
-        sums_(2 * max_channels * shape.spatial) {}
+        scratch_(new opmath_t[kReduceClScratch * padded_]), columns_(new opmath_t[6 * padded_]),
+        sums_(new double[2 * max_channels * shape.spatial]) {}
   ChannelBand(const ChannelBand&) = delete;  // view_ points into columns_
   ChannelBand& operator=(const ChannelBand&) = delete;
 
@@ -149,9 +156,9 @@ class ChannelBand {
   void reduce(const scalar_t* x, const scalar_t* dy, const opmath_t* shift, PerChannel&& per_channel) {
     for (int64_t c = c0_; c < c1_; ++c) std::fill_n(column(kM, c), S_, shift[c]);
     const int64_t width = (c1_ - c0_) * S_, col0 = c0_ * S_;
-    std::fill_n(sums_.begin(), 2 * width, 0.0);
+    std::fill_n(sums_.get(), 2 * width, 0.0);
     loops<scalar_t>().reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, C_ * S_, 0, N_, column(kM, c0_),
-                                sums_.data(), sums_.data() + width, scratch_.data(), fusion());
+                                sums_.get(), sums_.get() + width, scratch_.get(), fusion());
     for (int64_t c = c0_; c < c1_; ++c) {
       const auto* s1 = &sums_[(c - c0_) * S_];
       const auto* s2 = s1 + width;
@@ -176,12 +183,14 @@ class ChannelBand {
 
  private:
   enum Column { kM, kP, kQ, kR, kZp, kZq };  // the 6 per-column buffers
-  opmath_t* column(Column which, int64_t c) { return columns_.data() + which * padded_ + (c - c0_) * S_; }
+  opmath_t* column(Column which, int64_t c) { return columns_.get() + which * padded_ + (c - c0_) * S_; }
   const Fusion<scalar_t>* fusion() const { return active_ ? &view_ : nullptr; }
 
   int64_t C_, S_, N_, padded_;
-  std::vector<opmath_t> scratch_, columns_;
-  std::vector<double> sums_;
+  // Uninitialized: the loops zero their scratch, and read the columns (with
+  // masked tails) and sums only where they were written.
+  std::unique_ptr<opmath_t[]> scratch_, columns_;
+  std::unique_ptr<double[]> sums_;
   int64_t c0_ = 0, c1_ = 0;
   Fusion<scalar_t> view_;
   bool active_ = false;

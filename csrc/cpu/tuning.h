@@ -27,12 +27,15 @@ constexpr int64_t kMinRowsPerChunk = 64;
 // per-column coefficients and partial sums stay in L2.
 constexpr int64_t kShortPlane = 32;
 constexpr int64_t kMaxRowWidth = 1 << 14;
-// Half-precision channels-first planes shorter than kBandPlane values (and
-// not read as rows) are reduced, and trained, in bands of whole channels
-// (planes_in_bands, parallel.h): python -m benchmarks.kernels --cases r18_s3
-// r50_s3 r50_s4 --dtypes bfloat16 --formats nchw. float32 stays on the plane
-// loops, which measured as fast or faster there on most of these shapes.
+// Channels-first planes shorter than kBandPlane values (and not read as
+// rows), in half precision or, in float32, of whole vectors, are reduced and
+// trained in bands of whole channels when the batch has at least
+// kMinBandRows samples (planes_in_bands, parallel.h): python -m
+// benchmarks.kernels --cases r18_s3 r50_s3 r50_s4 --formats nchw. float32
+// planes with a tail stay on the plane loops, which measured as fast or
+// faster there.
 constexpr int64_t kBandPlane = 256;
+constexpr int64_t kMinBandRows = 16;
 
 // Short planes (and banded ones), fused passes (fused_channel_blocks, parallel.h): a block of
 // whole channels of at most kChannelBlockBytes per tensor read, and at least
