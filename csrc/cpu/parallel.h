@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "../common/shape.h"
@@ -73,20 +74,23 @@ std::vector<T> per_column(const T* per_channel, int64_t C, int64_t S) {
   return columns;
 }
 
-// A fusion (loops.h) as the row loops see it over a [rows][C * S] view of
-// short planes: z's coefficients per column. `fusion` may be null (the plain
+// A fusion (loops.h) as the row loops see it over channels [c0, c1) of the
+// [N][C * S] rows of channels-first planes: its tensors read from column
+// c0 * S on, z's coefficients per column. `fusion` may be null (the plain
 // batch norm), and then so is the view.
 template <typename scalar_t>
 class FusionView {
  public:
   using opmath_t = at::opmath_type<scalar_t>;
-  FusionView(const Fusion<scalar_t>* fusion, int64_t C, int64_t S) {
+  FusionView(const Fusion<scalar_t>* fusion, int64_t c0, int64_t c1, int64_t S) {
     if (!fusion) return;
     view_ = *fusion;
     active_ = true;
+    if (view_.residual) view_.residual += c0 * S;
+    if (view_.grad_residual) view_.grad_residual += c0 * S;
     if (!fusion->zp) return;
-    zp_ = per_column(fusion->zp, C, S);
-    zq_ = per_column(fusion->zq, C, S);
+    zp_ = per_column(fusion->zp + c0, c1 - c0, S);
+    zq_ = per_column(fusion->zq + c0, c1 - c0, S);
     view_.zp = zp_.data();
     view_.zq = zq_.data();
   }
@@ -127,28 +131,15 @@ class ChannelBand {
   ChannelBand(const Shape& shape, int64_t max_channels)
       : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
         padded_(padded_channels(max_channels * shape.spatial)),
-        scratch_(new opmath_t[kReduceClScratch * padded_]), columns_(new opmath_t[6 * padded_]),
+        scratch_(new opmath_t[kReduceClScratch * padded_]), columns_(new opmath_t[4 * padded_]),
         sums_(new double[2 * max_channels * shape.spatial]) {}
-  ChannelBand(const ChannelBand&) = delete;  // view_ points into columns_
-  ChannelBand& operator=(const ChannelBand&) = delete;
 
   // Channels [c0, c1), of an op with this fusion (null: none).
   void select(int64_t c0, int64_t c1, const Fusion<scalar_t>* fusion) {
     c0_ = c0;
     c1_ = c1;
-    active_ = fusion != nullptr;
-    if (!active_) return;
-    view_ = *fusion;
-    if (view_.residual) view_.residual += c0 * S_;
-    if (view_.grad_residual) view_.grad_residual += c0 * S_;
-    if (fusion->zp) {  // z's coefficients, per column
-      for (int64_t c = c0; c < c1; ++c) {
-        std::fill_n(column(kZp, c), S_, fusion->zp[c]);
-        std::fill_n(column(kZq, c), S_, fusion->zq[c]);
-      }
-      view_.zp = column(kZp, c0);
-      view_.zq = column(kZq, c0);
-    }
+    view_.reset();
+    view_.emplace(fusion, c0, c1, S_);
   }
   // reduce (loops.h) over the band with shifts K[C], then
   // per_channel(c, s1[c], s2[c]) for each channel in order.
@@ -182,9 +173,9 @@ class ChannelBand {
   }
 
  private:
-  enum Column { kM, kP, kQ, kR, kZp, kZq };  // the 6 per-column buffers
+  enum Column { kM, kP, kQ, kR };  // the per-column coefficient buffers
   opmath_t* column(Column which, int64_t c) { return columns_.get() + which * padded_ + (c - c0_) * S_; }
-  const Fusion<scalar_t>* fusion() const { return active_ ? &view_ : nullptr; }
+  const Fusion<scalar_t>* fusion() const { return view_->get(); }
 
   int64_t C_, S_, N_, padded_;
   // Uninitialized: the loops zero their scratch, and read the columns (with
@@ -192,8 +183,7 @@ class ChannelBand {
   std::unique_ptr<opmath_t[]> scratch_, columns_;
   std::unique_ptr<double[]> sums_;
   int64_t c0_ = 0, c1_ = 0;
-  Fusion<scalar_t> view_;
-  bool active_ = false;
+  std::optional<FusionView<scalar_t>> view_;  // the selected band's
 };
 
 // Sums of reduce over rows [M][W] (channels-last; or short planes with W = C * S).
@@ -233,7 +223,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
   if (short_planes_as_rows(layout, shape)) {
     const auto column_shift = per_column(shift, C, S);
     std::vector<double> column_s1(C * S), column_s2(C * S);
-    const FusionView<scalar_t> columns(fusion, C, S);
+    const FusionView<scalar_t> columns(fusion, 0, C, S);
     row_sums<scalar_t>(x, dy, C * S, shape.batch, column_shift.data(), column_s1.data(),
                        column_s2.data(), columns.get());
     for (int64_t c = 0; c < C; ++c) {
@@ -301,7 +291,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   } else if (short_planes_as_rows(layout, shape)) {
     const auto mc = per_column(m, C, S), pc = per_column(p, C, S), qc = per_column(q, C, S);
     const auto rc = dy ? per_column(r, C, S) : decltype(mc){};
-    const FusionView<scalar_t> columns(fusion, C, S);
+    const FusionView<scalar_t> columns(fusion, 0, C, S);
     rows(C * S, shape.batch, mc.data(), pc.data(), qc.data(), dy ? rc.data() : nullptr, columns.get());
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1));
