@@ -62,8 +62,8 @@ PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1)
 FLAT_PLANES = (4, 6, 7, 5)
 # short planes longer than a vector but no multiple of it (rows of 120 values): every pass by rows
 ODD_SHORT_PLANES = (4, 6, 4, 5)
-# short planes read as [N][C * S] rows in 3 row chunks (stats, elemt); fused channel blocks
-# in training (backward: a partial last block)
+# short planes read as [N][C * S] rows in 3 row chunks (stats; elemt takes these planes of
+# whole vectors by plane); fused channel blocks in training (backward: a partial last block)
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
 # short planes with rows wider than kMaxRowWidth: plane loops instead
 WIDE_SHORT_PLANES = (2, CPU["kMaxRowWidth"] // 8 + 52, 2, 4)
@@ -80,6 +80,9 @@ BANDS = (CPU["kMinBandRows"], 5, 8, 8)
 # as above, one channel narrower than kMinBlockRowBytes: the bands' reduction, then the
 # affine pass by planes
 NARROW_BANDS = (CPU["kMinBandRows"], 1, 4, 8)
+# channels-last rows wider than kAffineBlockBytes of float32 coefficients: the affine pass
+# in three blocks of columns (float64: five), the last one partial and with a vector tail
+ROW_BLOCKS = (9, 2 * CPU["kAffineBlockBytes"] // 4 + 5)
 # more channels than a channels-first reduction task has planes (kReduceGrain values):
 # each task sums a subset of the channels, the second one wrapping past the last channel
 MANY_CHANNELS = (2, CPU["kReduceGrain"] // 64 + 100, 8, 8)
@@ -88,6 +91,7 @@ MANY_CHANNELS = (2, CPU["kReduceGrain"] // 64 + 100, 8, 8)
 SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     (ROW_CHUNKS, "BatchNorm1d (N, C), wide: two row chunks of the channels-last path, many lanes"),
     ((16, 5), "BatchNorm1d (N, C), small"),
+    (ROW_BLOCKS, "BatchNorm1d (N, C), rows in several blocks of columns, the last partial"),
     ((4, 5, 9), "BatchNorm1d (N, C, L)"),
     (FLAT_PLANES, "BatchNorm2d; planes of 35: reductions by plane, the forward's affine pass as one run"),
     (ODD_SHORT_PLANES, "short planes of 20: every pass by rows"),

@@ -35,7 +35,7 @@ VARIANT_IDS = [f"{a}{'+residual' if r else ''}" for a, r in VARIANTS]
 # rows and fused blocks, channels-last rows, (N, C)); half precision on the
 # activations' kinds (clamp, smooth, pre-activation). float64 is the truth
 # here; gradcheck covers it.
-_FP32 = samples.cases(dtypes=(torch.float32,), shapes=[samples.FLAT_PLANES, samples.SHORT_PLANES, (16, 5),
+_FP32 = samples.cases(dtypes=(torch.float32,), shapes=[samples.FLAT_PLANES, samples.SHORT_PLANES, samples.ROW_BLOCKS,
                                                       samples.PLANE_LOOPS], layouts=("contiguous", "channels_last"))
 _HALF = samples.cases(dtypes=(torch.bfloat16, torch.float16), shapes=[samples.FLAT_PLANES, samples.SHORT_PLANES],
                       layouts=("contiguous", "channels_last"))

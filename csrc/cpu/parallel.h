@@ -44,6 +44,15 @@ inline bool short_planes_as_rows(Layout layout, const Shape& shape) {
          shape.channels * shape.spatial <= kMaxRowWidth;
 }
 
+// The affine pass (channel_affine) reads short planes as rows too, except
+// those of whole vectors without dy (the forward and eval): there the plane
+// loop's per-plane broadcasts cost no more than the rows' per-column loads of
+// m, p, q, and it needs no per-column buffers
+// (python -m benchmarks.kernels --cases seed_bn3 r18_s4 --phases fwd_eval).
+inline bool affine_planes_as_rows(Layout layout, const Shape& shape, bool has_dy) {
+  return short_planes_as_rows(layout, shape) && (has_dy || shape.spatial % kMaxLanes != 0);
+}
+
 // Channels-first planes shorter than kBandPlane (other than those read as
 // rows) of a half-precision tensor, or of a float32 one when they are a whole
 // number of vectors: the reductions read bands of whole channels, i.e. bands
@@ -288,7 +297,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   };
   if (layout == Layout::kChannelsLast) {
     rows(C, shape.per_channel(), m, p, q, r, fusion);
-  } else if (short_planes_as_rows(layout, shape)) {
+  } else if (affine_planes_as_rows(layout, shape, dy != nullptr)) {
     const auto mc = per_column(m, C, S), pc = per_column(p, C, S), qc = per_column(q, C, S);
     const auto rc = dy ? per_column(r, C, S) : decltype(mc){};
     const FusionView<scalar_t> columns(fusion, 0, C, S);

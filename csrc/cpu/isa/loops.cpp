@@ -494,6 +494,8 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
 // kRowsPerStep rows are summed in registers before each update of the
 // per-channel partial sums in scratch, which amortizes their loads and stores.
 constexpr int64_t kRowsPerStep = 4;
+// The widest block of columns of affine_cl, in bytes of one coefficient.
+constexpr int64_t kAffineBlockBytes = 4096;
 constexpr int64_t kWide = 4;
 
 template <typename scalar_t, bool kHasDy, Variant kVariant>
@@ -673,9 +675,9 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
   Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
-  auto step = [&](int64_t row0, int64_t rows) {
-    for (int64_t i = 0; i < C; i += L) {
-      const Lanes<scalar_t> part{min64(L, C - i)};
+  auto step = [&](int64_t row0, int64_t rows, int64_t i_begin, int64_t i_end) {
+    for (int64_t i = i_begin; i < i_end; i += L) {
+      const Lanes<scalar_t> part{min64(L, i_end - i)};
       auto coef = [&](const at::opmath_type<scalar_t>* v) { return part.n == L ? Vec::loadu(v + i) : Vec::loadu(v + i, part.n); };
       const Vec mv = coef(m), pv = coef(p), qv = coef(q);
       const Vec rv = kHasDy ? coef(r) : Vec(0);
@@ -693,10 +695,32 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   // A fused forward also takes two: with four, its per-row x, out and
   // residual pointers no longer fit in registers and spill in the inner loop
   // (--cases seed_bn3 --fusions relu add_relu pre_relu --phases fwd_train).
-  constexpr int64_t rows_per_step = (kHasDy || kVariant != Variant::kPlain) ? 2 : kRowsPerStep;
-  int64_t row = m_begin;
-  for (; row + rows_per_step <= m_end; row += rows_per_step) step(row, rows_per_step);
-  if (row < m_end) step(row, m_end - row);
+  // The plain forward takes kRowsPerStep rows, but two when rows of float32
+  // or float64 lie a multiple of 4 KiB apart: then every row's lines fall in
+  // the same L1 set, and four rows' x and out lines next to m, p, q evict
+  // each other (fp32 channels-last rows of 1024 channels: --cases r50_s3
+  // --formats channels_last --phases fwd_eval fwd_train). A half-precision
+  // vector reads half a line, and four rows measured faster there.
+  const bool rows_share_sets = sizeof(scalar_t) >= sizeof(float) &&
+                               row_stride * static_cast<int64_t>(sizeof(scalar_t)) % 4096 == 0;
+  // Rows wider than kAffineBlockBytes of one coefficient run in equal blocks
+  // of columns, each over all the rows: a block's coefficients (m, p, q, r
+  // and z's) stay in L1 from row to row instead of coming from L2 at every
+  // step (fp32 rows of 4096 channels: --cases mlp --phases fwd_eval).
+  constexpr int64_t max_block = kAffineBlockBytes / static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>));
+  const int64_t blocks = (C + max_block - 1) / max_block;
+  const int64_t block = ((C + blocks - 1) / blocks + L - 1) / L * L;
+  for (int64_t i0 = 0; i0 < C; i0 += block) {
+    const int64_t i1 = min64(C, i0 + block);
+    int64_t row = m_begin;
+    if constexpr (!kHasDy && kVariant == Variant::kPlain) {
+      if (!rows_share_sets) {
+        for (; row + kRowsPerStep <= m_end; row += kRowsPerStep) step(row, kRowsPerStep, i0, i1);
+      }
+    }
+    for (; row + 2 <= m_end; row += 2) step(row, 2, i0, i1);
+    if (row < m_end) step(row, m_end - row, i0, i1);
+  }
 }
 
 // The exported loops: dispatch on dy (reduction for the backward, or
