@@ -42,11 +42,12 @@ void normalize(const scalar_t* x, scalar_t* out, Layout layout, const Shape& sha
                const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t Cp = padded_channels(shape.channels);
-  std::vector<opmath_t> centre(Cp, 0), scale(Cp, 0), shift(Cp, 0);
+  std::vector<opmath_t> centre(mean, mean + shape.channels), scale(Cp, 0), shift(bias, bias + shape.channels);
+  centre.resize(Cp, 0);
+  shift.resize(Cp, 0);
+  opmath_t* __restrict scale_out = scale.data();  // a loop the compiler vectorizes
   for (int64_t c = 0; c < shape.channels; ++c) {
-    centre[c] = mean[c];
-    scale[c] = static_cast<opmath_t>(static_cast<double>(invstd[c]) * weight[c]);
-    shift[c] = bias[c];
+    scale_out[c] = static_cast<opmath_t>(static_cast<double>(invstd[c]) * weight[c]);
   }
   channel_affine<scalar_t>(x, nullptr, out, layout, shape, centre.data(), scale.data(), shift.data(),
                            nullptr, fusion);
