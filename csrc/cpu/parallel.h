@@ -314,20 +314,28 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
 // of whole channels, i.e. a band of columns of the [N][C * S] rows
 // (ChannelBand), and runs the reduction and then the affine pass over it, so
 // one parallel region does the work of two and the band is still in that
-// core's cache for the second pass.
+// core's cache for the second pass. The backward does the same over longer
+// channels-first planes (fused_plane_runs), as torch's keeps a channel in
+// cache between its two passes.
+
+// Whether blocks of channels are bands of columns (else runs of planes).
+template <typename scalar_t>
+bool blocks_in_bands(Layout layout, const Shape& shape) {
+  return short_planes_as_rows(layout, shape) || planes_in_bands<scalar_t>(layout, shape);
+}
 
 // Channels per block when each pass reads `tensors` tensors of scalar_t, or
-// 0 when blocks would be too narrow (kMinBlockRowBytes).
+// 0 when blocks would be too narrow (bands: kMinBlockRowBytes; runs of
+// planes: kMinRunPlanes, each run being one call of the plane loops).
 template <typename scalar_t>
 int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
-  if (!(short_planes_as_rows(layout, shape) || planes_in_bands<scalar_t>(layout, shape)) ||
-      shape.per_channel() == 0) {
-    return 0;
-  }
+  const bool bands = blocks_in_bands<scalar_t>(layout, shape);
+  const bool plane_runs = layout == Layout::kChannelsFirst && !bands && tensors == 2;
+  if (!(bands || plane_runs) || shape.per_channel() == 0) return 0;
   const int64_t elem_bytes = tensors * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t C = shape.channels, row_bytes = shape.spatial * elem_bytes;
   const int64_t widest = std::min(C, kChannelBlockBytes / (shape.per_channel() * elem_bytes));
-  if (widest * row_bytes < kMinBlockRowBytes) return 0;
+  if (bands ? widest * row_bytes < kMinBlockRowBytes : widest < kMinRunPlanes) return 0;
   // Equal blocks, as many as a multiple of the thread count (three blocks on
   // two cores take as long as four), unless that makes them too narrow or
   // the tensor is too small to be worth a second thread. This depends on the
@@ -335,10 +343,43 @@ int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
   int64_t blocks = ceil_div(C, widest);
   if (shape.numel() >= kMinSplitElements) {
     const int64_t threads = at::get_num_threads();
-    const int64_t narrowest = ceil_div(kMinBlockRowBytes, row_bytes);
+    const int64_t narrowest = bands ? ceil_div(kMinBlockRowBytes, row_bytes) : kMinRunPlanes;
     blocks = std::max(blocks, std::min(ceil_div(blocks, threads) * threads, C / narrowest));
   }
   return ceil_div(C, blocks);
+}
+
+// fused_channel_blocks over longer planes: block [c0, c1) is, in sample n,
+// the run of planes [n * C + c0, n * C + c1), which the plane loops walk as
+// they walk any run of planes. A channel's sums are its planes' sums added
+// in sample order, whatever the blocks.
+template <typename scalar_t, typename Coefficients>
+void fused_plane_runs(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& shape,
+                      int64_t per_block, const at::opmath_type<scalar_t>* shift,
+                      const Coefficients& coefficients, const Fusion<scalar_t>* fusion) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto& loop = loops<scalar_t>();
+  const int64_t C = shape.channels, S = shape.spatial, N = shape.batch;
+  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
+    // Uninitialized: reduce_cf zeroes the channels it uses.
+    const std::unique_ptr<opmath_t[]> scratch(new opmath_t[2 * C * kMaxLanes]);
+    const std::unique_ptr<double[]> lane_totals(new double[2 * C * kMaxLanes]);
+    std::vector<double> s1(C), s2(C);
+    std::vector<opmath_t> m(C), p(C), q(C), r(C);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * per_block, c1 = std::min(C, c0 + per_block);
+      std::fill(&s1[c0], &s1[c0] + (c1 - c0), 0.0);
+      std::fill(&s2[c0], &s2[c0] + (c1 - c0), 0.0);
+      for (int64_t n = 0; n < N; ++n) {
+        loop.reduce_cf(x, dy, C, S, n * C + c0, n * C + c1, shift, s1.data(), s2.data(), scratch.get(),
+                       lane_totals.get(), fusion);
+      }
+      for (int64_t c = c0; c < c1; ++c) coefficients(c, s1[c], s2[c], &m[c], &p[c], &q[c], &r[c]);
+      for (int64_t n = 0; n < N; ++n) {
+        loop.affine_cf(x, dy, out, C, S, n * C + c0, n * C + c1, m.data(), p.data(), q.data(), r.data(), fusion);
+      }
+    }
+  });
 }
 
 // reduce (see loops.h) per channel with shifts K[C], then
@@ -350,6 +391,10 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
                           const Coefficients& coefficients, const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
+  if (!blocks_in_bands<scalar_t>(Layout::kChannelsFirst, shape)) {
+    fused_plane_runs(x, dy, out, shape, per_block, shift, coefficients, fusion);
+    return;
+  }
   at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
     ChannelBand<scalar_t> band(shape, per_block);
     for (int64_t block = begin; block < end; ++block) {
