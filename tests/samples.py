@@ -52,15 +52,15 @@ _FOLD_ROWS = CPU["kFlushSteps"] // CPU["kChains"]  # rows summed in opmath befor
 # two channels-last row chunks (kReduceGrain / 512 rows each), the second partial
 ROW_CHUNKS = (CPU["kReduceGrain"] // 512 * 3 // 2, 512)
 # more than kGrain elements per channel: several work chunks per channel in both layouts;
-# a channel too long for a block of kMinRunPlanes, so the backward keeps two separate passes
+# a channel too long for a block of kMinRunPlanes, so training keeps two separate passes
 LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
 # planes of 2 * kShortPlane - 1 values, rows wider than kMaxRowWidth: the channels-first
 # plane loops of every pass, with a vector tail
 PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1) // 7)
 # planes of a length that is no multiple of the vector width: the reductions' and the
-# backward affine pass's plane loops (the backward's two passes fused in runs of planes of
-# at least kMinRunPlanes channels), the forward's affine pass as one run of vectors
-# (planes ending mid-vector)
+# backward affine pass's plane loops, the forward's affine pass as one run of vectors
+# (planes ending mid-vector); training's two passes fused in runs of planes of at least
+# kMinRunPlanes channels
 FLAT_PLANES = (4, 6, 7, 5)
 # short planes longer than a vector but no multiple of it (rows of 120 values): every pass by rows
 ODD_SHORT_PLANES = (4, 6, 4, 5)

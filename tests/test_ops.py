@@ -191,6 +191,10 @@ def test_backward_reduce(case, device):
     sum_dy, sum_dy_xmu = OPS.backward_reduce(dy, x, mean, invstd)
     sd = _stats_dtype(case.dtype)
     assert sum_dy.dtype == sum_dy_xmu.dtype == sd and sum_dy.shape == (case.channels,)
+    if device == "cpu":
+        # The fused backward reduces the same way (csrc/cpu/parallel.h), bitwise.
+        _, _, fused_sum_dy = OPS.backward(dy, x, mean, invstd, None)
+        assert torch.equal(fused_sum_dy, sum_dy)
     t_dy, t_dyx = ref.backward_reduce(dy, x, mean)
     dims = ref.reduce_dims(x)
     dy64, x64 = dy.double().cpu(), x.double().cpu()

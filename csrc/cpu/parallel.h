@@ -195,6 +195,74 @@ class ChannelBand {
   std::optional<FusionView<scalar_t>> view_;  // the selected band's
 };
 
+// Short planes (and planes_in_bands), both passes fused: a task owns a block
+// of whole channels, i.e. a band of columns of the [N][C * S] rows
+// (ChannelBand), and runs the reduction and then the affine pass over it, so
+// one parallel region does the work of two and the band is still in that
+// core's cache for the second pass. Longer channels-first planes get the
+// same in runs of planes (fused_plane_runs), as torch's backward keeps a
+// channel in cache between its two passes.
+
+// Whether blocks of channels are bands of columns (else runs of planes).
+template <typename scalar_t>
+bool blocks_in_bands(Layout layout, const Shape& shape) {
+  return short_planes_as_rows(layout, shape) || planes_in_bands<scalar_t>(layout, shape);
+}
+
+// Channels per block when each pass reads `tensors` tensors of scalar_t, or
+// 0 when blocks would be too narrow (bands: kMinBlockRowBytes; runs of
+// planes: kMinRunPlanes, each run being one call of the plane loops).
+template <typename scalar_t>
+int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
+  const bool bands = blocks_in_bands<scalar_t>(layout, shape);
+  const bool plane_runs = layout == Layout::kChannelsFirst && !bands;
+  if (!(bands || plane_runs) || shape.per_channel() == 0) return 0;
+  const int64_t elem_bytes = tensors * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t C = shape.channels, row_bytes = shape.spatial * elem_bytes;
+  const int64_t widest = std::min(C, kChannelBlockBytes / (shape.per_channel() * elem_bytes));
+  if (bands ? widest * row_bytes < kMinBlockRowBytes : widest < kMinRunPlanes) return 0;
+  // Equal blocks, as many as a multiple of the thread count (three blocks on
+  // two cores take as long as four), unless that makes them too narrow or
+  // the tensor is too small to be worth a second thread. This depends on the
+  // thread count, but results do not: a channel's sums never leave its block.
+  int64_t blocks = ceil_div(C, widest);
+  if (shape.numel() >= kMinSplitElements) {
+    const int64_t threads = at::get_num_threads();
+    const int64_t narrowest = bands ? ceil_div(kMinBlockRowBytes, row_bytes) : kMinRunPlanes;
+    blocks = std::max(blocks, std::min(ceil_div(blocks, threads) * threads, C / narrowest));
+  }
+  return ceil_div(C, blocks);
+}
+
+// Channels [c0, c1) of a channels-first tensor as, in sample n, the run of
+// planes [n * C + c0, n * C + c1), reduced by the plane loops run by run: a
+// channel's sums are its planes' sums added in sample order, so they do not
+// depend on the channels around it (nor on the thread count).
+template <typename scalar_t>
+class PlaneRuns {
+ public:
+  using opmath_t = at::opmath_type<scalar_t>;
+  explicit PlaneRuns(const Shape& shape)
+      : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
+        scratch_(new opmath_t[2 * C_ * kMaxLanes]), lane_totals_(new double[2 * C_ * kMaxLanes]) {}
+  // s1[c], s2[c] for c in [c0, c1): reduce (loops.h) with shifts K[C].
+  void reduce(const scalar_t* x, const scalar_t* dy, int64_t c0, int64_t c1, const opmath_t* shift, double* s1,
+              double* s2, const Fusion<scalar_t>* fusion) {
+    std::fill(s1 + c0, s1 + c1, 0.0);
+    std::fill(s2 + c0, s2 + c1, 0.0);
+    for (int64_t n = 0; n < N_; ++n) {
+      loops<scalar_t>().reduce_cf(x, dy, C_, S_, n * C_ + c0, n * C_ + c1, shift, s1, s2, scratch_.get(),
+                                  lane_totals_.get(), fusion);
+    }
+  }
+
+ private:
+  int64_t C_, S_, N_;
+  // Uninitialized: reduce_cf zeroes the channels it uses.
+  std::unique_ptr<opmath_t[]> scratch_;
+  std::unique_ptr<double[]> lane_totals_;
+};
+
 // Sums of reduce over rows [M][W] (channels-last; or short planes with W = C * S).
 template <typename scalar_t>
 void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
@@ -257,6 +325,17 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
     });
     return;
   }
+  // As training's fused passes reduce these planes (fused_plane_runs), so
+  // that the separate ops' sums equal the fused ones bitwise.
+  if (const int64_t per_block = channels_per_block<scalar_t>(layout, shape, dy ? 2 : 1)) {
+    at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
+      PlaneRuns<scalar_t> runs(shape);
+      for (int64_t b = begin; b < end; ++b) {
+        runs.reduce(x, dy, b * per_block, std::min(C, (b + 1) * per_block), shift, s1, s2, fusion);
+      }
+    });
+    return;
+  }
   // Tasks are ranges of planes in memory order; each keeps [2][C] partial
   // sums (only the channels it touches are non-zero).
   const auto& loop = loops<scalar_t>();
@@ -310,73 +389,26 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   }
 }
 
-// Short planes (and planes_in_bands), both passes fused: a task owns a block
-// of whole channels, i.e. a band of columns of the [N][C * S] rows
-// (ChannelBand), and runs the reduction and then the affine pass over it, so
-// one parallel region does the work of two and the band is still in that
-// core's cache for the second pass. The backward does the same over longer
-// channels-first planes (fused_plane_runs), as torch's keeps a channel in
-// cache between its two passes.
-
-// Whether blocks of channels are bands of columns (else runs of planes).
-template <typename scalar_t>
-bool blocks_in_bands(Layout layout, const Shape& shape) {
-  return short_planes_as_rows(layout, shape) || planes_in_bands<scalar_t>(layout, shape);
-}
-
-// Channels per block when each pass reads `tensors` tensors of scalar_t, or
-// 0 when blocks would be too narrow (bands: kMinBlockRowBytes; runs of
-// planes: kMinRunPlanes, each run being one call of the plane loops).
-template <typename scalar_t>
-int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
-  const bool bands = blocks_in_bands<scalar_t>(layout, shape);
-  const bool plane_runs = layout == Layout::kChannelsFirst && !bands && tensors == 2;
-  if (!(bands || plane_runs) || shape.per_channel() == 0) return 0;
-  const int64_t elem_bytes = tensors * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t C = shape.channels, row_bytes = shape.spatial * elem_bytes;
-  const int64_t widest = std::min(C, kChannelBlockBytes / (shape.per_channel() * elem_bytes));
-  if (bands ? widest * row_bytes < kMinBlockRowBytes : widest < kMinRunPlanes) return 0;
-  // Equal blocks, as many as a multiple of the thread count (three blocks on
-  // two cores take as long as four), unless that makes them too narrow or
-  // the tensor is too small to be worth a second thread. This depends on the
-  // thread count, but results do not: a channel's sums never leave its block.
-  int64_t blocks = ceil_div(C, widest);
-  if (shape.numel() >= kMinSplitElements) {
-    const int64_t threads = at::get_num_threads();
-    const int64_t narrowest = bands ? ceil_div(kMinBlockRowBytes, row_bytes) : kMinRunPlanes;
-    blocks = std::max(blocks, std::min(ceil_div(blocks, threads) * threads, C / narrowest));
-  }
-  return ceil_div(C, blocks);
-}
-
 // fused_channel_blocks over longer planes: block [c0, c1) is, in sample n,
 // the run of planes [n * C + c0, n * C + c1), which the plane loops walk as
-// they walk any run of planes. A channel's sums are its planes' sums added
-// in sample order, whatever the blocks.
+// they walk any run of planes.
 template <typename scalar_t, typename Coefficients>
 void fused_plane_runs(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& shape,
                       int64_t per_block, const at::opmath_type<scalar_t>* shift,
                       const Coefficients& coefficients, const Fusion<scalar_t>* fusion) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto& loop = loops<scalar_t>();
   const int64_t C = shape.channels, S = shape.spatial, N = shape.batch;
   at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-    // Uninitialized: reduce_cf zeroes the channels it uses.
-    const std::unique_ptr<opmath_t[]> scratch(new opmath_t[2 * C * kMaxLanes]);
-    const std::unique_ptr<double[]> lane_totals(new double[2 * C * kMaxLanes]);
+    PlaneRuns<scalar_t> runs(shape);
     std::vector<double> s1(C), s2(C);
     std::vector<opmath_t> m(C), p(C), q(C), r(C);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t c0 = block * per_block, c1 = std::min(C, c0 + per_block);
-      std::fill(&s1[c0], &s1[c0] + (c1 - c0), 0.0);
-      std::fill(&s2[c0], &s2[c0] + (c1 - c0), 0.0);
-      for (int64_t n = 0; n < N; ++n) {
-        loop.reduce_cf(x, dy, C, S, n * C + c0, n * C + c1, shift, s1.data(), s2.data(), scratch.get(),
-                       lane_totals.get(), fusion);
-      }
+      runs.reduce(x, dy, c0, c1, shift, s1.data(), s2.data(), fusion);
       for (int64_t c = c0; c < c1; ++c) coefficients(c, s1[c], s2[c], &m[c], &p[c], &q[c], &r[c]);
       for (int64_t n = 0; n < N; ++n) {
-        loop.affine_cf(x, dy, out, C, S, n * C + c0, n * C + c1, m.data(), p.data(), q.data(), r.data(), fusion);
+        loops<scalar_t>().affine_cf(x, dy, out, C, S, n * C + c0, n * C + c1, m.data(), p.data(), q.data(),
+                                    r.data(), fusion);
       }
     }
   });

@@ -44,12 +44,12 @@ constexpr int64_t kMinBandRows = 16;
 constexpr int64_t kChannelBlockBytes = 256 << 10;
 constexpr int64_t kMinBlockRowBytes = 256;
 constexpr int64_t kMinSplitElements = 8192;
-// The backward over longer channels-first planes (not in bands) fuses its
+// Training over longer channels-first planes (not in bands) fuses its two
 // passes in blocks of whole channels too, walking a block as one run of
 // planes per sample, when a block holds at least kMinRunPlanes channels:
 // with fewer, each run's fixed cost (zeroing, folding and summing its
 // channels' lane sums) outweighs the cache reuse (python -m benchmarks.kernels
-// --cases r50_s3 r50_s4 seed_bn2 --formats nchw --phases bwd).
+// --cases r50_s3 r50_s4 seed_bn2 --formats nchw --phases fwd_train bwd).
 constexpr int64_t kMinRunPlanes = 4;
 
 }  // namespace cpu
