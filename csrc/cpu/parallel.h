@@ -200,7 +200,7 @@ class ChannelBand {
 // (ChannelBand), and runs the reduction and then the affine pass over it, so
 // one parallel region does the work of two and the band is still in that
 // core's cache for the second pass. Longer channels-first planes get the
-// same in runs of planes (fused_plane_runs), as torch's backward keeps a
+// same in runs of planes (PlaneRuns), as torch's backward keeps a
 // channel in cache between its two passes.
 
 // Whether blocks of channels are bands of columns (else runs of planes).
@@ -234,25 +234,51 @@ int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
   return ceil_div(C, blocks);
 }
 
-// Channels [c0, c1) of a channels-first tensor as, in sample n, the run of
-// planes [n * C + c0, n * C + c1), reduced by the plane loops run by run: a
-// channel's sums are its planes' sums added in sample order, so they do not
-// depend on the channels around it (nor on the thread count).
+// A block of whole channels [c0, c1) of a channels-first tensor as, in
+// sample n, the run of planes [n * C + c0, n * C + c1), walked by the plane
+// loops run by run; ChannelBand's interface. A channel's sums are its planes'
+// sums added in sample order, so they do not depend on the channels around it
+// (nor on the thread count).
 template <typename scalar_t>
 class PlaneRuns {
  public:
   using opmath_t = at::opmath_type<scalar_t>;
   explicit PlaneRuns(const Shape& shape)
       : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
-        scratch_(new opmath_t[2 * C_ * kMaxLanes]), lane_totals_(new double[2 * C_ * kMaxLanes]) {}
-  // s1[c], s2[c] for c in [c0, c1): reduce (loops.h) with shifts K[C].
-  void reduce(const scalar_t* x, const scalar_t* dy, int64_t c0, int64_t c1, const opmath_t* shift, double* s1,
-              double* s2, const Fusion<scalar_t>* fusion) {
-    std::fill(s1 + c0, s1 + c1, 0.0);
-    std::fill(s2 + c0, s2 + c1, 0.0);
+        scratch_(new opmath_t[2 * C_ * kMaxLanes]), lane_totals_(new double[2 * C_ * kMaxLanes]),
+        s1_(C_), s2_(C_), m_(C_), p_(C_), q_(C_), r_(C_) {}
+
+  // Channels [c0, c1), of an op with this fusion (null: none).
+  void select(int64_t c0, int64_t c1, const Fusion<scalar_t>* fusion) {
+    c0_ = c0;
+    c1_ = c1;
+    fusion_ = fusion;
+  }
+  // reduce (loops.h) over the block with shifts K[C], then
+  // per_channel(c, s1[c], s2[c]) for each channel in order.
+  template <typename PerChannel>
+  void reduce(const scalar_t* x, const scalar_t* dy, const opmath_t* shift, PerChannel&& per_channel) {
+    std::fill(&s1_[c0_], &s1_[c0_] + (c1_ - c0_), 0.0);
+    std::fill(&s2_[c0_], &s2_[c0_] + (c1_ - c0_), 0.0);
     for (int64_t n = 0; n < N_; ++n) {
-      loops<scalar_t>().reduce_cf(x, dy, C_, S_, n * C_ + c0, n * C_ + c1, shift, s1, s2, scratch_.get(),
-                                  lane_totals_.get(), fusion);
+      loops<scalar_t>().reduce_cf(x, dy, C_, S_, n * C_ + c0_, n * C_ + c1_, shift, s1_.data(), s2_.data(),
+                                  scratch_.get(), lane_totals_.get(), fusion_);
+    }
+    for (int64_t c = c0_; c < c1_; ++c) per_channel(c, s1_[c], s2_[c]);
+  }
+  // Channel c's affine coefficients, for affine().
+  void set_coefficients(int64_t c, opmath_t m, opmath_t p, opmath_t q, opmath_t r) {
+    m_[c] = m;
+    p_[c] = p;
+    q_[c] = q;
+    r_[c] = r;
+  }
+  // out = (x - m) * p + q (+ dy * r) over the block (the fusion's activation
+  // too), with every channel's set_coefficients.
+  void affine(const scalar_t* x, const scalar_t* dy, scalar_t* out) {
+    for (int64_t n = 0; n < N_; ++n) {
+      loops<scalar_t>().affine_cf(x, dy, out, C_, S_, n * C_ + c0_, n * C_ + c1_, m_.data(), p_.data(),
+                                  q_.data(), r_.data(), fusion_);
     }
   }
 
@@ -261,7 +287,28 @@ class PlaneRuns {
   // Uninitialized: reduce_cf zeroes the channels it uses.
   std::unique_ptr<opmath_t[]> scratch_;
   std::unique_ptr<double[]> lane_totals_;
+  std::vector<double> s1_, s2_;
+  std::vector<opmath_t> m_, p_, q_, r_;
+  int64_t c0_ = 0, c1_ = 0;
+  const Fusion<scalar_t>* fusion_ = nullptr;
 };
+
+// reduce over channels [0, C) in blocks of per_block (ChannelBand or
+// PlaneRuns, made by make_block()): s1[c], s2[c] for every channel.
+template <typename scalar_t, typename MakeBlock>
+void block_sums(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t per_block, const MakeBlock& make_block,
+                const at::opmath_type<scalar_t>* shift, double* s1, double* s2, const Fusion<scalar_t>* fusion) {
+  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
+    auto block = make_block();
+    for (int64_t b = begin; b < end; ++b) {
+      block.select(b * per_block, std::min(C, (b + 1) * per_block), fusion);
+      block.reduce(x, dy, shift, [&](int64_t c, double t1, double t2) {
+        s1[c] = t1;
+        s2[c] = t2;
+      });
+    }
+  });
+}
 
 // Sums of reduce over rows [M][W] (channels-last; or short planes with W = C * S).
 template <typename scalar_t>
@@ -313,27 +360,13 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
     // Bands of about kReduceGrain values, at most kMaxRowWidth columns wide.
     const int64_t per_band = std::max<int64_t>(
         1, std::min(ceil_div(kReduceGrain, std::max<int64_t>(shape.per_channel(), 1)), kMaxRowWidth / S));
-    at::parallel_for(0, ceil_div(C, per_band), 1, [&](int64_t begin, int64_t end) {
-      ChannelBand<scalar_t> band(shape, per_band);
-      for (int64_t b = begin; b < end; ++b) {
-        band.select(b * per_band, std::min(C, (b + 1) * per_band), fusion);
-        band.reduce(x, dy, shift, [&](int64_t c, double t1, double t2) {
-          s1[c] = t1;
-          s2[c] = t2;
-        });
-      }
-    });
+    block_sums(x, dy, C, per_band, [&] { return ChannelBand<scalar_t>(shape, per_band); }, shift, s1, s2, fusion);
     return;
   }
-  // As training's fused passes reduce these planes (fused_plane_runs), so
+  // As training's fused passes reduce these planes (PlaneRuns), so
   // that the separate ops' sums equal the fused ones bitwise.
   if (const int64_t per_block = channels_per_block<scalar_t>(layout, shape, dy ? 2 : 1)) {
-    at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-      PlaneRuns<scalar_t> runs(shape);
-      for (int64_t b = begin; b < end; ++b) {
-        runs.reduce(x, dy, b * per_block, std::min(C, (b + 1) * per_block), shift, s1, s2, fusion);
-      }
-    });
+    block_sums(x, dy, C, per_block, [&] { return PlaneRuns<scalar_t>(shape); }, shift, s1, s2, fusion);
     return;
   }
   // Tasks are ranges of planes in memory order; each keeps [2][C] partial
@@ -389,31 +422,6 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   }
 }
 
-// fused_channel_blocks over longer planes: block [c0, c1) is, in sample n,
-// the run of planes [n * C + c0, n * C + c1), which the plane loops walk as
-// they walk any run of planes.
-template <typename scalar_t, typename Coefficients>
-void fused_plane_runs(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& shape,
-                      int64_t per_block, const at::opmath_type<scalar_t>* shift,
-                      const Coefficients& coefficients, const Fusion<scalar_t>* fusion) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t C = shape.channels, S = shape.spatial, N = shape.batch;
-  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-    PlaneRuns<scalar_t> runs(shape);
-    std::vector<double> s1(C), s2(C);
-    std::vector<opmath_t> m(C), p(C), q(C), r(C);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t c0 = block * per_block, c1 = std::min(C, c0 + per_block);
-      runs.reduce(x, dy, c0, c1, shift, s1.data(), s2.data(), fusion);
-      for (int64_t c = c0; c < c1; ++c) coefficients(c, s1[c], s2[c], &m[c], &p[c], &q[c], &r[c]);
-      for (int64_t n = 0; n < N; ++n) {
-        loops<scalar_t>().affine_cf(x, dy, out, C, S, n * C + c0, n * C + c1, m.data(), p.data(), q.data(),
-                                    r.data(), fusion);
-      }
-    }
-  });
-}
-
 // reduce (see loops.h) per channel with shifts K[C], then
 // out = (x - m) * p + q (+ dy * r) with channel c's m, p, q, r from
 // coefficients(c, s1[c], s2[c], &m, &p, &q, &r), block by block.
@@ -423,20 +431,25 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
                           const Coefficients& coefficients, const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
-  if (!blocks_in_bands<scalar_t>(Layout::kChannelsFirst, shape)) {
-    fused_plane_runs(x, dy, out, shape, per_block, shift, coefficients, fusion);
-    return;
-  }
-  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-    ChannelBand<scalar_t> band(shape, per_block);
-    for (int64_t block = begin; block < end; ++block) {
-      band.select(block * per_block, std::min(C, (block + 1) * per_block), fusion);
-      band.reduce(x, dy, shift, [&](int64_t c, double s1, double s2) {
+  auto run_blocks = [&](auto& block, int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      block.select(b * per_block, std::min(C, (b + 1) * per_block), fusion);
+      block.reduce(x, dy, shift, [&](int64_t c, double s1, double s2) {
         opmath_t m, p, q, r;
         coefficients(c, s1, s2, &m, &p, &q, &r);
-        band.set_coefficients(c, m, p, q, r);
+        block.set_coefficients(c, m, p, q, r);
       });
-      band.affine(x, dy, out);
+      block.affine(x, dy, out);
+    }
+  };
+  const bool bands = blocks_in_bands<scalar_t>(Layout::kChannelsFirst, shape);
+  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
+    if (bands) {
+      ChannelBand<scalar_t> band(shape, per_block);
+      run_blocks(band, begin, end);
+    } else {
+      PlaneRuns<scalar_t> runs(shape);
+      run_blocks(runs, begin, end);
     }
   });
 }
