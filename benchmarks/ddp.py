@@ -10,6 +10,10 @@ thread each by default) in two variants built from the same initial weights:
   local   bnfast.convert(model): bnfast's BatchNorm2d, each rank normalizing
           with its own batch's statistics
 
+With --fuse both start from bnfast.convert(model, fuse=True): the seed CNN's
+relu -> BN pairs become BatchNormAct2d(act="pre_relu") (local) and
+SyncBatchNormAct (sync).
+
 Data: random CIFAR-shaped batches (3x32x32, 10 classes), --batch images PER
 RANK (default 128, so a global batch of 256 on 2 ranks); a few batches are
 made before timing and cycled.
@@ -26,7 +30,7 @@ is the time spent in them, waiting for the other ranks included.
 Bar (issue #12): the sync step costs at most 15% more than the local step
 (median step times).
 
-Usage: ``python -m benchmarks.ddp [--steps N] [--batch B] [--world-size R] [--out DIR]``
+Usage: ``python -m benchmarks.ddp [--steps N] [--batch B] [--world-size R] [--fuse] [--out DIR]``
 (``-h`` for all); results in benchmarks/results/ddp-cpu/ (ddp.json, ddp.md).
 Library use: ``run(options) -> dict``.
 """
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fuse", action="store_true", help="both variants fused: bnfast.convert(model, fuse=True)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before the ranks are killed")
     p.add_argument("--out", default="benchmarks/results/ddp-cpu")
     return p
@@ -96,8 +101,9 @@ def _worker(rank: int, args: argparse.Namespace, store: str, out_path: str) -> N
     _timed_collectives(sbn, seconds, calls)
     torch.manual_seed(args.seed)
     base = build_model("seed")
-    models = {"local": bnfast.convert(copy.deepcopy(base)),
-              "sync": bnfast.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base))}
+    models = {"local": bnfast.convert(copy.deepcopy(base), fuse=args.fuse),
+              "sync": bnfast.SyncBatchNorm.convert_sync_batchnorm(bnfast.convert(copy.deepcopy(base),
+                                                                                 fuse=args.fuse))}
     models = {name: nn.parallel.DistributedDataParallel(m) for name, m in models.items()}
     opts = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
     g = torch.Generator().manual_seed(args.seed + 1 + rank)  # each rank its own data
@@ -176,7 +182,8 @@ def summarize(per_rank: list) -> dict:
 def markdown(result: dict) -> str:
     s, o, m = result["summary"], result["options"], result["machine"]
     lines = [
-        "# DDP benchmark: seed CNN, bnfast.SyncBatchNorm vs unsynchronized bnfast BN",
+        "# DDP benchmark: seed CNN, bnfast.SyncBatchNorm vs unsynchronized bnfast BN"
+        + (" (both fused with relu: SyncBatchNormAct vs BatchNormAct2d)" if o.get("fuse") else ""),
         "",
         f"{m['cpu_model']} ({m['logical_cpus']} logical CPUs), torch {m['torch_version']}; "
         f"{o['world_size']} ranks (gloo, CPU, {o['threads']} thread(s) each), "

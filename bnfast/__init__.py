@@ -12,11 +12,11 @@ from bnfast import _vmap  # noqa: F401  (batching rules)
 from bnfast.convert import convert, revert
 from bnfast.functional import batch_norm, batch_norm_act
 from bnfast.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from bnfast.sync_batchnorm import SyncBatchNorm
+from bnfast.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
-           "SyncBatchNorm", "batch_norm", "batch_norm_act", "convert", "revert", "empty_cache"]
+           "SyncBatchNorm", "SyncBatchNormAct", "batch_norm", "batch_norm_act", "convert", "revert", "empty_cache"]
 
 
 def empty_cache() -> None:

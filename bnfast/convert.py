@@ -19,6 +19,7 @@ import functools
 import linecache
 import logging
 import operator
+import warnings
 from collections import Counter
 from typing import Callable, Optional
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from bnfast.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                             BatchNormAct3d)
-from bnfast.sync_batchnorm import SyncBatchNorm
+from bnfast.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 _LOG = logging.getLogger("bnfast")
 
@@ -40,7 +41,8 @@ _TO_BNFAST = {
     torch.nn.SyncBatchNorm: SyncBatchNorm,
 }
 _TO_TORCH = {v: k for k, v in _TO_BNFAST.items()}
-_TO_FUSED = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d}
+_TO_FUSED = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d,
+             SyncBatchNorm: SyncBatchNormAct}
 _TO_PLAIN = {v: k for k, v in _TO_FUSED.items()}
 
 
@@ -330,9 +332,13 @@ def _fuse_children(module: nn.Module, fusions: Optional[tuple] = None,
     for m in matches:
         bn = module._modules[m.fusion.bn]
         if type(bn) in _TO_FUSED:
-            module._modules[m.fusion.bn] = _retyped(bn, _TO_FUSED[type(bn)], act=m.fusion.act,
-                                                    negative_slope=m.fusion.negative_slope,
-                                                    memory_efficient=memory_efficient)
+            fused = _TO_FUSED[type(bn)]
+            # SyncBatchNormAct has no memory-saving mode (its backward reads the input).
+            saving = {} if fused is SyncBatchNormAct else {"memory_efficient": memory_efficient}
+            module._modules[m.fusion.bn] = _retyped(bn, fused, act=m.fusion.act,
+                                                    negative_slope=m.fusion.negative_slope, **saving)
+            if memory_efficient and not saving:
+                outcome[m.fusion.bn] += " (SyncBatchNorm: without memory_efficient, which it does not offer)"
     module.__dict__["_bnfast_forward"] = _compile(graph, type(module).__qualname__)
     module.__dict__["_bnfast_fusions"] = tuple(m.fusion for m in matches)
     module.__class__ = _fused_class(type(module))
@@ -395,7 +401,8 @@ def convert(module: nn.Module, fuse: bool = False, verbose: bool = False, memory
     and what was left (and why) goes to the "bnfast" logger at INFO level, or
     is printed with verbose=True. Fused modules keep their class (a subclass
     of the same name), children and state_dict keys; the fused-away activation
-    modules stay as unused children. SyncBatchNorm is not fused.
+    modules stay as unused children. bnfast SyncBatchNorm layers (torch's,
+    once swapped) are fused the same way, into SyncBatchNormAct.
 
     memory_efficient=True (with fuse=True) makes the fused modules keep their
     output for backward instead of their input where that is exact
@@ -410,6 +417,29 @@ def convert(module: nn.Module, fuse: bool = False, verbose: bool = False, memory
         _LOG.info(summary)
         if verbose:
             print(summary)
+    return module
+
+
+def to_sync(module: nn.Module, process_group=None) -> nn.Module:
+    """bnfast.SyncBatchNorm.convert_sync_batchnorm: every batch norm layer of
+    module (any torch.nn.modules.batchnorm._BatchNorm, as torch's conversion
+    takes) becomes a bnfast.SyncBatchNorm over process_group, or a
+    SyncBatchNormAct with the same activation where it is a BatchNormAct
+    (fused by convert or built by hand), sharing its state (_retyped). A
+    memory_efficient BatchNormAct loses that mode, with a warning."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        act = getattr(module, "act", None)
+        if getattr(module, "memory_efficient", False):
+            warnings.warn(f"bnfast: {type(module).__name__}(memory_efficient=True) becomes a SyncBatchNormAct, "
+                          "which keeps its input for backward: no memory saving", stacklevel=3)
+        if act is None:
+            return _retyped(module, SyncBatchNorm, process_group=process_group)
+        return _retyped(module, SyncBatchNormAct, process_group=process_group, act=act,
+                        negative_slope=module.negative_slope)
+    for name, child in module.named_children():
+        synced = to_sync(child, process_group)
+        if synced is not child:
+            module._modules[name] = synced
     return module
 
 

@@ -95,11 +95,8 @@ def batch_norm_act(
     bfloat16; it reads the weight on the host (one sync on a GPU) each
     forward.
     """
-    if act not in ops.ACTIVATIONS:
-        raise ValueError(f"bnfast: unknown activation {act!r}; choose from {', '.join(ops.ACTIVATIONS)}")
-    if residual is not None and act == "pre_relu":
-        raise ValueError("bnfast: a residual is added after batch norm, so it cannot be combined with "
-                         "act='pre_relu' (batch norm of relu(x))")
+    _check_act(act)
+    _check_residual(act, residual)
     tensors = (input, running_mean, running_var, weight, bias, residual)
     if has_torch_function_variadic(*tensors):
         return handle_torch_function(
@@ -108,6 +105,29 @@ def batch_norm_act(
             residual=residual, memory_efficient=memory_efficient)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act,
                        negative_slope, residual, memory_efficient)
+
+
+def _check_act(act: str) -> None:
+    if act not in ops.ACTIVATIONS:
+        raise ValueError(f"bnfast: unknown activation {act!r}; choose from {', '.join(ops.ACTIVATIONS)}")
+
+
+def _check_residual(act: str, residual: Optional[Tensor]) -> None:
+    if residual is not None and act == "pre_relu":
+        raise ValueError("bnfast: a residual is added after batch norm, so it cannot be combined with "
+                         "act='pre_relu' (batch norm of relu(x))")
+
+
+def _act_repr(act: str, negative_slope: float) -> str:
+    """The activation's part of a fused module's extra_repr."""
+    slope = f", negative_slope={negative_slope}" if act == "leaky_relu" else ""
+    return f", act={act!r}{slope}"
+
+
+def _fusable_residual(input: Tensor, residual: Tensor) -> bool:
+    """The fused kernels add a residual like the input; any other one is added
+    unfused, as torch would, with broadcasting and type promotion."""
+    return residual.shape == input.shape and residual.dtype == input.dtype and residual.device == input.device
 
 
 _UNFUSED_ACTS = {"identity": lambda y, slope: y, "relu": lambda y, slope: F.relu(y),
@@ -119,10 +139,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 act: Optional[str], slope: float, residual: Optional[Tensor],
                 memory_efficient: bool = False) -> Tensor:
     """batch_norm (act None) and batch_norm_act: torch.nn.functional.batch_norm's checks, in its order."""
-    if residual is not None and act != "pre_relu" and (
-            residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device):
-        # The fused kernels add a residual like the input; any other one is
-        # added as torch would, with broadcasting and type promotion.
+    if residual is not None and act != "pre_relu" and not _fusable_residual(input, residual):
         output = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, slope,
                              None)
         return _UNFUSED_ACTS[act](output + residual, slope)

@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bnfast import ops
-from bnfast.functional import _batch_norm
+from bnfast.functional import _act_repr, _batch_norm, _check_act
 
 
 class _BatchNormForward:
@@ -76,17 +75,15 @@ class _BatchNormAct:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, act: str = "relu", negative_slope: float = 0.01,
                  memory_efficient: bool = False, device=None, dtype=None) -> None:
-        if act not in ops.ACTIVATIONS:
-            raise ValueError(f"bnfast: unknown activation {act!r}; choose from {', '.join(ops.ACTIVATIONS)}")
+        _check_act(act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.act = act
         self.negative_slope = negative_slope
         self.memory_efficient = memory_efficient
 
     def extra_repr(self) -> str:
-        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
         saving = ", memory_efficient=True" if self.memory_efficient else ""
-        return f"{super().extra_repr()}, act={self.act!r}{slope}{saving}"
+        return f"{super().extra_repr()}{_act_repr(self.act, self.negative_slope)}{saving}"
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

@@ -17,6 +17,13 @@ Backward, with xmu = x - mean:
     grad_weight_r = sum_dy_xmu_r * invstd,  grad_bias_r = sum_dy_r   (local, as torch:
                                                          DDP reduces parameter gradients)
 
+With a fused activation (SyncBatchNormAct), y_r = act(BN(x_r) + residual_r)
+comes out of one elemt_act pass; backward recomputes z = BN(x_r) + residual_r,
+takes dz = dy * act'(z) with torch's own activation backward, and runs the
+steps above on dz (grad_residual = dz). For act="pre_relu" the statistics and
+the normalization read relu(x_r), and the input gradient is masked where
+x_r <= 0, as torch's relu backward masks it.
+
 So one small collective per layer in forward and one in backward. The
 collectives are issued from Python on the current stream (DESIGN rule 5); the
 kernels never see a process group. Counts stay tensors on the input's
@@ -38,7 +45,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfast import ops
-from bnfast.functional import batch_norm
+from bnfast.functional import (_UNFUSED_ACTS, _act_repr, _batch_norm, _check_act, _check_residual,
+                               _fusable_residual)
 
 
 def _all_gather_stats(packed: Tensor, group, world_size: int) -> Tensor:
@@ -84,22 +92,39 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
         update_running_stats_on_device(running_mean, running_var, mean, invstd, momentum, eps, count)
 
 
+# torch's own backward of each activation bnfast fuses, at z = BN(x) + residual:
+# the fused gradients are the unfused ops' (relu's threshold_backward reads
+# relu(z), which is <= 0 exactly where z is).
+_ACT_BACKWARD = {
+    "relu": lambda dy, z, slope: torch.ops.aten.threshold_backward(dy, z, 0),
+    "leaky_relu": lambda dy, z, slope: torch.ops.aten.leaky_relu_backward(dy, z, slope, False),
+    "silu": lambda dy, z, slope: torch.ops.aten.silu_backward(dy, z),
+    "gelu": lambda dy, z, slope: torch.ops.aten.gelu_backward(dy, z, approximate="none"),
+    "gelu_tanh": lambda dy, z, slope: torch.ops.aten.gelu_backward(dy, z, approximate="tanh"),
+}
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Training forward and backward of SyncBatchNorm (see the module docstring).
 
     forward(input (N, C, *), weight [C] | None, bias [C] | None, running_mean [C] | None,
-    running_var [C] | None, eps, momentum, group, world_size) -> output (N, C, *).
-    Every rank of the group must call it, with the same C and dtype; N may
-    differ, and may be 0.
+    running_var [C] | None, eps, momentum, group, world_size, act, slope, residual) -> output (N, C, *).
+    act None: plain batch norm; else one of ops.ACTIVATIONS, with residual
+    None or a tensor like input (not with "pre_relu"). Every rank of the group
+    must call it, with the same C, dtype and act; N may differ, and may be 0.
     """
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
-                momentum: float, group, world_size: int) -> Tensor:
+                momentum: float, group, world_size: int, act: Optional[str] = None, slope: float = 0.01,
+                residual: Optional[Tensor] = None) -> Tensor:
+        # pre_relu normalizes relu(x): its statistics, its output, and (saved
+        # in place of x, which backward then needs no more) its gradient's mask.
+        source = torch.relu(input) if act == "pre_relu" else input
         channels = input.size(1)
         local_count = input.numel() // channels
-        mean, invstd = ops.stats(input, eps)  # NaN for an empty batch; its count 0 drops it below
+        mean, invstd = ops.stats(source, eps)  # NaN for an empty batch; its count 0 drops it below
         packed = torch.cat([mean, invstd, mean.new_full((1,), local_count)])
         gathered = _all_gather_stats(packed, group, world_size)
         counts = gathered[:, 2 * channels]
@@ -112,29 +137,41 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                              f"{tuple(input.shape)} on this rank and 1 value per channel over the process group")
         if running_mean is not None and running_var is not None:
             _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
-        ctx.save_for_backward(input, weight, mean, invstd, count)
+        ctx.save_for_backward(source, weight, bias, residual, mean, invstd, count)
         ctx.group = group
+        ctx.act, ctx.slope = act, slope
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return ops.elemt(input, weight, bias, mean, invstd)
+        if act is None or act == "pre_relu":
+            return ops.elemt(source, weight, bias, mean, invstd)
+        return ops.elemt_act(source, weight, bias, mean, invstd, residual, act, slope)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
-        input, weight, mean, invstd, count = ctx.saved_tensors
+        source, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, mean, invstd)
+        need_residual = ctx.needs_input_grad[11]
+        act = ctx.act
+        grad_z = grad_output
+        if act in _ACT_BACKWARD:
+            z = ops.elemt_act(source, weight, bias, mean, invstd, residual, "identity", ctx.slope)
+            grad_z = _ACT_BACKWARD[act](grad_output, z, ctx.slope)
+        sum_dy, sum_dy_xmu = ops.backward_reduce(grad_z, source, mean, invstd)
         grad_input = grad_weight = grad_bias = None
         if need_weight:
             # An empty batch contributes 0 (its invstd is NaN when every rank's batch is empty).
-            grad_weight = (sum_dy_xmu * invstd if input.numel() else sum_dy_xmu).to(weight.dtype)
+            grad_weight = (sum_dy_xmu * invstd if source.numel() else sum_dy_xmu).to(weight.dtype)
         if need_bias:
             grad_bias = sum_dy.to(ctx.bias_dtype)
         if need_input:  # the same on every rank, so all of them reduce or none does
             sums = torch.cat([sum_dy, sum_dy_xmu])
             _all_reduce_sums(sums, ctx.group)
             mean_dy, mean_dy_xmu = (sums / count).chunk(2)
-            grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+            grad_input = ops.backward_elemt(grad_z, source, mean, invstd, weight, mean_dy, mean_dy_xmu)
+            if act == "pre_relu":  # relu's own backward: no gradient where relu(x) <= 0
+                grad_input = torch.ops.aten.threshold_backward(grad_input, source, 0)
+        grad_residual = grad_z if need_residual else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, grad_residual
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -174,7 +211,14 @@ class SyncBatchNorm(_BatchNorm):
         # -1 on a rank outside the group: local, as in torch.
         return group, dist.get_world_size(group)
 
+    # The fused activation (SyncBatchNormAct); None for plain batch norm.
+    act: Optional[str] = None
+    negative_slope: float = 0.01
+
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input, None)
+
+    def _forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         # torch.nn.SyncBatchNorm.forward's control flow.
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
@@ -191,21 +235,53 @@ class SyncBatchNorm(_BatchNorm):
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
         group, world_size = self._sync_group()
-        if world_size > 1:
-            return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
-                                                self.eps, momentum, group, world_size)
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-                          self.eps)
+        if world_size <= 1:
+            return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                               self.eps, self.act, self.negative_slope, residual)
+        act, unfused_residual = self.act, None
+        if residual is not None and not _fusable_residual(input, residual):  # added after the synchronized BN
+            act, unfused_residual, residual = None, residual, None
+        output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                              momentum, group, world_size, act, self.negative_slope, residual)
+        if unfused_residual is not None:
+            output = _UNFUSED_ACTS[self.act](output + unfused_residual, self.negative_slope)
+        return output
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
         """torch.nn.SyncBatchNorm.convert_sync_batchnorm, to bnfast's SyncBatchNorm:
         every BatchNorm*D (torch's or bnfast's) and SyncBatchNorm in module
         becomes a bnfast.SyncBatchNorm over process_group (default: the world),
-        sharing its parameters and buffers. Returns module, or a new module if
-        module is itself a batch-norm layer."""
-        from bnfast.convert import convert
+        and every BatchNormAct*d (fused by bnfast.convert or built by hand) a
+        bnfast.SyncBatchNormAct with the same activation; each shares the
+        layer's parameters, buffers, hooks and other attributes (qconfig...).
+        Returns module, or a new module if module is itself a batch-norm layer."""
+        from bnfast.convert import to_sync
 
-        # torch's conversion (every attribute it carries over, qconfig
-        # included), then its SyncBatchNorm layers swapped for this class.
-        return convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
+        return to_sync(module, process_group)
+
+
+class SyncBatchNormAct(SyncBatchNorm):
+    """bnfast.SyncBatchNorm fused with an activation, as bnfast.BatchNormAct2d
+    (and timm's SyncBatchNormAct) is BatchNorm fused with one:
+    forward(x, residual=None) = act(SyncBN(x) + residual), or SyncBN(relu(x))
+    for act="pre_relu", with the statistics synchronized as SyncBatchNorm's and
+    the results of the unfused layers. The state_dict keys are
+    SyncBatchNorm's. memory_efficient is not offered: the synchronized
+    backward reads the input."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 act: str = "relu", negative_slope: float = 0.01, device=None, dtype=None, **kwargs) -> None:
+        _check_act(act)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device=device,
+                         dtype=dtype, **kwargs)
+        self.act = act
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        _check_residual(self.act, residual)
+        return self._forward(input, residual)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}{_act_repr(self.act, self.negative_slope)}"

@@ -275,13 +275,16 @@ def test_kernels_fused_configurations(tmp_path):
 
 
 @pytest.mark.distributed
-def test_ddp_benchmark_short_run(tmp_path):
+@pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])
+def test_ddp_benchmark_short_run(tmp_path, fuse):
     """python -m benchmarks.ddp, a few steps of small batches on 2 gloo ranks:
     files, one all_gather + one all_reduce per BN layer per step (3 layers),
-    none unsynchronized, and the overhead from the medians."""
+    none unsynchronized, and the overhead from the medians; with --fuse the
+    same for the fused layers."""
     from benchmarks import ddp
 
-    assert ddp.main(["--steps", "4", "--warmup", "1", "--batch", "8", "--out", str(tmp_path)]) == 0
+    fused = ["--fuse"] if fuse else []
+    assert ddp.main(["--steps", "4", "--warmup", "1", "--batch", "8", "--out", str(tmp_path)] + fused) == 0
     res = json.loads((tmp_path / "ddp.json").read_text())
     s = res["summary"]
     assert s["variants"]["sync"]["collectives_per_step"] == 6
@@ -291,7 +294,9 @@ def test_ddp_benchmark_short_run(tmp_path):
         assert v["steps"] == 4 and 0 < v["q1_step_ms"] <= v["median_step_ms"] <= v["q3_step_ms"]
     assert math.isclose(s["overhead"], s["variants"]["sync"]["median_step_ms"]
                         / s["variants"]["local"]["median_step_ms"] - 1)
-    assert "SyncBatchNorm step overhead" in (tmp_path / "ddp.md").read_text()
+    report = (tmp_path / "ddp.md").read_text()
+    assert "SyncBatchNorm step overhead" in report
+    assert ("SyncBatchNormAct vs BatchNormAct2d" in report) == fuse
 
 
 def test_memory_benchmark(tmp_path):

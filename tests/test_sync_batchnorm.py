@@ -346,25 +346,24 @@ def every_rank_empty(rank, world_size):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@_check(2)
-def ddp_seed_cnn(rank, world_size):
-    """The seed CNN with bnfast.SyncBatchNorm under DDP, 2 ranks x 8 images,
-    matches one process trained on the 16 images: DDP averages the ranks'
-    gradients of their mean losses, which with equal batches is the gradient
-    of the mean loss over all 16."""
+def _ddp_seed_cnn(rank, world_size, fuse):
+    """The seed CNN with bnfast.SyncBatchNorm (fuse: SyncBatchNormAct, the
+    relu -> BN pairs fused by bnfast.convert) under DDP, 2 ranks x 8 images,
+    matches one process of torch's layers trained on the 16 images: DDP
+    averages the ranks' gradients of their mean losses, which with equal
+    batches is the gradient of the mean loss over all 16."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from benchmarks.train_cifar import build_model
 
-    # Why bnfast.SyncBatchNorm does not subclass torch.nn.SyncBatchNorm:
-    # DDP refuses a CPU module holding one.
-    with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
-        DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("seed")))
-
     torch.manual_seed(0)
     single = build_model("seed", dropout=0.0)  # no dropout: its masks would differ
-    model = DDP(bnfast.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(single)))
-    assert sum(type(m) is bnfast.SyncBatchNorm for m in model.modules()) == 3
+    local = copy.deepcopy(single)
+    if fuse:
+        local = bnfast.convert(local, fuse=True)
+    model = DDP(bnfast.SyncBatchNorm.convert_sync_batchnorm(local))
+    synced = bnfast.SyncBatchNormAct if fuse else bnfast.SyncBatchNorm
+    assert sum(type(m) is synced for m in model.modules()) == 3
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, single)]
     g = torch.Generator().manual_seed(1)
     per_rank = 8
@@ -386,25 +385,172 @@ def ddp_seed_cnn(rank, world_size):
 
 
 @_check(2)
-def compiled_fullgraph(rank, world_size):
+def ddp_seed_cnn(rank, world_size):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from benchmarks.train_cifar import build_model
+
+    # Why bnfast.SyncBatchNorm does not subclass torch.nn.SyncBatchNorm:
+    # DDP refuses a CPU module holding one.
+    with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
+        DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("seed")))
+    _ddp_seed_cnn(rank, world_size, fuse=False)
+
+
+@_check(2)
+def ddp_seed_cnn_fused(rank, world_size):
+    _ddp_seed_cnn(rank, world_size, fuse=True)
+
+
+def _compiled_fullgraph(rank, eager, residual):
     """torch.compile(fullgraph=True) traces the synchronized step, collectives
     included, and gives eager's results."""
-    eager = bnfast.SyncBatchNorm(4)
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
     g = torch.Generator().manual_seed(rank)
     for _ in range(2):
-        x = torch.randn(3 + rank, 4, 3, 3, generator=g).requires_grad_()
-        dy = torch.randn(x.shape, generator=g)
+        inputs = [torch.randn(3 + rank, 4, 3, 3, generator=g).requires_grad_() for _ in range(1 + residual)]
+        dy = torch.randn(inputs[0].shape, generator=g)
         results = []
         for m, module in ((eager, eager), (compiled, compiled_module)):
             with _uncounted():
-                y = m(x)
-                results.append((y,) + torch.autograd.grad(y, [x, module.weight, module.bias], dy))
+                y = m(*inputs)
+                results.append((y,) + torch.autograd.grad(y, inputs + [module.weight, module.bias], dy))
         for a, b in zip(*results):
             torch.testing.assert_close(b, a)
     for a, b in zip(eager.buffers(), compiled_module.buffers()):
         torch.testing.assert_close(b, a)
+
+
+@_check(2)
+def compiled_fullgraph(rank, world_size):
+    _compiled_fullgraph(rank, bnfast.SyncBatchNorm(4), residual=False)
+
+
+@_check(2)
+def compiled_fullgraph_fused(rank, world_size):
+    _compiled_fullgraph(rank, bnfast.SyncBatchNormAct(4, act="silu"), residual=True)
+
+
+# ----------------------------------------------------------------- fused activations
+
+UNFUSED = {"identity": lambda y, slope: y, "relu": lambda y, slope: torch.relu(y),
+           "leaky_relu": lambda y, slope: nn.functional.leaky_relu(y, slope),
+           "silu": lambda y, slope: nn.functional.silu(y), "gelu": lambda y, slope: nn.functional.gelu(y),
+           "gelu_tanh": lambda y, slope: nn.functional.gelu(y, approximate="tanh")}
+
+
+def _unfused(bn, act, slope, x, residual):
+    """torch's layers in sequence: act(bn(x) + residual), or bn(relu(x))."""
+    if act == "pre_relu":
+        return bn(torch.relu(x))
+    return UNFUSED[act](bn(x) if residual is None else bn(x) + residual, slope)
+
+
+def _fused_vs_single(rank, sizes, tail, act, *, slope=0.01, residual=False, channels=4, dtype=torch.float32,
+                     params_dtype=None, memory_format=torch.contiguous_format, steps=2):
+    """bnfast.SyncBatchNormAct on this rank's slice against torch's BatchNorm
+    and activation (and residual add) on the whole batch in one process, and
+    both against the same in float64: output, gradients of the input, the
+    residual, weight and bias (summed over the ranks), running statistics,
+    step after step; then an eval step on the local slice."""
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    pdt = params_dtype or dtype
+    ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=slope, dtype=pdt)
+    theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt)
+    truth = TORCH_BN[2 + len(tail)](channels, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    with torch.no_grad():
+        for m in (ours, theirs, truth):
+            m.weight.copy_(weight)
+            m.bias.copy_(bias)
+    shape = (sum(sizes), channels) + tail
+    expect = _Expect()
+    for step in range(steps):
+        x_all, dy_all = _batch(shape, dtype, g), _batch(shape, dtype, g, offset=0.5)
+        r_all = _batch(shape, dtype, g) if residual else None
+        local = [t[lo:hi].contiguous(memory_format=memory_format).requires_grad_() if t is not None else None
+                 for t in (x_all, r_all)]
+        inputs = [t for t in local if t is not None]
+        before = CALLS.copy()
+        y = ours(*inputs)
+        grads = torch.autograd.grad(y, inputs + [ours.weight, ours.bias], dy_all[lo:hi].contiguous(
+            memory_format=memory_format))
+        expect.true(CALLS - before == {"_all_gather_stats": 1, "_all_reduce_sums": 1},
+                    f"collectives: {CALLS - before}")
+        expect.true(y.dtype == dtype and y.is_contiguous(memory_format=memory_format), "output dtype / layout")
+        results = []
+        for bn, cast in ((theirs, lambda t: t), (truth, lambda t: t.double())):
+            whole = [cast(t).requires_grad_() for t in (x_all, r_all) if t is not None]
+            out = _unfused(bn, act, slope, whole[0], whole[1] if residual else None)
+            results.append((out,) + torch.autograd.grad(out, whole + [bn.weight, bn.bias], cast(dy_all)))
+        scale = dy_all.double().abs().max().item() * 10  # the gradients' natural magnitude, for cancellation
+        outs = [y] + list(grads)
+        for i, label in enumerate(["output", "grad_input"] + (["grad_residual"] if residual else [])):
+            expect.close(f"step {step} {label}", outs[i], results[0][i][lo:hi], results[1][i][lo:hi], dtype,
+                         scale=None if i == 0 else scale)
+        for j, label in enumerate(("grad_weight", "grad_bias")):
+            total = grads[len(inputs) + j].double()
+            dist.all_reduce(total)
+            expect.close(f"step {step} {label}", total, results[0][len(inputs) + 1 + j],
+                         results[1][len(inputs) + 1 + j], pdt, scale=scale * sum(sizes))
+        for name in ("running_mean", "running_var"):
+            expect.close(f"step {step} {name}", getattr(ours, name), getattr(theirs, name), getattr(truth, name), pdt)
+    ours.eval(), theirs.eval(), truth.eval()
+    x = _batch((hi - lo + 2, channels) + tail, dtype, g).contiguous(memory_format=memory_format)
+    r = _batch(x.shape, dtype, g) if residual else None
+    before = CALLS.copy()
+    y = ours(x, r) if residual else ours(x)
+    expect.true(CALLS == before, f"collectives in eval: {CALLS - before}")
+    expect.close("eval output", y, _unfused(theirs, act, slope, x, r),
+                 _unfused(truth, act, slope, x.double(), r.double() if residual else None), dtype)
+    assert not expect, "\n".join(expect)
+
+
+@_check(2)
+def fused_relu(rank, world_size):
+    _fused_vs_single(rank, [5, 3], (3, 4), "relu")
+
+
+@_check(2)
+def fused_add_relu_channels_last(rank, world_size):
+    _fused_vs_single(rank, [4, 4], (5, 3), "relu", residual=True, memory_format=torch.channels_last)
+
+
+@_check(2)
+def fused_leaky_relu_one_rank_empty(rank, world_size):
+    _fused_vs_single(rank, [6, 0], (3, 3), "leaky_relu", slope=0.2)
+
+
+@_check(2)
+def fused_silu_gelu_identity_with_residual(rank, world_size):
+    for act in ("silu", "gelu", "gelu_tanh", "identity"):
+        _fused_vs_single(rank, [3, 4], (2, 5), act, residual=True, steps=1)
+
+
+@_check(2)
+def fused_pre_relu(rank, world_size):
+    _fused_vs_single(rank, [5, 3], (4, 4), "pre_relu")
+
+
+@_check(2)
+def fused_bfloat16_with_float32_params(rank, world_size):
+    _fused_vs_single(rank, [5, 3], (4, 4), "relu", residual=True, dtype=torch.bfloat16,
+                     params_dtype=torch.float32, memory_format=torch.channels_last)
+
+
+@_check(2)
+def fused_residual_broadcast(rank, world_size):
+    """A residual unlike the input (here one that broadcasts) is added as torch
+    adds it, after the synchronized batch norm: the unfused result."""
+    g = torch.Generator().manual_seed(0)
+    x_all = _batch((8, 3, 4, 4), torch.float32, g)
+    r = torch.randn(3, 1, 1, generator=g)
+    ours, theirs = bnfast.SyncBatchNormAct(3, act="leaky_relu", negative_slope=0.1), nn.BatchNorm2d(3)
+    lo, hi = (0, 5) if rank == 0 else (5, 8)
+    y = ours(x_all[lo:hi], r)
+    torch.testing.assert_close(y, nn.functional.leaky_relu(theirs(x_all) + r, 0.1)[lo:hi])
 
 
 @_check(3)
@@ -492,23 +638,51 @@ def test_errors_match_torch(shape, training):
     assert str(ours) == str(theirs)
 
 
-def test_without_process_group_is_batchnorm():
-    """No process group: bnfast's BatchNorm2d exactly, in training and eval."""
-    ours, local = bnfast.SyncBatchNorm(3), bnfast.BatchNorm2d(3)
+LOCAL_TWINS = [(lambda: bnfast.SyncBatchNorm(3), lambda: bnfast.BatchNorm2d(3), False),
+               (lambda: bnfast.SyncBatchNormAct(3, act="leaky_relu", negative_slope=0.2),
+                lambda: bnfast.BatchNormAct2d(3, act="leaky_relu", negative_slope=0.2), False),
+               (lambda: bnfast.SyncBatchNormAct(3), lambda: bnfast.BatchNormAct2d(3), True),
+               (lambda: bnfast.SyncBatchNormAct(3, act="pre_relu"), lambda: bnfast.BatchNormAct2d(3, act="pre_relu"),
+                False)]
+
+
+@pytest.mark.parametrize(("make_ours", "make_local", "residual"), LOCAL_TWINS,
+                         ids=["plain", "leaky_relu", "add_relu", "pre_relu"])
+def test_without_process_group_is_batchnorm(make_ours, make_local, residual):
+    """No process group: bnfast's BatchNorm2d (BatchNormAct2d for
+    SyncBatchNormAct) exactly, in training and eval."""
+    ours, local = make_ours(), make_local()
     for step in range(3):
-        x = (torch.randn(5, 3, 4, 4) * 2 + 1).requires_grad_()
-        dy = torch.randn(x.shape)
+        inputs = [(torch.randn(5, 3, 4, 4) * 2 + 1).requires_grad_() for _ in range(1 + residual)]
+        dy = torch.randn(inputs[0].shape)
         results = []
         for m in (ours, local):
-            y = m(x)
-            results.append((y,) + torch.autograd.grad(y, [x, m.weight, m.bias], dy))
+            y = m(*inputs)
+            results.append((y,) + torch.autograd.grad(y, inputs + [m.weight, m.bias], dy))
         for a, b in zip(*results):
             assert torch.equal(a, b), step
     for a, b in zip(ours.state_dict().values(), local.state_dict().values()):
         assert torch.equal(a, b)
     ours.eval(), local.eval()
-    x = torch.randn(2, 3, 4, 4)
-    assert torch.equal(ours(x), local(x))
+    inputs = [torch.randn(2, 3, 4, 4) for _ in range(1 + residual)]
+    assert torch.equal(ours(*inputs), local(*inputs))
+
+
+def test_sync_batchnorm_act_surface():
+    """SyncBatchNormAct: SyncBatchNorm's state_dict keys, the activation in its
+    repr, and BatchNormAct2d's errors for an unknown activation and a
+    residual with pre_relu."""
+    ours = bnfast.SyncBatchNormAct(3, act="leaky_relu", negative_slope=0.2, process_group="a group")
+    assert list(ours.state_dict()) == list(nn.SyncBatchNorm(3).state_dict())
+    assert ours.process_group == "a group"
+    assert repr(ours) == repr(nn.SyncBatchNorm(3)).replace("SyncBatchNorm", "SyncBatchNormAct")[:-1] + (
+        ", act='leaky_relu', negative_slope=0.2)")
+    for make in (bnfast.SyncBatchNormAct, bnfast.BatchNormAct2d):
+        with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+            make(3, act="tanh")
+        x = torch.randn(2, 3, 4, 4)
+        with pytest.raises(ValueError, match="cannot be combined with act='pre_relu'"):
+            make(3, act="pre_relu")(x, x)
 
 
 @pytest.fixture
@@ -569,6 +743,47 @@ def test_convert_sync_batchnorm_and_revert():
     assert type(bnfast.convert(model).features[1]) is bnfast.SyncBatchNorm  # torch's SyncBatchNorm -> bnfast's
     single = bnfast.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(3))
     assert type(single) is bnfast.SyncBatchNorm
+
+
+def test_convert_sync_batchnorm_keeps_activations():
+    """BatchNormAct layers, made by hand or fused by bnfast.convert, become
+    SyncBatchNormAct with their activation (torch's conversion would make them
+    plain SyncBatchNorm and lose it), sharing parameters and buffers; a
+    memory_efficient one says that the mode is lost."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.MaxPool2d(2),
+                          bnfast.BatchNormAct2d(4, act="leaky_relu", negative_slope=0.2), nn.BatchNorm2d(4), nn.SiLU())
+    bnfast.convert(model, fuse=True)
+    params = dict(model.named_parameters())
+    x = torch.randn(4, 3, 8, 8)
+    expected = model(x)
+    bnfast.SyncBatchNorm.convert_sync_batchnorm(model, "a group")
+    synced = [m for m in model if isinstance(m, bnfast.SyncBatchNorm)]
+    assert [(type(m), m.act) for m in synced] == [(bnfast.SyncBatchNormAct, "pre_relu"),
+                                                  (bnfast.SyncBatchNormAct, "leaky_relu"),
+                                                  (bnfast.SyncBatchNormAct, "silu")]
+    assert synced[1].negative_slope == 0.2 and all(m.process_group == "a group" for m in synced)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # no process group: the same local kernels
+    with pytest.warns(UserWarning, match="no memory saving"):
+        synced = bnfast.SyncBatchNorm.convert_sync_batchnorm(bnfast.BatchNormAct2d(4, memory_efficient=True))
+    assert type(synced) is bnfast.SyncBatchNormAct and synced.act == "relu"
+
+
+def test_convert_fuses_sync_batchnorm(capsys):
+    """convert(fuse=True) fuses torch's SyncBatchNorm (swapped for bnfast's)
+    with its activation into a SyncBatchNormAct; revert gives torch's back."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.SyncBatchNorm(4))
+    x = torch.randn(4, 3, 8, 8)
+    expected = model(x)  # no process group: torch's SyncBatchNorm runs locally on the CPU
+    bnfast.convert(model, fuse=True, verbose=True, memory_efficient=True)
+    assert "1: BN -> relu (SyncBatchNorm: without memory_efficient" in capsys.readouterr().out
+    assert type(model[1]) is bnfast.SyncBatchNormAct and model[1].act == "relu"
+    assert type(model[4]) is bnfast.SyncBatchNorm
+    torch.testing.assert_close(model(x), expected)
+    bnfast.revert(model)
+    assert type(model[1]) is nn.SyncBatchNorm and type(model[4]) is nn.SyncBatchNorm
+    torch.testing.assert_close(model(x), expected)
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 37])
