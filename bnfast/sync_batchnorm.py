@@ -92,15 +92,19 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
         update_running_stats_on_device(running_mean, running_var, mean, invstd, momentum, eps, count)
 
 
-# torch's own backward of each activation bnfast fuses, at z = BN(x) + residual:
-# the fused gradients are the unfused ops' (relu's threshold_backward reads
+# torch's own backward of each activation bnfast fuses, at z = BN(x) + residual,
+# written over z (elementwise, so exact: z's buffer comes from bnfast's CPU
+# output cache, where a fresh one would cost page faults every step). The
+# fused gradients are the unfused ops' (relu's threshold_backward reads
 # relu(z), which is <= 0 exactly where z is).
-_ACT_BACKWARD = {
-    "relu": lambda dy, z, slope: torch.ops.aten.threshold_backward(dy, z, 0),
-    "leaky_relu": lambda dy, z, slope: torch.ops.aten.leaky_relu_backward(dy, z, slope, False),
-    "silu": lambda dy, z, slope: torch.ops.aten.silu_backward(dy, z),
-    "gelu": lambda dy, z, slope: torch.ops.aten.gelu_backward(dy, z, approximate="none"),
-    "gelu_tanh": lambda dy, z, slope: torch.ops.aten.gelu_backward(dy, z, approximate="tanh"),
+_ACT_BACKWARD_INTO_Z = {
+    "relu": lambda dy, z, slope: torch.ops.aten.threshold_backward.grad_input(dy, z, 0, grad_input=z),
+    "leaky_relu": lambda dy, z, slope: torch.ops.aten.leaky_relu_backward.grad_input(dy, z, slope, False,
+                                                                                      grad_input=z),
+    "silu": lambda dy, z, slope: torch.ops.aten.silu_backward.grad_input(dy, z, grad_input=z),
+    "gelu": lambda dy, z, slope: torch.ops.aten.gelu_backward.grad_input(dy, z, approximate="none", grad_input=z),
+    "gelu_tanh": lambda dy, z, slope: torch.ops.aten.gelu_backward.grad_input(dy, z, approximate="tanh",
+                                                                               grad_input=z),
 }
 
 
@@ -153,9 +157,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         need_residual = ctx.needs_input_grad[11]
         act = ctx.act
         grad_z = grad_output
-        if act in _ACT_BACKWARD:
+        if act in _ACT_BACKWARD_INTO_Z:
             z = ops.elemt_act(source, weight, bias, mean, invstd, residual, "identity", ctx.slope)
-            grad_z = _ACT_BACKWARD[act](grad_output, z, ctx.slope)
+            grad_z = _ACT_BACKWARD_INTO_Z[act](grad_output, z, ctx.slope)
         sum_dy, sum_dy_xmu = ops.backward_reduce(grad_z, source, mean, invstd)
         grad_input = grad_weight = grad_bias = None
         if need_weight:
@@ -169,7 +173,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean_dy, mean_dy_xmu = (sums / count).chunk(2)
             grad_input = ops.backward_elemt(grad_z, source, mean, invstd, weight, mean_dy, mean_dy_xmu)
             if act == "pre_relu":  # relu's own backward: no gradient where relu(x) <= 0
-                grad_input = torch.ops.aten.threshold_backward(grad_input, source, 0)
+                # In place (elementwise, so exact): grad_input's buffer comes
+                # from bnfast's CPU output cache, a fresh one costs page faults.
+                torch.ops.aten.threshold_backward.grad_input(grad_input, source, 0, grad_input=grad_input)
         grad_residual = grad_z if need_residual else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, grad_residual
 
