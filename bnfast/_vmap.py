@@ -141,3 +141,74 @@ def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, invstd, m
         if not buffer.is_contiguous():
             buffer.copy_(updated.view(buffer.shape))
     return None, None
+
+
+# The fused ops (activation, residual) and SyncBatchNormAct's pieces: a
+# residual is batched like the input, the activation and slope are shared.
+
+def _residual(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[Tensor]:
+    return None if t is None else _input(t, bdim, batch)
+
+
+@torch.library.register_vmap("bnfast::forward_act")
+def _forward_act_vmap(info, in_dims, input, weight, bias, residual, eps, act, slope, memory_efficient=False):
+    b = info.batch_size
+    y, mean, invstd = _ops.forward_act(_input(input, in_dims[0], b), _channels(weight, in_dims[1], b),
+                                       _channels(bias, in_dims[2], b), _residual(residual, in_dims[3], b), eps, act,
+                                       slope, memory_efficient)
+    return (_unbatch_input(y, b), _unbatch_channels(mean, b), _unbatch_channels(invstd, b)), (0, 0, 0)
+
+
+@torch.library.register_vmap("bnfast::elemt_act")
+def _elemt_act_vmap(info, in_dims, input, weight, bias, mean, invstd, residual, act, slope):
+    b = info.batch_size
+    y = _ops.elemt_act(_input(input, in_dims[0], b), _channels(weight, in_dims[1], b), _channels(bias, in_dims[2], b),
+                       _channels(mean, in_dims[3], b), _channels(invstd, in_dims[4], b),
+                       _residual(residual, in_dims[5], b), act, slope)
+    return _unbatch_input(y, b), 0
+
+
+def _unbatch_residual_grad(grad_residual: Tensor, batch: int) -> Tensor:
+    """grad_residual: like the input, or empty (no residual): batched either way."""
+    if grad_residual.dim() == 1:
+        return grad_residual.new_empty((batch, 0))
+    return _unbatch_input(grad_residual, batch)
+
+
+@torch.library.register_vmap("bnfast::backward_act")
+def _backward_act_vmap(info, in_dims, grad_out, input, mean, invstd, weight, bias, residual, act, slope):
+    b = info.batch_size
+    dx, dw, db, dr = _ops.backward_act(_input(grad_out, in_dims[0], b), _input(input, in_dims[1], b),
+                                       _channels(mean, in_dims[2], b), _channels(invstd, in_dims[3], b),
+                                       _channels(weight, in_dims[4], b), _channels(bias, in_dims[5], b),
+                                       _residual(residual, in_dims[6], b), act, slope)
+    return ((_unbatch_input(dx, b), _unbatch_channels(dw, b), _unbatch_channels(db, b),
+             _unbatch_residual_grad(dr, b)), (0, 0, 0, 0))
+
+
+@torch.library.register_vmap("bnfast::stats_act")
+def _stats_act_vmap(info, in_dims, input, eps, act):
+    mean, invstd = _ops.stats_act(_input(input, in_dims[0], info.batch_size), eps, act)
+    return (_unbatch_channels(mean, info.batch_size), _unbatch_channels(invstd, info.batch_size)), (0, 0)
+
+
+@torch.library.register_vmap("bnfast::backward_reduce_act")
+def _backward_reduce_act_vmap(info, in_dims, grad_out, input, mean, invstd, weight, bias, residual, act, slope):
+    b = info.batch_size
+    sum_dy, sum_dy_xmu = _ops.backward_reduce_act(
+        _input(grad_out, in_dims[0], b), _input(input, in_dims[1], b), _channels(mean, in_dims[2], b),
+        _channels(invstd, in_dims[3], b), _channels(weight, in_dims[4], b), _channels(bias, in_dims[5], b),
+        _residual(residual, in_dims[6], b), act, slope)
+    return (_unbatch_channels(sum_dy, b), _unbatch_channels(sum_dy_xmu, b)), (0, 0)
+
+
+@torch.library.register_vmap("bnfast::backward_elemt_act")
+def _backward_elemt_act_vmap(info, in_dims, grad_out, input, mean, invstd, weight, bias, residual, act, slope,
+                             mean_dy, mean_dy_xmu):
+    b = info.batch_size
+    dx, dr = _ops.backward_elemt_act(
+        _input(grad_out, in_dims[0], b), _input(input, in_dims[1], b), _channels(mean, in_dims[2], b),
+        _channels(invstd, in_dims[3], b), _channels(weight, in_dims[4], b), _channels(bias, in_dims[5], b),
+        _residual(residual, in_dims[6], b), act, slope, _channels(mean_dy, in_dims[9], b),
+        _channels(mean_dy_xmu, in_dims[10], b))
+    return (_unbatch_input(dx, b), _unbatch_residual_grad(dr, b)), (0, 0)

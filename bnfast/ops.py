@@ -232,3 +232,49 @@ def _backward_act_fake(grad_out, input, mean, invstd, weight, bias, residual, ac
     _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, bias=bias, residual=residual)
     grad_residual = _empty_output_like(input) if residual is not None else input.new_empty((0,))
     return _empty_output_like(input), torch.empty_like(mean), torch.empty_like(mean), grad_residual
+
+
+# ---------------------------------------------------------------- SyncBatchNormAct's pieces
+
+def stats_act(input: Tensor, eps: float, act: str) -> Tuple[Tensor, Tensor]:
+    """stats of what forward_act normalizes: relu(input) for act="pre_relu", input otherwise."""
+    return _ops.stats_act(input, eps, act)
+
+
+@torch.library.register_fake("bnfast::stats_act")
+def _stats_act_fake(input, eps, act):
+    _check_devices(input)
+    return _stats_like(input), _stats_like(input)
+
+
+def backward_reduce_act(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                        bias: Optional[Tensor], residual: Optional[Tensor], act: str,
+                        slope: float) -> Tuple[Tensor, Tensor]:
+    """backward_reduce's (sum_dy, sum_dy_xmu) with dz = grad_out * act'(z) in
+    place of grad_out (z = BN(x) + residual recomputed), over relu(input) for
+    pre_relu: the sums backward_act reduces."""
+    return _ops.backward_reduce_act(grad_out, input, mean, invstd, weight, bias, residual, act, slope)
+
+
+@torch.library.register_fake("bnfast::backward_reduce_act")
+def _backward_reduce_act_fake(grad_out, input, mean, invstd, weight, bias, residual, act, slope):
+    _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, bias=bias, residual=residual)
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+def backward_elemt_act(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], residual: Optional[Tensor], act: str, slope: float, mean_dy: Tensor,
+                       mean_dy_xmu: Tensor) -> Tuple[Tensor, Tensor]:
+    """backward_elemt's grad_input with dz in place of grad_out (masked where
+    input <= 0 for pre_relu), and grad_residual = dz (empty without a residual)."""
+    return _ops.backward_elemt_act(grad_out, input, mean, invstd, weight, bias, residual, act, slope, mean_dy,
+                                   mean_dy_xmu)
+
+
+@torch.library.register_fake("bnfast::backward_elemt_act")
+def _backward_elemt_act_fake(grad_out, input, mean, invstd, weight, bias, residual, act, slope, mean_dy,
+                             mean_dy_xmu):
+    _check_devices(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, bias=bias, residual=residual,
+                   mean_dy=mean_dy, mean_dy_xmu=mean_dy_xmu)
+    grad_residual = _empty_output_like(input) if residual is not None else input.new_empty((0,))
+    return _empty_output_like(input), grad_residual

@@ -17,12 +17,12 @@ Backward, with xmu = x - mean:
     grad_weight_r = sum_dy_xmu_r * invstd,  grad_bias_r = sum_dy_r   (local, as torch:
                                                          DDP reduces parameter gradients)
 
-With a fused activation (SyncBatchNormAct), y_r = act(BN(x_r) + residual_r)
-comes out of one elemt_act pass; backward recomputes z = BN(x_r) + residual_r,
-takes dz = dy * act'(z) with torch's own activation backward, and runs the
-steps above on dz (grad_residual = dz). For act="pre_relu" the statistics and
-the normalization read relu(x_r), and the input gradient is masked where
-x_r <= 0, as torch's relu backward masks it.
+With a fused activation (SyncBatchNormAct) the same steps run through the
+_act forms of the ops (stats_act, elemt_act, backward_reduce_act,
+backward_elemt_act): y_r = act(BN(x_r) + residual_r) in one pass, and dz =
+dy * act'(z) in place of dy in both backward passes, z = BN(x_r) + residual_r
+recomputed there (grad_residual = dz); for act="pre_relu" every pass reads
+relu(x_r), and the input gradient is masked where x_r <= 0.
 
 So one small collective per layer in forward and one in backward. The
 collectives are issued from Python on the current stream (DESIGN rule 5); the
@@ -92,30 +92,18 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
         update_running_stats_on_device(running_mean, running_var, mean, invstd, momentum, eps, count)
 
 
-# torch's own backward of each activation bnfast fuses, at z = BN(x) + residual,
-# written over z (elementwise, so exact: z's buffer comes from bnfast's CPU
-# output cache, where a fresh one would cost page faults every step). The
-# fused gradients are the unfused ops' (relu's threshold_backward reads
-# relu(z), which is <= 0 exactly where z is).
-_ACT_BACKWARD_INTO_Z = {
-    "relu": lambda dy, z, slope: torch.ops.aten.threshold_backward.grad_input(dy, z, 0, grad_input=z),
-    "leaky_relu": lambda dy, z, slope: torch.ops.aten.leaky_relu_backward.grad_input(dy, z, slope, False,
-                                                                                      grad_input=z),
-    "silu": lambda dy, z, slope: torch.ops.aten.silu_backward.grad_input(dy, z, grad_input=z),
-    "gelu": lambda dy, z, slope: torch.ops.aten.gelu_backward.grad_input(dy, z, approximate="none", grad_input=z),
-    "gelu_tanh": lambda dy, z, slope: torch.ops.aten.gelu_backward.grad_input(dy, z, approximate="tanh",
-                                                                               grad_input=z),
-}
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training forward and backward of SyncBatchNorm (see the module docstring).
+    """Training forward and backward of SyncBatchNorm and SyncBatchNormAct
+    (see the module docstring).
 
     forward(input (N, C, *), weight [C] | None, bias [C] | None, running_mean [C] | None,
     running_var [C] | None, eps, momentum, group, world_size, act, slope, residual) -> output (N, C, *).
-    act None: plain batch norm; else one of ops.ACTIVATIONS, with residual
-    None or a tensor like input (not with "pre_relu"). Every rank of the group
-    must call it, with the same C, dtype and act; N may differ, and may be 0.
+    act None: plain batch norm, with stats / elemt / backward_reduce /
+    backward_elemt; else one of ops.ACTIVATIONS, with their _act forms (which
+    recompute z = BN(x) + residual where the activation's derivative needs
+    it), and residual None or a tensor like input (not with "pre_relu").
+    Every rank of the group must call it, with the same C, dtype and act; N
+    may differ, and may be 0.
     """
 
     @staticmethod
@@ -123,12 +111,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
                 momentum: float, group, world_size: int, act: Optional[str] = None, slope: float = 0.01,
                 residual: Optional[Tensor] = None) -> Tensor:
-        # pre_relu normalizes relu(x): its statistics, its output, and (saved
-        # in place of x, which backward then needs no more) its gradient's mask.
-        source = torch.relu(input) if act == "pre_relu" else input
         channels = input.size(1)
         local_count = input.numel() // channels
-        mean, invstd = ops.stats(source, eps)  # NaN for an empty batch; its count 0 drops it below
+        # NaN for an empty batch; its count 0 drops it below.
+        mean, invstd = ops.stats(input, eps) if act is None else ops.stats_act(input, eps, act)
         packed = torch.cat([mean, invstd, mean.new_full((1,), local_count)])
         gathered = _all_gather_stats(packed, group, world_size)
         counts = gathered[:, 2 * channels]
@@ -141,42 +127,46 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                              f"{tuple(input.shape)} on this rank and 1 value per channel over the process group")
         if running_mean is not None and running_var is not None:
             _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
-        ctx.save_for_backward(source, weight, bias, residual, mean, invstd, count)
+        ctx.save_for_backward(input, weight, bias, residual, mean, invstd, count)
         ctx.group = group
         ctx.act, ctx.slope = act, slope
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if act is None or act == "pre_relu":
-            return ops.elemt(source, weight, bias, mean, invstd)
-        return ops.elemt_act(source, weight, bias, mean, invstd, residual, act, slope)
+        if act is None:
+            return ops.elemt(input, weight, bias, mean, invstd)
+        return ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
-        source, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
+        input, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_residual = ctx.needs_input_grad[11]
-        act = ctx.act
-        grad_z = grad_output
-        if act in _ACT_BACKWARD_INTO_Z:
-            z = ops.elemt_act(source, weight, bias, mean, invstd, residual, "identity", ctx.slope)
-            grad_z = _ACT_BACKWARD_INTO_Z[act](grad_output, z, ctx.slope)
-        sum_dy, sum_dy_xmu = ops.backward_reduce(grad_z, source, mean, invstd)
-        grad_input = grad_weight = grad_bias = None
+        act, slope = ctx.act, ctx.slope
+        if act is None:
+            sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, mean, invstd)
+        else:
+            sum_dy, sum_dy_xmu = ops.backward_reduce_act(grad_output, input, mean, invstd, weight, bias, residual,
+                                                         act, slope)
+        grad_input = grad_weight = grad_bias = grad_residual = None
         if need_weight:
             # An empty batch contributes 0 (its invstd is NaN when every rank's batch is empty).
-            grad_weight = (sum_dy_xmu * invstd if source.numel() else sum_dy_xmu).to(weight.dtype)
+            grad_weight = (sum_dy_xmu * invstd if input.numel() else sum_dy_xmu).to(weight.dtype)
         if need_bias:
             grad_bias = sum_dy.to(ctx.bias_dtype)
         if need_input:  # the same on every rank, so all of them reduce or none does
             sums = torch.cat([sum_dy, sum_dy_xmu])
             _all_reduce_sums(sums, ctx.group)
             mean_dy, mean_dy_xmu = (sums / count).chunk(2)
-            grad_input = ops.backward_elemt(grad_z, source, mean, invstd, weight, mean_dy, mean_dy_xmu)
-            if act == "pre_relu":  # relu's own backward: no gradient where relu(x) <= 0
-                # In place (elementwise, so exact): grad_input's buffer comes
-                # from bnfast's CPU output cache, a fresh one costs page faults.
-                torch.ops.aten.threshold_backward.grad_input(grad_input, source, 0, grad_input=grad_input)
-        grad_residual = grad_z if need_residual else None
+        else:  # (only grad_residual = dz is wanted, which does not depend on them)
+            mean_dy, mean_dy_xmu = torch.zeros_like(sum_dy), torch.zeros_like(sum_dy_xmu)
+        if act is None:
+            if need_input:
+                grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
+        elif need_input or need_residual:
+            grad_input, grad_residual = ops.backward_elemt_act(grad_output, input, mean, invstd, weight, bias,
+                                                               residual, act, slope, mean_dy, mean_dy_xmu)
+            grad_input = grad_input if need_input else None
+            grad_residual = grad_residual if need_residual else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, grad_residual
 
 

@@ -98,6 +98,20 @@ TORCH_LIBRARY(bnfast, m) {
       "backward_act(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias,"
       " Tensor? residual, str act, float slope)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // The pieces of a synchronized fused batch norm (bnfast.SyncBatchNormAct),
+  // as stats, backward_reduce and backward_elemt are SyncBatchNorm's: the
+  // statistics forward_act normalizes with (of relu(input) for pre_relu);
+  // backward_reduce's sums and backward_elemt's grad_input with dz in place
+  // of grad_out as backward_act takes it (grad_input masked where input <= 0
+  // for pre_relu), and grad_residual = dz (an empty tensor without residual).
+  m.def("stats_act(Tensor input, float eps, str act) -> (Tensor mean, Tensor invstd)");
+  m.def(
+      "backward_reduce_act(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
+      " Tensor? bias, Tensor? residual, str act, float slope) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "backward_elemt_act(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
+      " Tensor? bias, Tensor? residual, str act, float slope, Tensor mean_dy, Tensor mean_dy_xmu)"
+      " -> (Tensor grad_input, Tensor grad_residual)");
   // The CPU output cache (csrc/cpu/output_cache.h): free its idle buffers;
   // how many bytes it holds idle.
   m.def("empty_cpu_cache() -> ()");

@@ -153,6 +153,104 @@ def test_forward_ad_and_torch_func(act, training, device):
     torch.testing.assert_close(tangents[1], tangents[0])
 
 
+# ----------------------------------------------------------------- SyncBatchNormAct's pieces
+
+COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+@pytest.mark.parametrize(("case", "act", "with_residual"), MATRIX, ids=MATRIX_IDS)
+def test_split_ops_are_backward_act(case, act, with_residual, device):
+    """stats_act, backward_reduce_act and backward_elemt_act (SyncBatchNormAct's
+    pieces, with its all_reduce between the last two) give forward_act's
+    statistics and backward_act's results: the statistics and the sums
+    bitwise on the CPU, grad_input and grad_residual up to the rounding of
+    mean_dy to the stats dtype. The composite fallbacks (what CUDA runs), run
+    here on the CPU's plain ops, give the same up to rounding."""
+    x, dy = case.input(device), case.grad_out(device)
+    w, b = case.params(device)
+    residual = case.arrange(case.grad_out(device, seed=7)) if with_residual else None
+    _, mean, invstd = OPS.forward_act(x, w, b, residual, EPS, act, SLOPE)
+    grad_input, grad_weight, grad_bias, grad_residual = OPS.backward_act(dy, x, mean, invstd, w, b, residual, act,
+                                                                         SLOPE)
+    count = x.numel() // x.shape[1]
+    kernels = (OPS.stats_act.default, OPS.backward_reduce_act.default, OPS.backward_elemt_act.default)
+    runs = [lambda op, *args: op(*args)]
+    if case.dtype != torch.bfloat16 and case.dtype != torch.float16:  # (the composites round z to the input dtype)
+        runs.append(lambda op, *args: op.redispatch(COMPOSITE, *args))
+    for run in runs:
+        stats = run(kernels[0], x, EPS, act)
+        sums = run(kernels[1], dy, x, mean, invstd, w, b, residual, act, SLOPE)
+        dx, dr = run(kernels[2], dy, x, mean, invstd, w, b, residual, act, SLOPE, sums[0] / count, sums[1] / count)
+        exact = device == "cpu" and run is runs[0]
+        compare = torch.equal if exact else lambda a, e: torch.allclose(a, e, rtol=1e-5, atol=1e-6 * count)
+        assert compare(stats[0], mean) and compare(stats[1], invstd)
+        assert compare(sums[0], grad_bias)
+        torch.testing.assert_close(sums[1] * invstd, grad_weight, rtol=1e-5, atol=1e-6 * count)
+        assert dx.stride() == grad_input.stride() and dr.shape == grad_residual.shape
+        # (mean_dy's rounding moves grad_input by a few ulps of its largest value)
+        scale = 8 * torch.finfo(case.dtype).eps * grad_input.abs().max().item()
+        torch.testing.assert_close(dx, grad_input, rtol=0, atol=scale)
+        torch.testing.assert_close(dr, grad_residual)
+
+
+def test_split_ops_errors_and_not_differentiable(device):
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    mean, invstd = (t.detach() for t in OPS.stats(x.detach(), EPS))
+    dy, zeros = torch.randn(4, 3, 5, device=device), torch.zeros(3, device=device)
+    with pytest.raises(ValueError, match="unknown activation"):
+        OPS.stats_act(x, EPS, "tanh")
+    with pytest.raises(ValueError, match="pre_relu"):
+        OPS.backward_reduce_act(dy, x, mean, invstd, None, None, torch.randn_like(dy), "pre_relu", 0.0)
+    with pytest.raises(RuntimeError, match="mean_dy"):
+        OPS.backward_elemt_act(dy, x, mean, invstd, None, None, None, "relu", 0.0, zeros[:2], zeros)
+    for result in (OPS.stats_act(x, EPS, "pre_relu")[0],
+                   OPS.backward_reduce_act(dy, x, mean, invstd, None, None, None, "relu", 0.0)[0],
+                   OPS.backward_elemt_act(dy, x, mean, invstd, None, None, None, "relu", 0.0, zeros, zeros)[0]):
+        with pytest.raises(RuntimeError, match="bnfast::(stats|backward_reduce|backward_elemt)_act"):
+            result.sum().backward()
+
+
+def test_vmap_batching_rules(device):
+    """The fused ops' batching rules: vmap over 3 problems equals the ops on
+    each problem, and never takes torch's per-sample fallback (which warns)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 4, 3, 5)  # 3 problems of (4, 3, 5)
+
+    def rand(*size, offset=0.0):
+        return (torch.randn(*size, generator=g) + offset).to(device)
+
+    x, dy, r = rand(*shape), rand(*shape), rand(*shape)
+    w, b, md, mdx = rand(3, 3, offset=1.0), rand(3, 3), rand(3, 3), rand(3, 3)
+    mean, invstd = (torch.stack(t) for t in zip(*(OPS.stats(x[i], EPS) for i in range(3))))
+    calls = {
+        "forward_act": (lambda x, w, b, r: OPS.forward_act(x, w, b, r, EPS, "silu", SLOPE), (x, w, b, r)),
+        "elemt_act": (lambda x, w, b, m, s, r: OPS.elemt_act(x, w, b, m, s, r, "relu", SLOPE),
+                      (x, w, b, mean, invstd, r)),
+        "backward_act": (lambda dy, x, m, s, w, b, r: OPS.backward_act(dy, x, m, s, w, b, r, "leaky_relu", SLOPE),
+                         (dy, x, mean, invstd, w, b, r)),
+        "backward_act, no residual": (lambda dy, x, m, s, w, b: OPS.backward_act(dy, x, m, s, w, b, None, "gelu",
+                                                                                 SLOPE), (dy, x, mean, invstd, w, b)),
+        "stats_act": (lambda x: OPS.stats_act(x, EPS, "pre_relu"), (x,)),
+        "backward_reduce_act": (lambda dy, x, m, s, w, b, r: OPS.backward_reduce_act(dy, x, m, s, w, b, r, "relu",
+                                                                                     SLOPE),
+                                (dy, x, mean, invstd, w, b, r)),
+        "backward_elemt_act": (lambda dy, x, m, s, w, b, r, md, mdx: OPS.backward_elemt_act(
+            dy, x, m, s, w, b, r, "silu", SLOPE, md, mdx), (dy, x, mean, invstd, w, b, r, md, mdx)),
+        "backward_elemt_act, no residual": (lambda dy, x, m, s, w, b, md, mdx: OPS.backward_elemt_act(
+            dy, x, m, s, w, b, None, "pre_relu", SLOPE, md, mdx), (dy, x, mean, invstd, w, b, md, mdx)),
+    }
+    for name, (fn, args) in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            batched = torch.vmap(fn)(*args)
+        looped = [fn(*(a[i] for a in args)) for i in range(3)]
+        for k, out in enumerate(batched if isinstance(batched, tuple) else (batched,)):
+            each = [o[k] if isinstance(o, tuple) else o for o in looped]
+            torch.testing.assert_close(out, torch.stack(each), msg=f"{name}, output {k}")
+
+
 @pytest.mark.gpu_smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_opcheck(dtype, device):
@@ -166,6 +264,16 @@ def test_opcheck(dtype, device):
         torch.library.opcheck(OPS.elemt_act.default, (x, w, b, mean, invstd, res, act, SLOPE))
         torch.library.opcheck(OPS.backward_act.default,
                               (case.grad_out(device), x.detach(), mean, invstd, w, b, res, act, SLOPE))
+        torch.library.opcheck(OPS.stats_act.default, (x.detach(), EPS, act))
+        torch.library.opcheck(OPS.backward_reduce_act.default,
+                              (case.grad_out(device), x.detach(), mean, invstd, w, b, res, act, SLOPE))
+        torch.library.opcheck(OPS.backward_elemt_act.default,
+                              (case.grad_out(device), x.detach(), mean, invstd, w, b, res, act, SLOPE, mean, invstd))
+        if x.requires_grad:  # their explicit not-differentiable autograd kernels
+            for op, args in ((OPS.stats_act.default, (x, EPS, act)),
+                             (OPS.backward_reduce_act.default, (case.grad_out(device), x, mean, invstd, w, b, res, act,
+                                                                SLOPE))):
+                torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
 
 
 @pytest.mark.gpu_smoke

@@ -19,8 +19,10 @@
 //   reverse), or under a torch.func transform; any further order of
 //   derivative goes through the composite. Forward-mode tangents always come
 //   from the composites.
-// * The other ops (backward, backward_reduce, backward_elemt, gather_stats)
-//   are not differentiable and say so: backpropagating through them raises;
+// * The other ops (backward, backward_act, backward_reduce, backward_elemt,
+//   gather_stats, and SyncBatchNormAct's pieces stats_act,
+//   backward_reduce_act, backward_elemt_act) are not differentiable and say
+//   so: backpropagating through them raises;
 //   update_stats_ writes buffers outside the graph (not_differentiable.cpp).
 // * vmap: every op has a batching rule (bnfast/_vmap.py).
 // * elemt_running (the eval forward in one op) records no Node: with a

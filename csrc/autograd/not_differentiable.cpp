@@ -1,9 +1,11 @@
 // The ops outside the differentiable set (graph.h).
 //
-// The backward pieces (backward, backward_act, backward_reduce, backward_elemt) are
+// The backward pieces (backward, backward_act, backward_reduce, backward_elemt and
+// the _act ones) are
 // themselves gradients (their derivatives, the double backward, come from the
 // differentiable ops' composites), and gather_stats merges statistics that
-// SyncBatchNorm differentiates as a whole: backpropagating into any of them,
+// SyncBatchNorm differentiates as a whole, as stats_act, backward_reduce_act
+// and backward_elemt_act are SyncBatchNormAct's pieces: backpropagating into any of them,
 // or pushing a forward-mode tangent through one, raises "derivative for
 // bnfast::<op> is not implemented" rather than leaving a gradient silently
 // missing.
@@ -52,7 +54,8 @@ void update_stats_inplace(at::Tensor& running_mean, at::Tensor& running_var, con
 }  // namespace autograd
 
 TORCH_LIBRARY_IMPL(bnfast, Autograd, m) {
-  for (const char* op : {"backward", "backward_act", "backward_reduce", "backward_elemt", "gather_stats"}) {
+  for (const char* op : {"backward", "backward_act", "backward_reduce", "backward_elemt", "gather_stats",
+                         "stats_act", "backward_reduce_act", "backward_elemt_act"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
   m.impl("update_stats_", &autograd::update_stats_autograd);

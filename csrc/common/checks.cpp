@@ -198,5 +198,20 @@ Activation check_backward_act(const at::Tensor& grad_out, const at::Tensor& inpu
   return check_fused(input, residual, act);
 }
 
+Activation check_stats_act(const at::Tensor& input, c10::string_view act) {
+  check_stats(input);
+  return parse_activation(act);
+}
+
+Activation check_backward_elemt_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                    const at::Tensor& invstd, const OptionalTensor& weight,
+                                    const OptionalTensor& bias, const OptionalTensor& residual, c10::string_view act,
+                                    const at::Tensor& mean_dy, const at::Tensor& mean_dy_xmu) {
+  const auto a = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  check_statistic(mean_dy, "mean_dy", input);
+  check_statistic(mean_dy_xmu, "mean_dy_xmu", input);
+  return a;
+}
+
 
 }  // namespace bnfast

@@ -58,5 +58,13 @@ Activation check_elemt_act(const at::Tensor& input, const OptionalTensor& weight
 Activation check_backward_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                               const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
                               const OptionalTensor& residual, c10::string_view act);
+// The synchronized fused pieces: stats' checks and an activation (no
+// residual); backward_act's (backward_reduce_act), and mean_dy, mean_dy_xmu
+// (backward_elemt_act).
+Activation check_stats_act(const at::Tensor& input, c10::string_view act);
+Activation check_backward_elemt_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                    const at::Tensor& invstd, const OptionalTensor& weight,
+                                    const OptionalTensor& bias, const OptionalTensor& residual, c10::string_view act,
+                                    const at::Tensor& mean_dy, const at::Tensor& mean_dy_xmu);
 
 }  // namespace bnfast

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "activation_aten.h"
 #include "checks.h"
@@ -39,6 +40,30 @@ Triple call_backward(const at::Tensor& grad_out, const at::Tensor& input, const 
   return op.call(grad_out, input, mean, invstd, weight);
 }
 
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+
+Pair call_stats(const at::Tensor& input, double eps) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::stats", "").typed<Pair(
+      const at::Tensor&, double)>();
+  return op.call(input, eps);
+}
+
+Pair call_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                          const at::Tensor& invstd) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::backward_reduce", "").typed<Pair(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad_out, input, mean, invstd);
+}
+
+at::Tensor call_backward_elemt(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                               const at::Tensor& invstd, const OptionalTensor& weight, const at::Tensor& mean_dy,
+                               const at::Tensor& mean_dy_xmu) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::backward_elemt", "").typed<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+      const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu);
+}
+
 bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
 // act(z + residual), in z's dtype.
@@ -63,25 +88,61 @@ at::Tensor elemt_act(const at::Tensor& input, const OptionalTensor& weight, cons
                   slope);
 }
 
+// The fused backward ops' pieces: the batch norm's input x (relu(input) for
+// pre_relu) and dz = dy * act'(z), z = BN(x) + residual recomputed, in z's dtype.
+std::pair<at::Tensor, at::Tensor> bn_input_and_grad_z(const at::Tensor& grad_out, const at::Tensor& input,
+                                                      const at::Tensor& mean, const at::Tensor& invstd,
+                                                      const OptionalTensor& weight, const OptionalTensor& bias,
+                                                      const OptionalTensor& residual, const Activation& a,
+                                                      double slope) {
+  const auto x = a.pre_relu ? at::relu(input) : input;
+  if (a.act == Act::kIdentity) return {x, grad_out};
+  auto z = call_elemt(x, weight, bias, mean, invstd);
+  if (given(residual)) z = z + *residual;
+  return {x, activate_backward_aten(grad_out, z, a.act, slope)};
+}
+
+// grad_residual = dz, never an alias of grad_out (an op's outputs do not alias its inputs).
+at::Tensor grad_residual_of(const at::Tensor& dz, const at::Tensor& grad_out, const at::Tensor& input,
+                            const OptionalTensor& residual, const Activation& a) {
+  if (!given(residual)) return at::empty({0}, input.options());
+  return a.act == Act::kIdentity ? grad_out.clone() : dz;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
     const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& residual, c10::string_view act,
     double slope) {
   const auto a = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
-  const auto x = a.pre_relu ? at::relu(input) : input;
-  at::Tensor dz = grad_out;
-  if (a.act != Act::kIdentity) {
-    // z = BN(x) + residual, recomputed, then dz = dy * act'(z) in z's dtype.
-    auto z = call_elemt(x, weight, bias, mean, invstd);
-    if (given(residual)) z = z + *residual;
-    dz = activate_backward_aten(grad_out, z, a.act, slope);
-  }
+  const auto [x, dz] = bn_input_and_grad_z(grad_out, input, mean, invstd, weight, bias, residual, a, slope);
   auto [grad_input, grad_weight, grad_bias] = call_backward(dz, x, mean, invstd, weight);
   if (a.pre_relu) grad_input = at::threshold_backward(grad_input, input, 0);
-  // grad_residual = dz, never an alias of grad_out (an op's outputs do not alias its inputs).
-  auto grad_residual = !given(residual) ? at::empty({0}, input.options())
-                       : a.act == Act::kIdentity ? grad_out.clone() : dz;
-  return {grad_input, grad_weight, grad_bias, grad_residual};
+  return {grad_input, grad_weight, grad_bias, grad_residual_of(dz, grad_out, input, residual, a)};
+}
+
+Pair stats_act(const at::Tensor& input, double eps, c10::string_view act) {
+  const auto a = check_stats_act(input, act);
+  return call_stats(a.pre_relu ? at::relu(input) : input, eps);
+}
+
+Pair backward_reduce_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                         const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                         const OptionalTensor& residual, c10::string_view act, double slope) {
+  const auto a = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  const auto [x, dz] = bn_input_and_grad_z(grad_out, input, mean, invstd, weight, bias, residual, a, slope);
+  return call_backward_reduce(dz, x, mean, invstd);
+}
+
+Pair backward_elemt_act(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                        const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                        const OptionalTensor& residual, c10::string_view act, double slope,
+                        const at::Tensor& mean_dy, const at::Tensor& mean_dy_xmu) {
+  const auto a = check_backward_elemt_act(grad_out, input, mean, invstd, weight, bias, residual, act, mean_dy,
+                                          mean_dy_xmu);
+  const auto [x, dz] = bn_input_and_grad_z(grad_out, input, mean, invstd, weight, bias, residual, a, slope);
+  auto grad_input = call_backward_elemt(dz, x, mean, invstd, weight, mean_dy, mean_dy_xmu);
+  if (a.pre_relu) grad_input = at::threshold_backward(grad_input, input, 0);
+  return {grad_input, grad_residual_of(dz, grad_out, input, residual, a)};
 }
 
 }  // namespace
@@ -90,6 +151,9 @@ TORCH_LIBRARY_IMPL(bnfast, CompositeExplicitAutograd, m) {
   m.impl("forward_act", &forward_act);
   m.impl("elemt_act", &elemt_act);
   m.impl("backward_act", &backward_act);
+  m.impl("stats_act", &stats_act);
+  m.impl("backward_reduce_act", &backward_reduce_act);
+  m.impl("backward_elemt_act", &backward_elemt_act);
 }
 
 }  // namespace bnfast

@@ -54,21 +54,14 @@ Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const 
       return;
     }
     const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
-    std::optional<cpu::Fusion<scalar_t>> fusion;
-    std::pair<std::vector<opmath_t>, std::vector<opmath_t>> z;
+    std::optional<cpu::BackwardFusion<scalar_t>> fusion;
     if (activation) {
-      fusion = cpu::make_fusion<scalar_t>(*activation, slope, residual,
-                                          residual.defined() ? grad_residual : at::Tensor());
-      if (activation->act != Act::kIdentity) {
-        const auto b = cpu::channel_values<opmath_t>(bias, C, 0);
-        z = cpu::z_coefficients(is.data(), w.data(), b.data(), C);
-        fusion->zp = z.first.data();
-        fusion->zq = z.second.data();
-      }
+      fusion.emplace(*activation, slope, residual, residual.defined() ? grad_residual : at::Tensor(), bias,
+                     is.data(), w.data(), C);
     }
     cpu::backward_train<scalar_t>(grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
                                   grad_input.mutable_data_ptr<scalar_t>(), layout, shape, mu.data(), is.data(),
-                                  w.data(), sum_dy.data(), sum_dy_xmu.data(), fusion ? &*fusion : nullptr);
+                                  w.data(), sum_dy.data(), sum_dy_xmu.data(), fusion ? fusion->get() : nullptr);
     for (int64_t c = 0; c < C; ++c) {
       gw[c] = static_cast<opmath_t>(sum_dy_xmu[c] * is[c]);
       gb[c] = static_cast<opmath_t>(sum_dy[c]);

@@ -1,26 +1,34 @@
 // bnfast::backward_reduce on CPU: per channel
 //   sum_dy = sum(dy),   sum_dy_xmu = sum(dy * (x - mean))
 // in one pass over x and dy, accumulated in double (see loops.h).
+// bnfast::backward_reduce_act: the same with dz = dy * act'(z) in place of dy
+// (z recomputed from x), over relu(x) for pre_relu, as backward_act sums.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../common/checks.h"
 #include "../common/layout.h"
 #include "batch_norm.h"
+#include "fusion.h"
 
 namespace bnfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_out_,
-                                                        const at::Tensor& input_,
-                                                        const at::Tensor& mean,
-                                                        const at::Tensor& invstd) {
-  check_backward_reduce(grad_out_, input_, mean, invstd);
+// activation: none for the plain backward_reduce; else dz = dy * act'(z) in
+// place of dy (z recomputed from x, the residual and the affine parameters).
+std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& grad_out_, const at::Tensor& input_,
+                                                        const at::Tensor& mean, const at::Tensor& invstd,
+                                                        const OptionalTensor& weight, const OptionalTensor& bias,
+                                                        const OptionalTensor& residual_,
+                                                        std::optional<Activation> activation, double slope) {
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
+  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   auto sum_dy = at::empty({shape.channels}, mean.options());
@@ -31,8 +39,12 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_ou
     const auto mu = cpu::channel_values<opmath_t>(mean, C, 0);
     std::vector<double> s1(C, 0.0), s2(C, 0.0);
     if (input.numel() > 0) {
+      const auto is = cpu::channel_values<opmath_t>(invstd, C, 0);
+      const auto w = cpu::channel_values<opmath_t>(weight, C, 1);
+      std::optional<cpu::BackwardFusion<scalar_t>> fusion;
+      if (activation) fusion.emplace(*activation, slope, residual, at::Tensor(), bias, is.data(), w.data(), C);
       cpu::grad_sums<scalar_t>(grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                               layout, shape, mu.data(), s1.data(), s2.data());
+                               layout, shape, mu.data(), s1.data(), s2.data(), fusion ? fusion->get() : nullptr);
     }
     auto* out1 = sum_dy.mutable_data_ptr<opmath_t>();
     auto* out2 = sum_dy_xmu.mutable_data_ptr<opmath_t>();
@@ -44,8 +56,27 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_ou
   return {sum_dy, sum_dy_xmu};
 }
 
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                        const at::Tensor& mean, const at::Tensor& invstd) {
+  check_backward_reduce(grad_out, input, mean, invstd);
+  return backward_reduce_impl(grad_out, input, mean, invstd, std::nullopt, std::nullopt, std::nullopt,
+                              std::nullopt, 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_act_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                                            const OptionalTensor& weight, const OptionalTensor& bias,
+                                                            const OptionalTensor& residual, c10::string_view act,
+                                                            double slope) {
+  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  return backward_reduce_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("backward_reduce", &backward_reduce_cpu); }
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) {
+  m.impl("backward_reduce", &backward_reduce_cpu);
+  m.impl("backward_reduce_act", &backward_reduce_act_cpu);
+}
 
 }  // namespace bnfast

@@ -260,6 +260,7 @@ struct Terms {
   // loops are not hoisted (the compiler cannot rule out that out aliases *f).
   const scalar_t* residual = nullptr;
   scalar_t* grad_residual = nullptr;
+  bool grad_residual_from_reduce = false;
   Vec zp, zq, slope;  // fused: z's coefficients (backward) and leaky_relu's slope
 
   BNFAST_ELEMENT Terms(const scalar_t* x_, const scalar_t* dy_, const Fusion<scalar_t>* f_) : x(x_), dy(dy_), f(f_) {
@@ -267,6 +268,7 @@ struct Terms {
     if constexpr (kMayHaveResidual) {
       residual = f->residual;
       grad_residual = f->grad_residual;
+      grad_residual_from_reduce = f->grad_residual_from_reduce;
     }
   }
   // Per-channel z coefficients: broadcast (channels-first) or loaded (channels-last).
@@ -312,9 +314,9 @@ struct Terms {
     return a;
   }
   // dz for the affine pass; stored to grad_residual when asked (unless the
-  // reduction did).
+  // reduction of the same op did).
   BNFAST_ELEMENT Vec grad(const Lanes<scalar_t>& l, int64_t o, const Vec& d) const {
-    if (kReuseGrad && grad_residual) return l.load(grad_residual + o);
+    if (kReuseGrad && grad_residual && grad_residual_from_reduce) return l.load(grad_residual + o);
     const Vec a = dz(l, o, d);
     if (kMayHaveResidual && grad_residual) l.store(grad_residual + o, a);
     return a;
