@@ -81,6 +81,24 @@ def test_matches_unfused_without_the_input(case, act, with_residual, device):
         ref.assert_error_within_torch(f"{name} ({act}, memory_efficient)", a, b, t, a.dtype)
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["input_kept", "memory_efficient"])
+def test_pre_relu_masks_as_torch(memory_efficient, device):
+    """pre_relu's input gradient is exactly 0 where relu clamped, x = 0 and
+    x = -0 included, and elsewhere torch's BN(relu(x)) gradient."""
+    x = torch.randn(6, 3, 4, 4, device=device, dtype=torch.float64)
+    x[0, :, 0, :2] = 0.0
+    x[1, :, 1, :2] = -0.0
+    x.requires_grad_(True)
+    dy = torch.randn_like(x)
+    ours = torch.autograd.grad(bnfast.batch_norm_act(x, None, None, training=True, act="pre_relu",
+                                                     memory_efficient=memory_efficient), x, dy)[0]
+    theirs = torch.autograd.grad(F.batch_norm(F.relu(x), None, None, training=True), x, dy)[0]
+    clamped = x.detach() <= 0
+    assert torch.equal(ours[clamped], torch.zeros_like(ours[clamped]))
+    assert not torch.signbit(ours[clamped]).any()
+    torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize(("act", "with_residual"), INVERTIBLE, ids=INVERTIBLE_IDS)
 def test_gradcheck(act, with_residual, device):
     """First and second order, through the output and through the batch statistics the op returns."""

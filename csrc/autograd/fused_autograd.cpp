@@ -16,7 +16,8 @@
 //          + grad_mean / M - xhat * invstd^2 * grad_invstd / M
 // That needs act invertible (identity; leaky_relu with a positive slope) and
 // no zero in w. pre_relu (y = BN(relu(x)), identity after) keeps y and
-// where x <= 0 (a bool tensor): dx = the above for relu(x), 0 there. Anything
+// where relu passes the gradient, not x <= 0 (a bool tensor): dx = the above
+// for relu(x), 0 where x <= 0. Anything
 // else (relu, silu, gelu: z is lost where act is flat or not one-to-one; a
 // zero weight element: xhat is lost) keeps the input, as without the mode,
 // and warns once; so does a traced call (torch.compile), whose weight cannot
@@ -99,8 +100,21 @@ struct ForwardActBackward : public NodeWithSaved<kForwardSaved> {
   std::string act_;
 };
 
+// pre_relu's mask on dx, as torch's relu backward applies it: 0 where x <= 0.
+// relu_passes = !(x <= 0) is kept rather than x <= 0 because ATen's
+// threshold_backward (grad where relu_passes > 0, else 0) is that exactly,
+// NaN gradients included, and with the mask read as uint8 runs several times
+// faster on the CPU than masked_fill with a bool mask.
+at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& relu_passes) {
+  return at::threshold_backward(grad, relu_passes.view(at::kByte), 0);
+}
+
+void relu_backward_(at::Tensor& grad, const at::Tensor& relu_passes) {
+  at::threshold_backward_out(grad, grad, relu_passes.view(at::kByte), 0);
+}
+
 enum FromOutputSaved {
-  kOutput, kNonPositive, kOutWeight, kOutBias, kOutResidual, kOutMean, kOutInvstd, kFromOutputSaved
+  kOutput, kReluPasses, kOutWeight, kOutBias, kOutResidual, kOutMean, kOutInvstd, kFromOutputSaved
 };
 
 // The gradients of forward_act w.r.t. (input, weight, bias, residual) from
@@ -108,7 +122,7 @@ enum FromOutputSaved {
 // ops: for create_graph, gradients of the statistics, and half precision
 // (whose output, rounded, would rebuild the input with more error than the
 // stats dtype adds here).
-variable_list backward_from_output(const variable_list& grads, const at::Tensor& y, const at::Tensor& nonpositive,
+variable_list backward_from_output(const variable_list& grads, const at::Tensor& y, const at::Tensor& relu_passes,
                                    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual,
                                    const at::Tensor& mean, const at::Tensor& invstd, const Activation& a,
                                    double slope) {
@@ -131,7 +145,7 @@ variable_list backward_from_output(const variable_list& grads, const at::Tensor&
             (dz - per_channel(sum_dz / count, dim) - xhat * per_channel(sum_dz_xhat / count, dim));
   if (grad_mean.defined()) dx = dx + per_channel(grad_mean / count, dim);
   if (grad_invstd.defined()) dx = dx - xhat * per_channel(invstd * invstd * grad_invstd / count, dim);
-  if (a.pre_relu) dx = dx.masked_fill(nonpositive, 0);
+  if (a.pre_relu) dx = relu_backward(dx, relu_passes);
   variable_list result(4);
   result[0] = dx.to(y.scalar_type());
   if (weight.defined()) result[1] = sum_dz_xhat.to(weight.scalar_type());
@@ -154,7 +168,7 @@ variable_list backward_from_output(const variable_list& grads, const at::Tensor&
 //   the rounded output would rebuild x' with too much error: the composite.)
 // Returns nothing (undefined) where neither applies.
 std::optional<variable_list> backward_from_output_kernel(const at::Tensor& grad_out, const at::Tensor& y,
-                                                         const at::Tensor& nonpositive, const at::Tensor& weight,
+                                                         const at::Tensor& relu_passes, const at::Tensor& weight,
                                                          const at::Tensor& bias, const at::Tensor& residual,
                                                          const at::Tensor& mean, const at::Tensor& invstd,
                                                          const Activation& a, double slope) {
@@ -168,7 +182,7 @@ std::optional<variable_list> backward_from_output_kernel(const at::Tensor& grad_
     const auto w = weight.defined() ? weight.to(stats) : at::ones_like(invstd);
     const auto b = bias.defined() ? bias.to(stats) : at::zeros_like(mean);
     auto [grad_input, grad_weight, grad_bias] = call_backward(grad_out, y, b, w.reciprocal(), w * w * invstd);
-    if (a.pre_relu) grad_input.masked_fill_(nonpositive, 0);
+    if (a.pre_relu) relu_backward_(grad_input, relu_passes);
     result[0] = grad_input;
     if (weight.defined()) result[1] = grad_weight.to(weight.scalar_type());
     if (bias.defined()) result[2] = grad_bias.to(bias.scalar_type());
@@ -202,12 +216,12 @@ struct ForwardActFromOutputBackward : public NodeWithSaved<kFromOutputSaved> {
                              grads[0].scalar_type() == y.scalar_type();
     std::optional<variable_list> kernels;
     if (first_order) {
-      kernels = backward_from_output_kernel(grads[0], y, unpack(kNonPositive), unpack(kOutWeight),
+      kernels = backward_from_output_kernel(grads[0], y, unpack(kReluPasses), unpack(kOutWeight),
                                             unpack(kOutBias), unpack(kOutResidual), unpack_output(kOutMean),
                                             unpack_output(kOutInvstd), a, slope_);
     }
     auto result = kernels ? *std::move(kernels)
-                          : backward_from_output(grads, y, unpack(kNonPositive), unpack(kOutWeight),
+                          : backward_from_output(grads, y, unpack(kReluPasses), unpack(kOutWeight),
                                                  unpack(kOutBias), unpack(kOutResidual), unpack_output(kOutMean),
                                                  unpack_output(kOutInvstd), a, slope_);
     for (size_t i = 0; i < 4; ++i) {
@@ -271,7 +285,7 @@ Triple forward_act_autograd(const at::Tensor& input, const OptionalTensor& weigh
     record(node, {&input, &weight, &bias, &residual}, {&y, &mean, &invstd});
     // The outputs with their graph (is_output), so the backward differentiates again.
     node->saved_ = {SavedVariable(y, /*is_output=*/true),
-                    a.pre_relu ? save_input(input.le(0)) : SavedVariable(),
+                    a.pre_relu ? save_input(input.le(0).logical_not_()) : SavedVariable(),
                     save_input(weight), save_input(bias), save_input(residual),
                     SavedVariable(mean, /*is_output=*/true), SavedVariable(invstd, /*is_output=*/true)};
     node->slope_ = slope;
