@@ -104,13 +104,16 @@ def _worker(rank: int, args: argparse.Namespace, store: str, out_path: str) -> N
     models = {"local": bnfast.convert(copy.deepcopy(base), fuse=args.fuse),
               "sync": bnfast.SyncBatchNorm.convert_sync_batchnorm(bnfast.convert(copy.deepcopy(base),
                                                                                  fuse=args.fuse))}
+    fused_layers = {name: sum(isinstance(layer, (bnfast.BatchNormAct2d, bnfast.SyncBatchNormAct))
+                              for layer in m.modules()) for name, m in models.items()}
     models = {name: nn.parallel.DistributedDataParallel(m) for name, m in models.items()}
     opts = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
     g = torch.Generator().manual_seed(args.seed + 1 + rank)  # each rank its own data
     batches = [(torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
                for _ in range(4)]
     loss_fn = nn.CrossEntropyLoss()
-    records = {name: {"step_s": [], "collective_s": [], "collectives": []} for name in VARIANTS}
+    records = {name: {"step_s": [], "collective_s": [], "collectives": [], "fused_layers": fused_layers[name]}
+               for name in VARIANTS}
     for step in range(args.warmup + args.steps):
         x, y = batches[step % len(batches)]
         for name in (VARIANTS if step % 2 == 0 else VARIANTS[::-1]):
@@ -171,6 +174,7 @@ def summarize(per_rank: list) -> dict:
         out[name] = {"median_step_ms": 1e3 * med, "q1_step_ms": 1e3 * q1, "q3_step_ms": 1e3 * q3,
                      "median_collective_ms": 1e3 * statistics.median(coll),
                      "collectives_per_step": statistics.median(per_rank[0][name]["collectives"]),
+                     "fused_layers": per_rank[0][name]["fused_layers"],
                      "steps": len(steps), "step_ms": [1e3 * s for s in steps]}
     local, sync = out["local"], out["sync"]
     overhead = sync["median_step_ms"] / local["median_step_ms"] - 1

@@ -168,6 +168,13 @@ def _elemt_act_vmap(info, in_dims, input, weight, bias, mean, invstd, residual, 
     return _unbatch_input(y, b), 0
 
 
+def _backward_act_args(in_dims, b: int, grad_out, input, mean, invstd, weight, bias, residual) -> tuple:
+    """backward_act's leading arguments (its split forms' too), batched."""
+    return (_input(grad_out, in_dims[0], b), _input(input, in_dims[1], b), _channels(mean, in_dims[2], b),
+            _channels(invstd, in_dims[3], b), _channels(weight, in_dims[4], b), _channels(bias, in_dims[5], b),
+            _residual(residual, in_dims[6], b))
+
+
 def _unbatch_residual_grad(grad_residual: Tensor, batch: int) -> Tensor:
     """grad_residual: like the input, or empty (no residual): batched either way."""
     if grad_residual.dim() == 1:
@@ -178,10 +185,8 @@ def _unbatch_residual_grad(grad_residual: Tensor, batch: int) -> Tensor:
 @torch.library.register_vmap("bnfast::backward_act")
 def _backward_act_vmap(info, in_dims, grad_out, input, mean, invstd, weight, bias, residual, act, slope):
     b = info.batch_size
-    dx, dw, db, dr = _ops.backward_act(_input(grad_out, in_dims[0], b), _input(input, in_dims[1], b),
-                                       _channels(mean, in_dims[2], b), _channels(invstd, in_dims[3], b),
-                                       _channels(weight, in_dims[4], b), _channels(bias, in_dims[5], b),
-                                       _residual(residual, in_dims[6], b), act, slope)
+    dx, dw, db, dr = _ops.backward_act(*_backward_act_args(in_dims, b, grad_out, input, mean, invstd, weight, bias,
+                                                          residual), act, slope)
     return ((_unbatch_input(dx, b), _unbatch_channels(dw, b), _unbatch_channels(db, b),
              _unbatch_residual_grad(dr, b)), (0, 0, 0, 0))
 
@@ -196,9 +201,7 @@ def _stats_act_vmap(info, in_dims, input, eps, act):
 def _backward_reduce_act_vmap(info, in_dims, grad_out, input, mean, invstd, weight, bias, residual, act, slope):
     b = info.batch_size
     sum_dy, sum_dy_xmu = _ops.backward_reduce_act(
-        _input(grad_out, in_dims[0], b), _input(input, in_dims[1], b), _channels(mean, in_dims[2], b),
-        _channels(invstd, in_dims[3], b), _channels(weight, in_dims[4], b), _channels(bias, in_dims[5], b),
-        _residual(residual, in_dims[6], b), act, slope)
+        *_backward_act_args(in_dims, b, grad_out, input, mean, invstd, weight, bias, residual), act, slope)
     return (_unbatch_channels(sum_dy, b), _unbatch_channels(sum_dy_xmu, b)), (0, 0)
 
 
@@ -207,8 +210,6 @@ def _backward_elemt_act_vmap(info, in_dims, grad_out, input, mean, invstd, weigh
                              mean_dy, mean_dy_xmu):
     b = info.batch_size
     dx, dr = _ops.backward_elemt_act(
-        _input(grad_out, in_dims[0], b), _input(input, in_dims[1], b), _channels(mean, in_dims[2], b),
-        _channels(invstd, in_dims[3], b), _channels(weight, in_dims[4], b), _channels(bias, in_dims[5], b),
-        _residual(residual, in_dims[6], b), act, slope, _channels(mean_dy, in_dims[9], b),
-        _channels(mean_dy_xmu, in_dims[10], b))
+        *_backward_act_args(in_dims, b, grad_out, input, mean, invstd, weight, bias, residual), act, slope,
+        _channels(mean_dy, in_dims[9], b), _channels(mean_dy_xmu, in_dims[10], b))
     return (_unbatch_input(dx, b), _unbatch_residual_grad(dr, b)), (0, 0)

@@ -19,7 +19,6 @@ import functools
 import linecache
 import logging
 import operator
-import warnings
 from collections import Counter
 from typing import Callable, Optional
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfast.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
-                            BatchNormAct3d)
+                            BatchNormAct3d, _BatchNormAct)
 from bnfast.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 _LOG = logging.getLogger("bnfast")
@@ -406,7 +405,8 @@ def convert(module: nn.Module, fuse: bool = False, verbose: bool = False, memory
 
     memory_efficient=True (with fuse=True) makes the fused modules keep their
     output for backward instead of their input where that is exact
-    (bnfast.batch_norm_act says when).
+    (bnfast.batch_norm_act says when); SyncBatchNormAct, which has no such
+    mode, keeps its input (the summary says so).
     """
     if memory_efficient and not fuse:
         raise ValueError("bnfast.convert: memory_efficient=True applies to fused batch norms; pass fuse=True too")
@@ -420,27 +420,29 @@ def convert(module: nn.Module, fuse: bool = False, verbose: bool = False, memory
     return module
 
 
-def to_sync(module: nn.Module, process_group=None) -> nn.Module:
+def to_sync(module: nn.Module, process_group=None, lost_memory_saving: Optional[list] = None) -> nn.Module:
     """bnfast.SyncBatchNorm.convert_sync_batchnorm: every batch norm layer of
     module (any torch.nn.modules.batchnorm._BatchNorm, as torch's conversion
     takes) becomes a bnfast.SyncBatchNorm over process_group, or a
-    SyncBatchNormAct with the same activation where it is a BatchNormAct
-    (fused by convert or built by hand), sharing its state (_retyped). A
-    memory_efficient BatchNormAct loses that mode, with a warning."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        act = getattr(module, "act", None)
-        if getattr(module, "memory_efficient", False):
-            warnings.warn(f"bnfast: {type(module).__name__}(memory_efficient=True) becomes a SyncBatchNormAct, "
-                          "which keeps its input for backward: no memory saving", stacklevel=3)
-        if act is None:
-            return _retyped(module, SyncBatchNorm, process_group=process_group)
-        return _retyped(module, SyncBatchNormAct, process_group=process_group, act=act,
-                        negative_slope=module.negative_slope)
-    for name, child in module.named_children():
-        synced = to_sync(child, process_group)
-        if synced is not child:
-            module._modules[name] = synced
-    return module
+    SyncBatchNormAct with the same activation where it is a bnfast
+    BatchNormAct (fused by convert or built by hand), sharing its state
+    (_retyped). The names of memory_efficient layers, which lose that mode,
+    are appended to lost_memory_saving."""
+    def convert_layers(m: nn.Module, name: str) -> nn.Module:
+        if isinstance(m, (_BatchNormAct, SyncBatchNormAct)):
+            if getattr(m, "memory_efficient", False) and lost_memory_saving is not None:
+                lost_memory_saving.append(name or type(m).__name__)
+            return _retyped(m, SyncBatchNormAct, process_group=process_group, act=m.act,
+                            negative_slope=m.negative_slope)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return _retyped(m, SyncBatchNorm, process_group=process_group)
+        for child_name, child in m.named_children():
+            synced = convert_layers(child, f"{name}.{child_name}" if name else child_name)
+            if synced is not child:
+                m._modules[child_name] = synced
+        return m
+
+    return convert_layers(module, "")
 
 
 def revert(module: nn.Module) -> nn.Module:

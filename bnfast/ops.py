@@ -9,11 +9,12 @@ Shapes: input (N, C, *); per-channel tensors [C]. "Stats" tensors (mean,
 invstd, sums) are float32, or float64 for float64 input.
 
 Autograd follows one rule for every op, stated in csrc/autograd/graph.h: the
-differentiable ops (stats, forward, elemt) have C++ autograd kernels that
-build the graph the way torch's own ops do (reverse mode with bnfast kernels,
-higher orders and forward mode through differentiable composites, all of it
-usable under torch.func); elemt_running decomposes into elemt whenever it is
-differentiated or transformed; the others are registered as not differentiable.
+differentiable ops (stats, forward, elemt, forward_act, elemt_act) have C++
+autograd kernels that build the graph the way torch's own ops do (reverse
+mode with bnfast kernels, higher orders and forward mode through
+differentiable composites, all of it usable under torch.func); elemt_running
+decomposes into elemt whenever it is differentiated or transformed; the
+others are registered as not differentiable.
 Their batching rules for torch.vmap are in bnfast/_vmap.py.
 """
 

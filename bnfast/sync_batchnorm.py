@@ -36,6 +36,7 @@ torch.compile(fullgraph=True), collectives included.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -142,12 +143,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_residual = ctx.needs_input_grad[11]
         act, slope = ctx.act, ctx.slope
+        grad_input = grad_weight = grad_bias = grad_residual = None
+        if not (need_input or need_weight or need_bias):  # only grad_residual = dz, which needs no sums
+            zeros = torch.zeros_like(mean)
+            grad_residual = ops.backward_elemt_act(grad_output, input, mean, invstd, weight, bias, residual, act,
+                                                   slope, zeros, zeros)[1]
+            return None, None, None, None, None, None, None, None, None, None, None, grad_residual
         if act is None:
             sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, mean, invstd)
         else:
             sum_dy, sum_dy_xmu = ops.backward_reduce_act(grad_output, input, mean, invstd, weight, bias, residual,
                                                          act, slope)
-        grad_input = grad_weight = grad_bias = grad_residual = None
         if need_weight:
             # An empty batch contributes 0 (its invstd is NaN when every rank's batch is empty).
             grad_weight = (sum_dy_xmu * invstd if input.numel() else sum_dy_xmu).to(weight.dtype)
@@ -157,7 +163,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             sums = torch.cat([sum_dy, sum_dy_xmu])
             _all_reduce_sums(sums, ctx.group)
             mean_dy, mean_dy_xmu = (sums / count).chunk(2)
-        else:  # (only grad_residual = dz is wanted, which does not depend on them)
+        else:  # (grad_residual = dz, if wanted, does not depend on them)
             mean_dy, mean_dy_xmu = torch.zeros_like(sum_dy), torch.zeros_like(sum_dy_xmu)
         if act is None:
             if need_input:
@@ -254,7 +260,12 @@ class SyncBatchNorm(_BatchNorm):
         Returns module, or a new module if module is itself a batch-norm layer."""
         from bnfast.convert import to_sync
 
-        return to_sync(module, process_group)
+        lost_memory_saving: list = []
+        module = to_sync(module, process_group, lost_memory_saving)
+        if lost_memory_saving:
+            warnings.warn(f"bnfast: the memory_efficient layers {', '.join(lost_memory_saving)} became "
+                          "SyncBatchNormAct, which keeps its input for backward: no memory saving", stacklevel=2)
+        return module
 
 
 class SyncBatchNormAct(SyncBatchNorm):

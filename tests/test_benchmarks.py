@@ -288,6 +288,7 @@ def test_ddp_benchmark_short_run(tmp_path, fuse):
     res = json.loads((tmp_path / "ddp.json").read_text())
     s = res["summary"]
     assert s["variants"]["sync"]["collectives_per_step"] == 6
+    assert all(v["fused_layers"] == (3 if fuse else 0) for v in s["variants"].values())
     assert s["variants"]["local"]["collectives_per_step"] == 0
     assert s["variants"]["local"]["median_collective_ms"] == 0
     for v in s["variants"].values():

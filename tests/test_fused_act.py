@@ -167,6 +167,8 @@ def test_split_ops_are_backward_act(case, act, with_residual, device):
     mean_dy to the stats dtype. The composite fallbacks (what CUDA runs), run
     here on the CPU's plain ops, give the same up to rounding."""
     x, dy = case.input(device), case.grad_out(device)
+    if case.layout == "channels_last":  # a gradient in another layout than the input's
+        dy = dy.contiguous()
     w, b = case.params(device)
     residual = case.arrange(case.grad_out(device, seed=7)) if with_residual else None
     _, mean, invstd = OPS.forward_act(x, w, b, residual, EPS, act, SLOPE)
@@ -186,7 +188,8 @@ def test_split_ops_are_backward_act(case, act, with_residual, device):
         assert compare(stats[0], mean) and compare(stats[1], invstd)
         assert compare(sums[0], grad_bias)
         torch.testing.assert_close(sums[1] * invstd, grad_weight, rtol=1e-5, atol=1e-6 * count)
-        assert dx.stride() == grad_input.stride() and dr.shape == grad_residual.shape
+        assert dx.stride() == grad_input.stride() == x.stride()
+        assert dr.shape == grad_residual.shape and (not with_residual or dr.stride() == x.stride())
         # (mean_dy's rounding moves grad_input by a few ulps of its largest value)
         scale = 8 * torch.finfo(case.dtype).eps * grad_input.abs().max().item()
         torch.testing.assert_close(dx, grad_input, rtol=0, atol=scale)
@@ -210,11 +213,19 @@ def test_split_ops_errors_and_not_differentiable(device):
             result.sum().backward()
 
 
-def test_vmap_batching_rules(device):
-    """The fused ops' batching rules: vmap over 3 problems equals the ops on
-    each problem, and never takes torch's per-sample fallback (which warns)."""
-    import warnings
+@pytest.fixture
+def no_vmap_fallback():
+    """vmap raises for an op without a batching rule instead of looping over the samples."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(True)
 
+
+def test_vmap_batching_rules(device, no_vmap_fallback):
+    """The fused ops' batching rules: vmap over 3 problems equals the ops on
+    each problem, and takes no per-sample fallback (disabled here: it raises)."""
     g = torch.Generator().manual_seed(0)
     shape = (3, 4, 3, 5)  # 3 problems of (4, 3, 5)
 
@@ -242,9 +253,7 @@ def test_vmap_batching_rules(device):
             dy, x, m, s, w, b, None, "pre_relu", SLOPE, md, mdx), (dy, x, mean, invstd, w, b, md, mdx)),
     }
     for name, (fn, args) in calls.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            batched = torch.vmap(fn)(*args)
+        batched = torch.vmap(fn)(*args)
         looped = [fn(*(a[i] for a in args)) for i in range(3)]
         for k, out in enumerate(batched if isinstance(batched, tuple) else (batched,)):
             each = [o[k] if isinstance(o, tuple) else o for o in looped]

@@ -38,6 +38,7 @@ import bnfast
 from bnfast import ops
 from bnfast import sync_batchnorm as sbn
 from tests import reference as ref
+from tests.test_fused_act import SLOPE, UNFUSED
 
 EPS = 1e-5
 GROUP_TIMEOUT_S = 240  # a hung collective fails the tests instead of blocking CI
@@ -434,29 +435,24 @@ def compiled_fullgraph_fused(rank, world_size):
 
 # ----------------------------------------------------------------- fused activations
 
-UNFUSED = {"identity": lambda y, slope: y, "relu": lambda y, slope: torch.relu(y),
-           "leaky_relu": lambda y, slope: nn.functional.leaky_relu(y, slope),
-           "silu": lambda y, slope: nn.functional.silu(y), "gelu": lambda y, slope: nn.functional.gelu(y),
-           "gelu_tanh": lambda y, slope: nn.functional.gelu(y, approximate="tanh")}
-
-
-def _unfused(bn, act, slope, x, residual):
+def _unfused(bn, act, x, residual):
     """torch's layers in sequence: act(bn(x) + residual), or bn(relu(x))."""
     if act == "pre_relu":
         return bn(torch.relu(x))
-    return UNFUSED[act](bn(x) if residual is None else bn(x) + residual, slope)
+    return UNFUSED[act](bn(x) if residual is None else bn(x) + residual)
 
 
-def _fused_vs_single(rank, sizes, tail, act, *, slope=0.01, residual=False, channels=4, dtype=torch.float32,
+def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True, channels=4, dtype=torch.float32,
                      params_dtype=None, memory_format=torch.contiguous_format, steps=2):
     """bnfast.SyncBatchNormAct on this rank's slice against torch's BatchNorm
     and activation (and residual add) on the whole batch in one process, and
-    both against the same in float64: output, gradients of the input, the
-    residual, weight and bias (summed over the ranks), running statistics,
-    step after step; then an eval step on the local slice."""
+    both against the same in float64: output, gradients of the input (unless
+    input_grad is False), the residual, weight and bias (summed over the
+    ranks), running statistics, step after step; then an eval step on the
+    local slice."""
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     pdt = params_dtype or dtype
-    ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=slope, dtype=pdt)
+    ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=SLOPE, dtype=pdt)
     theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt)
     truth = TORCH_BN[2 + len(tail)](channels, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
@@ -472,22 +468,27 @@ def _fused_vs_single(rank, sizes, tail, act, *, slope=0.01, residual=False, chan
         r_all = _batch(shape, dtype, g) if residual else None
         local = [t[lo:hi].contiguous(memory_format=memory_format).requires_grad_() if t is not None else None
                  for t in (x_all, r_all)]
+        local[0].requires_grad_(input_grad)
         inputs = [t for t in local if t is not None]
         before = CALLS.copy()
         y = ours(*inputs)
-        grads = torch.autograd.grad(y, inputs + [ours.weight, ours.bias], dy_all[lo:hi].contiguous(
-            memory_format=memory_format))
-        expect.true(CALLS - before == {"_all_gather_stats": 1, "_all_reduce_sums": 1},
-                    f"collectives: {CALLS - before}")
+        wanted = [t for t in inputs if t.requires_grad] + [ours.weight, ours.bias]
+        grads = torch.autograd.grad(y, wanted, dy_all[lo:hi].contiguous(memory_format=memory_format))
+        if not input_grad:
+            grads = (None,) + grads
+        collectives = {"_all_gather_stats": 1, "_all_reduce_sums": 1} if input_grad else {"_all_gather_stats": 1}
+        expect.true(CALLS - before == collectives, f"collectives: {CALLS - before}")
         expect.true(y.dtype == dtype and y.is_contiguous(memory_format=memory_format), "output dtype / layout")
         results = []
         for bn, cast in ((theirs, lambda t: t), (truth, lambda t: t.double())):
             whole = [cast(t).requires_grad_() for t in (x_all, r_all) if t is not None]
-            out = _unfused(bn, act, slope, whole[0], whole[1] if residual else None)
+            out = _unfused(bn, act, whole[0], whole[1] if residual else None)
             results.append((out,) + torch.autograd.grad(out, whole + [bn.weight, bn.bias], cast(dy_all)))
         scale = dy_all.double().abs().max().item() * 10  # the gradients' natural magnitude, for cancellation
         outs = [y] + list(grads)
         for i, label in enumerate(["output", "grad_input"] + (["grad_residual"] if residual else [])):
+            if outs[i] is None:
+                continue
             expect.close(f"step {step} {label}", outs[i], results[0][i][lo:hi], results[1][i][lo:hi], dtype,
                          scale=None if i == 0 else scale)
         for j, label in enumerate(("grad_weight", "grad_bias")):
@@ -503,8 +504,8 @@ def _fused_vs_single(rank, sizes, tail, act, *, slope=0.01, residual=False, chan
     before = CALLS.copy()
     y = ours(x, r) if residual else ours(x)
     expect.true(CALLS == before, f"collectives in eval: {CALLS - before}")
-    expect.close("eval output", y, _unfused(theirs, act, slope, x, r),
-                 _unfused(truth, act, slope, x.double(), r.double() if residual else None), dtype)
+    expect.close("eval output", y, _unfused(theirs, act, x, r),
+                 _unfused(truth, act, x.double(), r.double() if residual else None), dtype)
     assert not expect, "\n".join(expect)
 
 
@@ -520,7 +521,14 @@ def fused_add_relu_channels_last(rank, world_size):
 
 @_check(2)
 def fused_leaky_relu_one_rank_empty(rank, world_size):
-    _fused_vs_single(rank, [6, 0], (3, 3), "leaky_relu", slope=0.2)
+    _fused_vs_single(rank, [6, 0], (3, 3), "leaky_relu")
+
+
+@_check(2)
+def fused_residual_one_rank_empty_input_without_grad(rank, world_size):
+    """Only the residual, weight and bias need gradients: no all_reduce, and
+    grad_residual from the elementwise op alone; one rank's batch empty."""
+    _fused_vs_single(rank, [0, 5], (3, 3), "silu", residual=True, input_grad=False)
 
 
 @_check(2)
@@ -547,10 +555,21 @@ def fused_residual_broadcast(rank, world_size):
     g = torch.Generator().manual_seed(0)
     x_all = _batch((8, 3, 4, 4), torch.float32, g)
     r = torch.randn(3, 1, 1, generator=g)
-    ours, theirs = bnfast.SyncBatchNormAct(3, act="leaky_relu", negative_slope=0.1), nn.BatchNorm2d(3)
+    ours, theirs = bnfast.SyncBatchNormAct(3, act="leaky_relu", negative_slope=SLOPE), nn.BatchNorm2d(3)
     lo, hi = (0, 5) if rank == 0 else (5, 8)
-    y = ours(x_all[lo:hi], r)
-    torch.testing.assert_close(y, nn.functional.leaky_relu(theirs(x_all) + r, 0.1)[lo:hi])
+    x = x_all[lo:hi].clone().requires_grad_()
+    r_ours, r_theirs = r.clone().requires_grad_(), r.clone().requires_grad_()
+    dy = torch.randn(x_all.shape, generator=g)
+    y = ours(x, r_ours)
+    x_theirs = x_all.clone().requires_grad_()
+    y_theirs = UNFUSED["leaky_relu"](theirs(x_theirs) + r_theirs)
+    torch.testing.assert_close(y, y_theirs[lo:hi])
+    grads = torch.autograd.grad(y, [x, r_ours, ours.weight, ours.bias], dy[lo:hi])
+    grads_theirs = torch.autograd.grad(y_theirs, [x_theirs, r_theirs, theirs.weight, theirs.bias], dy)
+    torch.testing.assert_close(grads[0], grads_theirs[0][lo:hi])
+    for ours_grad, theirs_grad in zip(grads[1:], grads_theirs[1:]):  # summed over the ranks
+        dist.all_reduce(ours_grad)
+        torch.testing.assert_close(ours_grad, theirs_grad)
 
 
 @_check(3)
@@ -765,8 +784,15 @@ def test_convert_sync_batchnorm_keeps_activations():
     assert all(p is params[n] for n, p in model.named_parameters())
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # no process group: the same local kernels
     with pytest.warns(UserWarning, match="no memory saving"):
-        synced = bnfast.SyncBatchNorm.convert_sync_batchnorm(bnfast.BatchNormAct2d(4, memory_efficient=True))
+        synced = bnfast.SyncBatchNormAct.convert_sync_batchnorm(bnfast.BatchNormAct2d(4, memory_efficient=True))
     assert type(synced) is bnfast.SyncBatchNormAct and synced.act == "relu"
+
+    class ForeignBatchNormAct(nn.BatchNorm2d):  # another library's (timm's): its act is a module
+        def __init__(self, c):
+            super().__init__(c)
+            self.act = nn.ReLU()
+    synced = bnfast.SyncBatchNorm.convert_sync_batchnorm(ForeignBatchNormAct(4))
+    assert type(synced) is bnfast.SyncBatchNorm and synced.act is None  # as torch's conversion: a plain SyncBatchNorm
 
 
 def test_convert_fuses_sync_batchnorm(capsys):

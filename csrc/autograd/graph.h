@@ -1,10 +1,11 @@
 // How bnfast's ops join the autograd graph (the one rule, for every op):
 //
-// * A differentiable op (forward, elemt, stats) has a C++ kernel under the
-//   Autograd key, written as torch's own generated kernels are: its outputs
-//   are computed below autograd; when an input requires grad, a Node records
-//   the inputs and becomes the outputs' grad_fn; when an input carries a
-//   forward-mode tangent, the outputs get theirs. A Node, not a
+// * A differentiable op (forward, elemt, stats, forward_act, elemt_act) has
+//   a C++ kernel under the Autograd key, written as torch's own generated
+//   kernels are: its outputs are computed below autograd; when an input
+//   requires grad, a Node records the inputs and becomes the outputs'
+//   grad_fn; when an input carries a forward-mode tangent, the outputs get
+//   theirs. A Node, not a
 //   torch::autograd::Function, which cannot coexist with torch.func, and no
 //   Python, which costs as much as the kernels on small layers.
 // * Under a torch.func transform (grad, jvp, vmap, and their nestings) the

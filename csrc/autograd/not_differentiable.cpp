@@ -1,14 +1,13 @@
 // The ops outside the differentiable set (graph.h).
 //
-// The backward pieces (backward, backward_act, backward_reduce, backward_elemt and
-// the _act ones) are
-// themselves gradients (their derivatives, the double backward, come from the
-// differentiable ops' composites), and gather_stats merges statistics that
-// SyncBatchNorm differentiates as a whole, as stats_act, backward_reduce_act
-// and backward_elemt_act are SyncBatchNormAct's pieces: backpropagating into any of them,
-// or pushing a forward-mode tangent through one, raises "derivative for
-// bnfast::<op> is not implemented" rather than leaving a gradient silently
-// missing.
+// The backward pieces (backward, backward_act, backward_reduce,
+// backward_elemt, backward_reduce_act, backward_elemt_act) are themselves
+// gradients (their derivatives, the double backward, come from the
+// differentiable ops' composites); gather_stats and stats_act are pieces of
+// SyncBatchNorm's and SyncBatchNormAct's forward, which differentiate it as a
+// whole. Backpropagating into any of them, or pushing a forward-mode tangent
+// through one, raises "derivative for bnfast::<op> is not implemented" rather
+// than leaving a gradient silently missing.
 //
 // update_stats_ writes the running statistics, which, as torch's, are
 // buffers outside the graph: it updates them with the values of the batch

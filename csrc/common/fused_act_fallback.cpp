@@ -14,6 +14,7 @@
 
 #include "activation_aten.h"
 #include "checks.h"
+#include "layout.h"
 
 namespace bnfast {
 namespace {
@@ -102,11 +103,14 @@ std::pair<at::Tensor, at::Tensor> bn_input_and_grad_z(const at::Tensor& grad_out
   return {x, activate_backward_aten(grad_out, z, a.act, slope)};
 }
 
-// grad_residual = dz, never an alias of grad_out (an op's outputs do not alias its inputs).
+// grad_residual = dz, in the layout the input is read in (as the CPU kernels
+// and the fake kernels give it), never an alias of grad_out (an op's outputs
+// do not alias its inputs).
 at::Tensor grad_residual_of(const at::Tensor& dz, const at::Tensor& grad_out, const at::Tensor& input,
-                            const OptionalTensor& residual, const Activation& a) {
+                            const OptionalTensor& residual) {
   if (!given(residual)) return at::empty({0}, input.options());
-  return a.act == Act::kIdentity ? grad_out.clone() : dz;
+  auto grad_residual = readable_as(dz, readable(input));
+  return grad_residual.is_alias_of(grad_out) ? grad_residual.clone() : grad_residual;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
@@ -117,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
   const auto [x, dz] = bn_input_and_grad_z(grad_out, input, mean, invstd, weight, bias, residual, a, slope);
   auto [grad_input, grad_weight, grad_bias] = call_backward(dz, x, mean, invstd, weight);
   if (a.pre_relu) grad_input = at::threshold_backward(grad_input, input, 0);
-  return {grad_input, grad_weight, grad_bias, grad_residual_of(dz, grad_out, input, residual, a)};
+  return {grad_input, grad_weight, grad_bias, grad_residual_of(dz, grad_out, input, residual)};
 }
 
 Pair stats_act(const at::Tensor& input, double eps, c10::string_view act) {
@@ -142,7 +146,7 @@ Pair backward_elemt_act(const at::Tensor& grad_out, const at::Tensor& input, con
   const auto [x, dz] = bn_input_and_grad_z(grad_out, input, mean, invstd, weight, bias, residual, a, slope);
   auto grad_input = call_backward_elemt(dz, x, mean, invstd, weight, mean_dy, mean_dy_xmu);
   if (a.pre_relu) grad_input = at::threshold_backward(grad_input, input, 0);
-  return {grad_input, grad_residual_of(dz, grad_out, input, residual, a)};
+  return {grad_input, grad_residual_of(dz, grad_out, input, residual)};
 }
 
 }  // namespace

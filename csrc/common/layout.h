@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
+#include <optional>
+
 #include "shape.h"
 
 namespace bnfast {
@@ -57,6 +59,12 @@ inline at::Tensor readable_as(const at::Tensor& t, const at::Tensor& readable_in
   auto copy = at::empty_like(readable_input);  // dense channels-last strides
   copy.copy_(t);
   return copy;
+}
+
+// An optional second tensor (a residual) read as readable_as reads one;
+// undefined when absent.
+inline at::Tensor readable_optional_as(const std::optional<at::Tensor>& t, const at::Tensor& readable_input) {
+  return t.has_value() && t->defined() ? readable_as(*t, readable_input) : at::Tensor();
 }
 
 // The output, allocated in the layout the input is read in.

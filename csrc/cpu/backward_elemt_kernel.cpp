@@ -20,20 +20,23 @@
 namespace bnfast {
 namespace {
 
-// activation: none for the plain backward_elemt; else dz in place of dy
-// (as backward_reduce_act), written to grad_residual when it is defined.
-at::Tensor backward_elemt_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean,
-                               const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
-                               const OptionalTensor& residual_, std::optional<Activation> activation, double slope,
-                               const at::Tensor& mean_dy, const at::Tensor& mean_dy_xmu,
-                               const at::Tensor& grad_residual) {
+// activation: none for the plain backward_elemt; else dz in place of dy (as
+// backward_reduce_act), written to grad_residual when there is a residual.
+// Returns grad_input and grad_residual (an empty tensor without residual).
+std::tuple<at::Tensor, at::Tensor> backward_elemt_impl(const at::Tensor& grad_out_, const at::Tensor& input_,
+                                                       const at::Tensor& mean, const at::Tensor& invstd,
+                                                       const OptionalTensor& weight, const OptionalTensor& bias,
+                                                       const OptionalTensor& residual_,
+                                                       std::optional<Activation> activation, double slope,
+                                                       const at::Tensor& mean_dy, const at::Tensor& mean_dy_xmu) {
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
-  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
+  const auto residual = readable_optional_as(residual_, input);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   auto grad_input = cpu::empty_cached_like(input);
-  if (input.numel() == 0) return grad_input;
+  auto grad_residual = residual.defined() ? cpu::empty_cached_like(input) : at::empty({0}, input.options());
+  if (input.numel() == 0) return {grad_input, grad_residual};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bnfast::backward_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = shape.channels;
@@ -44,22 +47,22 @@ at::Tensor backward_elemt_impl(const at::Tensor& grad_out_, const at::Tensor& in
     const auto mdyx = cpu::channel_values<double>(mean_dy_xmu, C, 0);
     std::optional<cpu::BackwardFusion<scalar_t>> fusion;
     if (activation) {
-      fusion.emplace(*activation, slope, residual, grad_residual, bias, is.data(), w.data(), C);
-      fusion->set_grad_residual_from_reduce(false);  // no reduction here: dz from dy
+      fusion.emplace(*activation, slope, residual, residual.defined() ? grad_residual : at::Tensor(), bias,
+                     is.data(), w.data(), C);
     }
     cpu::grad_input<scalar_t>(grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
                               grad_input.mutable_data_ptr<scalar_t>(), layout, shape, mu.data(),
                               is.data(), w.data(), mdy.data(), mdyx.data(), fusion ? fusion->get() : nullptr);
   });
-  return grad_input;
+  return {grad_input, grad_residual};
 }
 
 at::Tensor backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                               const at::Tensor& invstd, const OptionalTensor& weight, const at::Tensor& mean_dy,
                               const at::Tensor& mean_dy_xmu) {
   check_backward_elemt(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu);
-  return backward_elemt_impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt, std::nullopt, 0.0,
-                             mean_dy, mean_dy_xmu, at::Tensor());
+  return std::get<0>(backward_elemt_impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt,
+                                         std::nullopt, 0.0, mean_dy, mean_dy_xmu));
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_elemt_act_cpu(
@@ -68,12 +71,8 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_act_cpu(
     double slope, const at::Tensor& mean_dy, const at::Tensor& mean_dy_xmu) {
   const auto activation = check_backward_elemt_act(grad_out, input, mean, invstd, weight, bias, residual, act,
                                                    mean_dy, mean_dy_xmu);
-  const bool with_residual = residual.has_value() && residual->defined();
-  // grad_residual in the input's layout, as the loops write it (readable_as).
-  auto grad_residual = with_residual ? cpu::empty_cached_like(readable(input)) : at::empty({0}, input.options());
-  auto grad_input = backward_elemt_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope,
-                                        mean_dy, mean_dy_xmu, with_residual ? grad_residual : at::Tensor());
-  return {grad_input, grad_residual};
+  return backward_elemt_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope, mean_dy,
+                             mean_dy_xmu);
 }
 
 }  // namespace

@@ -32,7 +32,7 @@ Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const 
                    const OptionalTensor& residual_, std::optional<Activation> activation, double slope) {
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
-  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
+  const auto residual = readable_optional_as(residual_, input);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   auto grad_input = cpu::empty_cached_like(input);
@@ -58,6 +58,7 @@ Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const 
     if (activation) {
       fusion.emplace(*activation, slope, residual, residual.defined() ? grad_residual : at::Tensor(), bias,
                      is.data(), w.data(), C);
+      fusion->set_grad_residual_from_reduce(true);  // its reduction writes dz there
     }
     cpu::backward_train<scalar_t>(grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
                                   grad_input.mutable_data_ptr<scalar_t>(), layout, shape, mu.data(), is.data(),

@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& grad_o
                                                         std::optional<Activation> activation, double slope) {
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
-  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
+  const auto residual = readable_optional_as(residual_, input);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   auto sum_dy = at::empty({shape.channels}, mean.options());

@@ -26,7 +26,7 @@ at::Tensor elemt_impl(const at::Tensor& input_, const OptionalTensor& weight, co
                       const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& residual_,
                       std::optional<Activation> activation, double slope, std::optional<double> var_eps = std::nullopt) {
   const auto input = readable(input_);
-  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
+  const auto residual = readable_optional_as(residual_, input);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   auto output = cpu::empty_cached_like(input);

@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
                                                             const OptionalTensor& residual_, double eps,
                                                             std::optional<Activation> activation, double slope) {
   const auto input = readable(input_);
-  const auto residual = residual_.has_value() && residual_->defined() ? readable_as(*residual_, input) : at::Tensor();
+  const auto residual = readable_optional_as(residual_, input);
   const auto layout = layout_of(input);
   const auto shape = shape_of(input);
   const auto options = input.options().dtype(stats_dtype(input.scalar_type()));

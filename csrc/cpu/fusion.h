@@ -47,6 +47,7 @@ class BackwardFusion {
   BackwardFusion(const BackwardFusion&) = delete;  // fusion_ points into z_
   BackwardFusion& operator=(const BackwardFusion&) = delete;
   const Fusion<scalar_t>* get() const { return &fusion_; }
+  // For an op whose reduction writes grad_residual before its affine pass (Fusion).
   void set_grad_residual_from_reduce(bool from_reduce) { fusion_.grad_residual_from_reduce = from_reduce; }
 
  private:

@@ -37,10 +37,10 @@ struct Fusion {
   const opmath_t* zp = nullptr;         // backward: z's coefficients, padded like the loops' m, p, q
   const opmath_t* zq = nullptr;
   scalar_t* grad_residual = nullptr;    // backward: receives a, the input's layout
-  // backward: the affine pass may read a back from grad_residual, written by
-  // the same op's reduction (the fused backward); false for an op without
-  // that reduction (backward_elemt_act), whose affine pass computes a itself.
-  bool grad_residual_from_reduce = true;
+  // backward: the affine pass may read a back from grad_residual, where the
+  // same op's reduction wrote it (set by the fused backward, whose reduction
+  // writes it); otherwise it computes a itself.
+  bool grad_residual_from_reduce = false;
 };
 
 // Two layouts (see csrc/common/layout.h):

@@ -290,9 +290,10 @@ struct Terms {
   }
   // With a residual, grad_residual is the fused backward's dz = dy * act'(z):
   // the reduction (the first pass) writes it, and the affine pass reads it
-  // back in place of dy and the residual, one stream fewer than recomputing
-  // it. Only where scalar_t is the opmath type: a rounded half-precision dz
-  // would change the result.
+  // back in place of dy and the residual (when the fusion says the same op's
+  // reduction wrote it), one stream fewer than recomputing it. Only where
+  // scalar_t is the opmath type: a rounded half-precision dz would change the
+  // result.
   static constexpr bool kReuseGrad = kMayHaveResidual && std::is_same<scalar_t, typename IO::opmath_t>::value;
   // dy times act'(z) for a fused activation (d = x - mean), from dy and the
   // residual.
