@@ -160,12 +160,23 @@ COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutogr
 
 @pytest.mark.parametrize(("case", "act", "with_residual"), MATRIX, ids=MATRIX_IDS)
 def test_split_ops_are_backward_act(case, act, with_residual, device):
+    _check_split_ops(case, act, with_residual, device)
+
+
+@pytest.mark.gpu_smoke
+@pytest.mark.parametrize(("act", "with_residual"), [("relu", True), ("pre_relu", False), ("silu", False)],
+                         ids=["relu+residual", "pre_relu", "silu"])
+def test_split_ops_smoke(act, with_residual, device):
+    _check_split_ops(samples.Case((8, 4, 3, 5), "channels_last", torch.float32), act, with_residual, device)
+
+
+def _check_split_ops(case, act, with_residual, device):
     """stats_act, backward_reduce_act and backward_elemt_act (SyncBatchNormAct's
     pieces, with its all_reduce between the last two) give forward_act's
     statistics and backward_act's results: the statistics and the sums
     bitwise on the CPU, grad_input and grad_residual up to the rounding of
     mean_dy to the stats dtype. The composite fallbacks (what CUDA runs), run
-    here on the CPU's plain ops, give the same up to rounding."""
+    here on the device's plain ops, give the same up to rounding."""
     x, dy = case.input(device), case.grad_out(device)
     if case.layout == "channels_last":  # a gradient in another layout than the input's
         dy = dy.contiguous()
