@@ -144,27 +144,25 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         need_residual = ctx.needs_input_grad[11]
         act, slope = ctx.act, ctx.slope
         grad_input = grad_weight = grad_bias = grad_residual = None
-        if not (need_input or need_weight or need_bias):  # only grad_residual = dz, which needs no sums
-            zeros = torch.zeros_like(mean)
-            grad_residual = ops.backward_elemt_act(grad_output, input, mean, invstd, weight, bias, residual, act,
-                                                   slope, zeros, zeros)[1]
-            return None, None, None, None, None, None, None, None, None, None, None, grad_residual
-        if act is None:
-            sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, mean, invstd)
-        else:
-            sum_dy, sum_dy_xmu = ops.backward_reduce_act(grad_output, input, mean, invstd, weight, bias, residual,
-                                                         act, slope)
-        if need_weight:
-            # An empty batch contributes 0 (its invstd is NaN when every rank's batch is empty).
-            grad_weight = (sum_dy_xmu * invstd if input.numel() else sum_dy_xmu).to(weight.dtype)
-        if need_bias:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
-        if need_input:  # the same on every rank, so all of them reduce or none does
-            sums = torch.cat([sum_dy, sum_dy_xmu])
-            _all_reduce_sums(sums, ctx.group)
-            mean_dy, mean_dy_xmu = (sums / count).chunk(2)
-        else:  # (grad_residual = dz, if wanted, does not depend on them)
-            mean_dy, mean_dy_xmu = torch.zeros_like(sum_dy), torch.zeros_like(sum_dy_xmu)
+        # mean_dy, mean_dy_xmu: the all-reduced sums over the count where the
+        # input needs a gradient; zeros otherwise (grad_residual = dz, the one
+        # elementwise result then wanted, does not depend on them).
+        mean_dy = mean_dy_xmu = torch.zeros_like(mean)
+        if need_input or need_weight or need_bias:
+            if act is None:
+                sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, mean, invstd)
+            else:
+                sum_dy, sum_dy_xmu = ops.backward_reduce_act(grad_output, input, mean, invstd, weight, bias,
+                                                             residual, act, slope)
+            if need_weight:
+                # An empty batch contributes 0 (its invstd is NaN when every rank's batch is empty).
+                grad_weight = (sum_dy_xmu * invstd if input.numel() else sum_dy_xmu).to(weight.dtype)
+            if need_bias:
+                grad_bias = sum_dy.to(ctx.bias_dtype)
+            if need_input:  # the same on every rank, so all of them reduce or none does
+                sums = torch.cat([sum_dy, sum_dy_xmu])
+                _all_reduce_sums(sums, ctx.group)
+                mean_dy, mean_dy_xmu = (sums / count).chunk(2)
         if act is None:
             if need_input:
                 grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
