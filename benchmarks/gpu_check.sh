@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check: build bnfast for the card in front of it, run the GPU smoke
-# tier of the tests, benchmark the kernels against torch and judge the CUDA
-# bars; a summary table last. Meant to finish in under 6 minutes on one
+# tier of the tests, benchmark the kernels (and SyncBatchNorm per layer)
+# against torch and judge the CUDA bars; a summary table last. Meant to finish in under 6 minutes on one
 # H200 (build ~70 s, smoke tier < 2 min, benchmark < 90 s).
 #
 #   bash benchmarks/gpu_check.sh            the check
 #   bash benchmarks/gpu_check.sh --full     + the whole CUDA-parametrized suite
-#   bash benchmarks/gpu_check.sh --train    + the training-step timings and the peak memory of a
+#   bash benchmarks/gpu_check.sh --train    + the training-step timings, the peak memory of a
 #                                           ResNet-50 leaky_relu step with and without
-#                                           memory_efficient (its bar: at least 25% less)
+#                                           memory_efficient (its bar: at least 25% less), and
+#                                           the DDP seed-CNN step against torch's SyncBatchNorm
 #   bash benchmarks/gpu_check.sh --harness  + the standalone kernel harness built for this card
 #                                           (benchmarks/cuda_harness): --check, then the kernel
 #                                           timings without torch (~1 minute more)
@@ -92,10 +93,13 @@ step benchmark 120 "$PY" -m benchmarks.kernels --device cuda --out "$OUT" --no-p
 step fused 90 "$PY" -m benchmarks.kernels --device cuda --fusions relu add_relu --phases fwd_bwd \
   --out "$OUT/fused" --no-plot --quiet
 step bars 30 "$PY" -m benchmarks.cuda_bars "$OUT/kernels.json" "$OUT/fused/kernels.json"
+# Issue #12's GPU bar: SyncBatchNorm per layer against torch's, 2 ranks (sharing the card over gloo when it is alone).
+step sync 150 "$PY" -m benchmarks.sync_layers --device cuda --out "$OUT/sync"
 if [ $TRAIN -eq 1 ]; then
   step train 240 "$PY" -m benchmarks.train_cifar --device cuda --timing-only --out "$OUT/train"
   step memory 150 "$PY" -m benchmarks.memory --device cuda --model resnet50 --act leaky_relu --batch-size 64 \
     --bar 0.25 --out "$OUT/memory.json"
+  step ddp 150 "$PY" -m benchmarks.ddp --device cuda --steps 100 --out "$OUT/ddp"
 fi
 if [ $HARNESS -eq 1 ]; then
   # Built here for this card from the tree being checked, never a carried binary of another tree.
@@ -112,6 +116,7 @@ fi
     [ -f "$OUT/$t.log" ] && tail -n 1 "$OUT/$t.log" | sed "s/^/$t: /"
   done
   cat "$OUT/bars.log" 2>/dev/null
+  grep -h "^Bar" "$OUT/sync/sync_layers.md" 2>/dev/null
   tail -n 1 "$OUT/memory.log" 2>/dev/null
 } | tee "$OUT/summary.txt"
 exit $FAILED

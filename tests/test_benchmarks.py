@@ -298,6 +298,62 @@ def test_ddp_benchmark_short_run(tmp_path, fuse):
     report = (tmp_path / "ddp.md").read_text()
     assert "SyncBatchNorm step overhead" in report
     assert ("SyncBatchNormAct vs BatchNormAct2d" in report) == fuse
+    assert s["speedup_vs_torch"] is None and "torch.nn.SyncBatchNorm" not in report  # CUDA only
+
+
+def test_ddp_summary_with_torch_variant():
+    """On CUDA the DDP benchmark also steps torch's SyncBatchNorm: the summary
+    gives bnfast's speed-up over it (times made up here, two ranks)."""
+    from benchmarks import ddp
+
+    def rec(steps):
+        return {"step_s": steps, "collective_s": [0.0] * len(steps), "collectives": [6] * len(steps),
+                "fused_layers": 0}
+    per_rank = [{"local": rec([1.0, 1.0, 1.0]), "sync": rec([1.1, 1.1, 1.2]), "torch": rec([2.2, 2.2, 2.0])},
+                {"local": rec([1.0, 1.1, 1.0]), "sync": rec([1.1, 1.0, 1.1]), "torch": rec([2.0, 2.4, 2.2])}]
+    s = ddp.summarize(per_rank)
+    assert s["variants"]["torch"]["median_step_ms"] == pytest.approx(2200)  # slowest rank per step
+    assert s["speedup_vs_torch"] == pytest.approx(2.2 / 1.1)
+    assert s["overhead"] == pytest.approx(0.1)
+
+
+@pytest.mark.distributed
+def test_sync_layers_benchmark_short_run(tmp_path):
+    """python -m benchmarks.sync_layers on the CPU, 2 gloo ranks, two small
+    cases: a row per case, dtype and layout, bnfast and local timed (torch's
+    SyncBatchNorm refuses the CPU), the GPU bar not judged."""
+    from benchmarks import sync_layers
+
+    assert sync_layers.main(["--device", "cpu", "--cases", "seed_bn3", "mlp_small", "--dtypes", "float32",
+                             "--iters", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "sync_layers.json").read_text())
+    rows = res["summary"]["rows"]
+    assert [(r["case"], r["format"]) for r in rows] == [("seed_bn3", "NCHW"), ("seed_bn3", "channels_last"),
+                                                        ("mlp_small", "contiguous")]
+    for r in rows:
+        assert set(r["median_ms"]) == {"bnfast", "local"} and all(v > 0 for v in r["median_ms"].values())
+        assert r["speedup"] is None
+        assert r["sync_overhead"] == pytest.approx(r["median_ms"]["bnfast"] / r["median_ms"]["local"] - 1)
+    assert res["options"]["backend"] == "gloo" and res["summary"]["bar"]["met"] is None
+    assert "not judged here" in (tmp_path / "sync_layers.md").read_text()
+
+
+def test_sync_layers_summary_judges_the_cuda_bar():
+    """With torch's SyncBatchNorm timed (on CUDA), each row's speed-up is
+    torch / bnfast of the slowest rank's medians and the bar is the worst row's."""
+    from benchmarks import sync_layers
+
+    def config(torch_s, bnfast_s):
+        return {"case": "c", "shape": [2, 3], "dtype": "float32", "format": "contiguous",
+                "times_s": {"torch": torch_s, "bnfast": bnfast_s, "local": [1.0] * len(bnfast_s)}}
+    per_rank = [[config([3.0, 3.0, 3.0], [2.0, 2.0, 2.0]), config([1.3, 1.3, 1.3], [1.0, 1.0, 1.0])],
+                [config([3.0, 3.6, 3.0], [2.0, 2.0, 2.4]), config([1.1, 1.1, 1.1], [1.0, 1.0, 1.0])]]
+    s = sync_layers.summarize(per_rank, "cuda")
+    assert [r["speedup"] for r in s["rows"]] == pytest.approx([3.0 / 2.0, 1.3])
+    assert s["bar"] == {"speedup_min": 1.2, "device": "cuda", "worst": pytest.approx(1.3), "met": True}
+    per_rank[0][1]["times_s"]["torch"] = [1.1] * 3
+    per_rank[1][1]["times_s"]["torch"] = [1.1] * 3
+    assert sync_layers.summarize(per_rank, "cuda")["bar"]["met"] is False
 
 
 def test_memory_benchmark(tmp_path):
