@@ -10,6 +10,12 @@ ranks, one thread each. Spawning costs seconds, so each group is started once
 is then reported by its own test. A group that runs past GROUP_TIMEOUT_S is
 killed and its tests fail.
 
+On CUDA (a CUDA device among the test devices: the GPU check) a group of 2
+ranks on CUDA tensors (gloo; the ranks share the GPU when there is one) runs
+the checks named in CUDA_CHECKS, each comparing bnfast's results also with
+those of torch.nn.SyncBatchNorm itself on the same ranks. It is one test,
+so that a parallel run (pytest-xdist) spawns the group once.
+
 Numerics follow DESIGN rule 7 (tests/reference.py): bnfast's error against a
 float64 reference computed on the concatenated batch is at most twice that of
 torch's single-process BatchNorm at the same dtype, plus a floor of a few ulps.
@@ -38,15 +44,22 @@ import bnfast
 from bnfast import ops
 from bnfast import sync_batchnorm as sbn
 from tests import reference as ref
+from tests.conftest import DEVICES, _skip_reason
 from tests.test_fused_act import SLOPE, UNFUSED
 
 EPS = 1e-5
+# bnfast and torch.nn.SyncBatchNorm may round differently (sums in other
+# orders, torch's counts in the input dtype): this many of dtype's epsilons at
+# the result's scale.
+SAME_AS_SYNC_ULPS = 16
 GROUP_TIMEOUT_S = 240  # a hung collective fails the tests instead of blocking CI
 TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 # ----------------------------------------------------------------- running the groups
 
-CHECKS = collections.defaultdict(dict)  # world size -> {name: check(rank, world_size)}
+CHECKS = collections.defaultdict(dict)  # group -> {name: check(rank, world_size)}
+CUDA = "cuda"  # the group of CUDA ranks; the others are keyed by their world size
+GROUP_SIZE = {2: 2, 3: 3, CUDA: 2}
 
 
 def _check(world_size):
@@ -84,14 +97,17 @@ def _uncounted():
             setattr(sbn, name, fn)
 
 
-def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+def _worker(rank: int, group: int | str, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     _count_collectives()
+    world_size = GROUP_SIZE[group]
+    if group == CUDA:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        for name, check in CHECKS[world_size].items():
+        for name, check in CHECKS[group].items():
             try:
                 check(rank, world_size)
                 results[name] = None
@@ -110,18 +126,20 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _run_group(world_size: int, tmp_dir) -> dict:
+def _run_group(group: int | str, tmp_dir) -> dict:
     """{check name: [error traceback or None, per rank]} of one spawned group."""
-    ctx = mp.start_processes(_worker, args=(world_size, str(tmp_dir / "store"), str(tmp_dir)),
+    world_size = GROUP_SIZE[group]
+    ctx = mp.start_processes(_worker, args=(group, str(tmp_dir / "store"), str(tmp_dir)),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + GROUP_TIMEOUT_S
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"the {world_size}-rank group ran past {GROUP_TIMEOUT_S} s (a hung collective?)")
+            pytest.fail(f"the {group} group of {world_size} ranks ran past {GROUP_TIMEOUT_S} s "
+                        "(a hung collective?)")
     per_rank = [json.loads((tmp_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
-    return {name: [results.get(name, "did not run") for results in per_rank] for name in CHECKS[world_size]}
+    return {name: [results.get(name, "did not run") for results in per_rank] for name in CHECKS[group]}
 
 
 @pytest.fixture(scope="module")
@@ -167,35 +185,54 @@ class _Expect(list):
         except AssertionError as e:
             self.append(str(e))
 
+    def same_as_torch_sync(self, name, ours, theirs, truth, dtype, scale=None) -> None:
+        """ours against torch.nn.SyncBatchNorm's result on the same rank: both
+        errors against the float64 truth within the rule above, and the two
+        equal up to a few roundings of dtype at the result's scale."""
+        self.close(f"{name} vs torch SyncBatchNorm", ours, theirs, truth, dtype, scale)
+        scale = scale if scale is not None else max(truth.double().abs().max().item() if truth.numel() else 0, 1.0)
+        tol = SAME_AS_SYNC_ULPS * torch.finfo(dtype).eps * scale
+        try:
+            torch.testing.assert_close(ours.double(), theirs.double(), rtol=0, atol=tol)
+        except AssertionError as e:
+            self.append(f"{name}: bnfast differs from torch SyncBatchNorm beyond {tol:.2e}: {e}")
+
 
 def _sync_vs_single(rank, sizes, tail, *, channels=4, dtype=torch.float32, params_dtype=None,
-                    memory_format=torch.contiguous_format, steps=3, group=None, members=None, **kwargs):
+                    memory_format=torch.contiguous_format, steps=3, group=None, members=None, device="cpu",
+                    **kwargs):
     """Train bnfast.SyncBatchNorm on this rank's slice of each step's batch and
     torch's BatchNorm on the whole batch (sizes[i] samples from members[i],
     default: every rank in order); compare every result of every step with a
     float64 reference, then an eval step on the local slice. A single member
-    normalizes locally, without collectives."""
+    normalizes locally, without collectives. On CUDA torch.nn.SyncBatchNorm
+    trains on the same slices too, and bnfast's error is held to its as well."""
     members = list(range(len(sizes))) if members is None else members
     synced = len(members) > 1
     lo = sum(sizes[:members.index(rank)])
     hi = lo + sizes[members.index(rank)]
     pdt = params_dtype or dtype
-    ours = bnfast.SyncBatchNorm(channels, process_group=group, dtype=pdt, **kwargs)
-    theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt, **kwargs)
+    ours = bnfast.SyncBatchNorm(channels, process_group=group, dtype=pdt, device=device, **kwargs)
+    theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt, device=device, **kwargs)
+    # torch's own SyncBatchNorm refuses CPU input.
+    theirs_sync = (nn.SyncBatchNorm(channels, process_group=group, dtype=pdt, device=device, **kwargs)
+                   if synced and torch.device(device).type == "cuda" else None)
     g = torch.Generator().manual_seed(0)
     affine = ours.affine
     if affine:
         weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
         with torch.no_grad():
-            for m in (ours, theirs):
-                m.weight.copy_(weight)
-                m.bias.copy_(bias)
+            for m in (ours, theirs, theirs_sync):
+                if m is not None:
+                    m.weight.copy_(weight)
+                    m.bias.copy_(bias)
     w, b = (ours.weight, ours.bias) if affine else (None, None)
-    rm64, rv64 = torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)
+    rm64 = torch.zeros(channels, dtype=torch.float64, device=device)
+    rv64 = torch.ones(channels, dtype=torch.float64, device=device)
     expect = _Expect()
     for step in range(steps):
-        x_all = _batch((sum(sizes), channels) + tail, dtype, g)
-        dy_all = _batch((sum(sizes), channels) + tail, dtype, g, offset=0.5)
+        x_all = _batch((sum(sizes), channels) + tail, dtype, g).to(device)
+        dy_all = _batch((sum(sizes), channels) + tail, dtype, g, offset=0.5).to(device)
         x = x_all[lo:hi].contiguous(memory_format=memory_format).requires_grad_()
         dy = dy_all[lo:hi].contiguous(memory_format=memory_format)
         before = CALLS.copy()
@@ -210,6 +247,12 @@ def _sync_vs_single(rank, sizes, tail, *, channels=4, dtype=torch.float32, param
         x_ref = x_all.clone().requires_grad_()
         y_ref = theirs(x_ref)
         grads_ref = torch.autograd.grad(y_ref, [x_ref] + ([theirs.weight, theirs.bias] if affine else []), dy_all)
+        if theirs_sync is not None:
+            x_sync = x.detach().clone().requires_grad_()
+            y_sync = theirs_sync(x_sync)
+            grads_sync = torch.autograd.grad(  # None (an empty batch's) as zeros
+                y_sync, [x_sync] + ([theirs_sync.weight, theirs_sync.bias] if affine else []), dy,
+                materialize_grads=True)
 
         y64, mean, var, invstd = ref.batch_norm_train(x_all, w, b, EPS)
         dx64, dw64, db64 = ref.batch_norm_train_backward(dy_all, x_all, w, EPS)
@@ -218,29 +261,41 @@ def _sync_vs_single(rank, sizes, tail, *, channels=4, dtype=torch.float32, param
         name = f"step {step}"
         expect.close(f"{name} output", y, y_ref[lo:hi], y64[lo:hi], dtype)
         expect.close(f"{name} grad_input", grads[0], grads_ref[0][lo:hi], dx64[lo:hi], dtype, scale=dx_scale)
+        if theirs_sync is not None:
+            expect.same_as_torch_sync(f"{name} output", y, y_sync, y64[lo:hi], dtype)
+            expect.same_as_torch_sync(f"{name} grad_input", grads[0], grads_sync[0], dx64[lo:hi], dtype,
+                                      scale=dx_scale)
         if affine:
             dims = ref.reduce_dims(x_all)
             xhat = (x_all.double() - ref.bcast(mean, x_all)) * ref.bcast(invstd, x_all)
-            for label, ours_grad, ref_grad, truth, scale in (
-                    ("grad_weight", grads[1], grads_ref[1], dw64, (dy_all.double() * xhat).abs().sum(dims)),
-                    ("grad_bias", grads[2], grads_ref[2], db64, dy_all.double().abs().sum(dims))):
-                expect.true(ours_grad.dtype == pdt, f"{label} dtype {ours_grad.dtype}")
-                total = ours_grad.double()  # summed in float64: the sum adds no error of its own
-                if synced:
-                    dist.all_reduce(total, group=group)
-                expect.close(f"{name} {label}", total, ref_grad, truth, pdt, scale.max().item())
+            for i, label, truth, scale in (
+                    (1, "grad_weight", dw64, (dy_all.double() * xhat).abs().sum(dims)),
+                    (2, "grad_bias", db64, dy_all.double().abs().sum(dims))):
+                expect.true(grads[i].dtype == pdt, f"{label} dtype {grads[i].dtype}")
+                # Summed over the ranks in float64: the sum adds no error of its own.
+                total = grads[i].double()
+                total_sync = grads_sync[i].double() if theirs_sync is not None else None
+                for t in (total, total_sync) if synced else ():
+                    if t is not None:
+                        dist.all_reduce(t, group=group)
+                expect.close(f"{name} {label}", total, grads_ref[i], truth, pdt, scale.max().item())
+                if theirs_sync is not None:
+                    expect.same_as_torch_sync(f"{name} {label}", total, total_sync, truth, pdt, scale.max().item())
         if ours.track_running_stats:
             factor = 1.0 / (step + 1) if ours.momentum is None else ours.momentum
             rm64, rv64 = ref.update_stats(rm64, rv64, mean, var, factor, x_all.numel() // channels)
             expect.true(int(ours.num_batches_tracked) == step + 1, "num_batches_tracked")
-            expect.close(f"{name} running_mean", ours.running_mean, theirs.running_mean, rm64, pdt)
-            expect.close(f"{name} running_var", ours.running_var, theirs.running_var, rv64, pdt)
+            for stat, truth in (("running_mean", rm64), ("running_var", rv64)):
+                expect.close(f"{name} {stat}", getattr(ours, stat), getattr(theirs, stat), truth, pdt)
+                if theirs_sync is not None:
+                    expect.same_as_torch_sync(f"{name} {stat}", getattr(ours, stat), getattr(theirs_sync, stat),
+                                              truth, pdt)
 
     # Eval: the running statistics, or without them the local batch's own
     # statistics; no collective either way.
     ours.eval()
     theirs.eval()
-    x = _batch((hi - lo + 2, channels) + tail, dtype, g).contiguous(memory_format=memory_format)
+    x = _batch((hi - lo + 2, channels) + tail, dtype, g).to(device).contiguous(memory_format=memory_format)
     before = CALLS.copy()
     y = ours(x)
     expect.true(CALLS == before, f"collectives in eval: {CALLS - before}")
@@ -253,34 +308,34 @@ def _sync_vs_single(rank, sizes, tail, *, channels=4, dtype=torch.float32, param
 
 
 @_check(2)
-def uneven_batches(rank, world_size):
-    _sync_vs_single(rank, [5, 3], (3, 4))
+def uneven_batches(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [5, 3], (3, 4), device=device)
 
 
 @_check(2)
-def channels_last(rank, world_size):
-    _sync_vs_single(rank, [4, 4], (5, 3), memory_format=torch.channels_last)
+def channels_last(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [4, 4], (5, 3), memory_format=torch.channels_last, device=device)
 
 
 @_check(2)
-def one_rank_empty(rank, world_size):
-    _sync_vs_single(rank, [6, 0], (3, 3))
+def one_rank_empty(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [6, 0], (3, 3), device=device)
 
 
 @_check(2)
-def bfloat16_with_float32_params(rank, world_size):
+def bfloat16_with_float32_params(rank, world_size, device="cpu"):
     _sync_vs_single(rank, [5, 3], (4, 4), dtype=torch.bfloat16, params_dtype=torch.float32,
-                    memory_format=torch.channels_last)
+                    memory_format=torch.channels_last, device=device)
 
 
 @_check(2)
-def float64(rank, world_size):
-    _sync_vs_single(rank, [3, 4], (2, 5), dtype=torch.float64)
+def float64(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [3, 4], (2, 5), dtype=torch.float64, device=device)
 
 
 @_check(2)
-def batchnorm1d_2d_input(rank, world_size):
-    _sync_vs_single(rank, [7, 5], (), channels=6)
+def batchnorm1d_2d_input(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [7, 5], (), channels=6, device=device)
 
 
 @_check(2)
@@ -289,18 +344,18 @@ def batchnorm1d_3d_input(rank, world_size):
 
 
 @_check(2)
-def batchnorm3d_input(rank, world_size):
-    _sync_vs_single(rank, [2, 3], (3, 2, 4), channels=3)
+def batchnorm3d_input(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [2, 3], (3, 2, 4), channels=3, device=device)
 
 
 @_check(2)
-def momentum_none(rank, world_size):
-    _sync_vs_single(rank, [4, 4], (3, 3), momentum=None, steps=4)
+def momentum_none(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [4, 4], (3, 3), momentum=None, steps=4, device=device)
 
 
 @_check(2)
-def no_affine_no_running_stats(rank, world_size):
-    _sync_vs_single(rank, [4, 2], (3, 3), affine=False, track_running_stats=False)
+def no_affine_no_running_stats(rank, world_size, device="cpu"):
+    _sync_vs_single(rank, [4, 2], (3, 3), affine=False, track_running_stats=False, device=device)
 
 
 @_check(2)
@@ -443,29 +498,33 @@ def _unfused(bn, act, x, residual):
 
 
 def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True, channels=4, dtype=torch.float32,
-                     params_dtype=None, memory_format=torch.contiguous_format, steps=2):
+                     params_dtype=None, memory_format=torch.contiguous_format, steps=2, device="cpu"):
     """bnfast.SyncBatchNormAct on this rank's slice against torch's BatchNorm
     and activation (and residual add) on the whole batch in one process, and
     both against the same in float64: output, gradients of the input (unless
     input_grad is False), the residual, weight and bias (summed over the
     ranks), running statistics, step after step; then an eval step on the
-    local slice."""
+    local slice. On CUDA also against torch.nn.SyncBatchNorm and the
+    activation on the same slices."""
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     pdt = params_dtype or dtype
-    ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=SLOPE, dtype=pdt)
-    theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt)
-    truth = TORCH_BN[2 + len(tail)](channels, dtype=torch.float64)
+    ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=SLOPE, dtype=pdt, device=device)
+    theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt, device=device)
+    truth = TORCH_BN[2 + len(tail)](channels, dtype=torch.float64, device=device)
+    theirs_sync = (nn.SyncBatchNorm(channels, dtype=pdt, device=device)
+                   if torch.device(device).type == "cuda" else None)  # torch's refuses CPU input
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
     with torch.no_grad():
-        for m in (ours, theirs, truth):
-            m.weight.copy_(weight)
-            m.bias.copy_(bias)
+        for m in (ours, theirs, truth, theirs_sync):
+            if m is not None:
+                m.weight.copy_(weight)
+                m.bias.copy_(bias)
     shape = (sum(sizes), channels) + tail
     expect = _Expect()
     for step in range(steps):
-        x_all, dy_all = _batch(shape, dtype, g), _batch(shape, dtype, g, offset=0.5)
-        r_all = _batch(shape, dtype, g) if residual else None
+        x_all, dy_all = _batch(shape, dtype, g).to(device), _batch(shape, dtype, g, offset=0.5).to(device)
+        r_all = _batch(shape, dtype, g).to(device) if residual else None
         local = [t[lo:hi].contiguous(memory_format=memory_format).requires_grad_() if t is not None else None
                  for t in (x_all, r_all)]
         local[0].requires_grad_(input_grad)
@@ -484,6 +543,13 @@ def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True,
             whole = [cast(t).requires_grad_() for t in (x_all, r_all) if t is not None]
             out = _unfused(bn, act, whole[0], whole[1] if residual else None)
             results.append((out,) + torch.autograd.grad(out, whole + [bn.weight, bn.bias], cast(dy_all)))
+        if theirs_sync is not None:  # the local slices, as ours
+            mine = [t[lo:hi].contiguous(memory_format=memory_format).requires_grad_() for t in (x_all, r_all)
+                    if t is not None]
+            out = _unfused(theirs_sync, act, mine[0], mine[1] if residual else None)
+            sync = (out,) + torch.autograd.grad(out, mine + [theirs_sync.weight, theirs_sync.bias],
+                                                dy_all[lo:hi].contiguous(memory_format=memory_format),
+                                                materialize_grads=True)  # None (an empty batch's) as zeros
         scale = dy_all.double().abs().max().item() * 10  # the gradients' natural magnitude, for cancellation
         outs = [y] + list(grads)
         for i, label in enumerate(["output", "grad_input"] + (["grad_residual"] if residual else [])):
@@ -491,16 +557,27 @@ def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True,
                 continue
             expect.close(f"step {step} {label}", outs[i], results[0][i][lo:hi], results[1][i][lo:hi], dtype,
                          scale=None if i == 0 else scale)
+            if theirs_sync is not None:
+                expect.same_as_torch_sync(f"step {step} {label}", outs[i], sync[i], results[1][i][lo:hi], dtype,
+                                          scale=None if i == 0 else scale)
         for j, label in enumerate(("grad_weight", "grad_bias")):
             total = grads[len(inputs) + j].double()
             dist.all_reduce(total)
             expect.close(f"step {step} {label}", total, results[0][len(inputs) + 1 + j],
                          results[1][len(inputs) + 1 + j], pdt, scale=scale * sum(sizes))
+            if theirs_sync is not None:
+                total_sync = sync[len(inputs) + 1 + j].double()
+                dist.all_reduce(total_sync)
+                expect.same_as_torch_sync(f"step {step} {label}", total, total_sync,
+                                          results[1][len(inputs) + 1 + j], pdt, scale=scale * sum(sizes))
         for name in ("running_mean", "running_var"):
             expect.close(f"step {step} {name}", getattr(ours, name), getattr(theirs, name), getattr(truth, name), pdt)
+            if theirs_sync is not None:
+                expect.same_as_torch_sync(f"step {step} {name}", getattr(ours, name), getattr(theirs_sync, name),
+                                          getattr(truth, name), pdt)
     ours.eval(), theirs.eval(), truth.eval()
-    x = _batch((hi - lo + 2, channels) + tail, dtype, g).contiguous(memory_format=memory_format)
-    r = _batch(x.shape, dtype, g) if residual else None
+    x = _batch((hi - lo + 2, channels) + tail, dtype, g).to(device).contiguous(memory_format=memory_format)
+    r = _batch(x.shape, dtype, g).to(device) if residual else None
     before = CALLS.copy()
     y = ours(x, r) if residual else ours(x)
     expect.true(CALLS == before, f"collectives in eval: {CALLS - before}")
@@ -510,42 +587,42 @@ def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True,
 
 
 @_check(2)
-def fused_relu(rank, world_size):
-    _fused_vs_single(rank, [5, 3], (3, 4), "relu")
+def fused_relu(rank, world_size, device="cpu"):
+    _fused_vs_single(rank, [5, 3], (3, 4), "relu", device=device)
 
 
 @_check(2)
-def fused_add_relu_channels_last(rank, world_size):
-    _fused_vs_single(rank, [4, 4], (5, 3), "relu", residual=True, memory_format=torch.channels_last)
+def fused_add_relu_channels_last(rank, world_size, device="cpu"):
+    _fused_vs_single(rank, [4, 4], (5, 3), "relu", residual=True, memory_format=torch.channels_last, device=device)
 
 
 @_check(2)
-def fused_leaky_relu_one_rank_empty(rank, world_size):
-    _fused_vs_single(rank, [6, 0], (3, 3), "leaky_relu")
+def fused_leaky_relu_one_rank_empty(rank, world_size, device="cpu"):
+    _fused_vs_single(rank, [6, 0], (3, 3), "leaky_relu", device=device)
 
 
 @_check(2)
-def fused_residual_one_rank_empty_input_without_grad(rank, world_size):
+def fused_residual_one_rank_empty_input_without_grad(rank, world_size, device="cpu"):
     """Only the residual, weight and bias need gradients: no all_reduce, and
     grad_residual from the elementwise op alone; one rank's batch empty."""
-    _fused_vs_single(rank, [0, 5], (3, 3), "silu", residual=True, input_grad=False)
+    _fused_vs_single(rank, [0, 5], (3, 3), "silu", residual=True, input_grad=False, device=device)
 
 
 @_check(2)
-def fused_silu_gelu_identity_with_residual(rank, world_size):
+def fused_silu_gelu_identity_with_residual(rank, world_size, device="cpu"):
     for act in ("silu", "gelu", "gelu_tanh", "identity"):
-        _fused_vs_single(rank, [3, 4], (2, 5), act, residual=True, steps=1)
+        _fused_vs_single(rank, [3, 4], (2, 5), act, residual=True, steps=1, device=device)
 
 
 @_check(2)
-def fused_pre_relu(rank, world_size):
-    _fused_vs_single(rank, [5, 3], (4, 4), "pre_relu")
+def fused_pre_relu(rank, world_size, device="cpu"):
+    _fused_vs_single(rank, [5, 3], (4, 4), "pre_relu", device=device)
 
 
 @_check(2)
-def fused_bfloat16_with_float32_params(rank, world_size):
+def fused_bfloat16_with_float32_params(rank, world_size, device="cpu"):
     _fused_vs_single(rank, [5, 3], (4, 4), "relu", residual=True, dtype=torch.bfloat16,
-                     params_dtype=torch.float32, memory_format=torch.channels_last)
+                     params_dtype=torch.float32, memory_format=torch.channels_last, device=device)
 
 
 @_check(2)
@@ -590,10 +667,37 @@ def subset_group(rank, world_size):
         _sync_vs_single(rank, [2, 5], (4, 4), group=pair, members=[0, 2])
 
 
+# The checks that also run on CUDA ranks, there against torch.nn.SyncBatchNorm as well.
+CUDA_CHECKS = ("uneven_batches", "channels_last", "one_rank_empty", "bfloat16_with_float32_params", "float64",
+               "batchnorm1d_2d_input", "batchnorm3d_input", "momentum_none", "no_affine_no_running_stats",
+               "fused_relu", "fused_add_relu_channels_last", "fused_leaky_relu_one_rank_empty",
+               "fused_residual_one_rank_empty_input_without_grad", "fused_silu_gelu_identity_with_residual",
+               "fused_pre_relu", "fused_bfloat16_with_float32_params")
+for _name in CUDA_CHECKS:
+    CHECKS[CUDA][_name] = functools.partial(CHECKS[2][_name], device="cuda")
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(CHECKS[2]))
 def test_two_ranks(two_ranks, name):
     _assert_passed(two_ranks, name)
+
+
+def _cuda_skip_reason():
+    cuda = [d for d in DEVICES if torch.device(d).type == "cuda"]
+    return _skip_reason(cuda[0]) if cuda else "no CUDA device among the test devices (BNFAST_TEST_DEVICES)"
+
+
+@pytest.mark.gpu_smoke
+@pytest.mark.distributed
+def test_cuda_ranks(tmp_path):
+    """CUDA_CHECKS on 2 CUDA ranks (gloo), against one process and torch.nn.SyncBatchNorm."""
+    reason = _cuda_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    results = _run_group(CUDA, tmp_path)
+    failed = [f"{name}, rank {r}:\n{err}" for name, errs in results.items() for r, err in enumerate(errs) if err]
+    assert not failed, "\n".join(failed)
 
 
 @pytest.mark.distributed
