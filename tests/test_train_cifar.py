@@ -153,6 +153,14 @@ def test_accuracy_bar_is_judged_on_the_full_run(epochs, acc_bnfast, met):
     assert bar["accuracy_met"] is met and bar["speedup_met"] is False
 
 
+@pytest.mark.parametrize("fuse, issue, speedup_min", [(False, 3, 1.35), (True, 11, 1.3)])
+def test_step_bar_is_the_issue_of_the_configuration(fuse, issue, speedup_min):
+    """A 1.32x step meets the fused bar (issue #11, 1.3x) but not the plain swap's (issue #3, 1.35x)."""
+    runs = [_fake_run("seed", "torch", 33.0, 70.0, 10), _fake_run("seed", "bnfast", 25.0, 70.0, 10)]
+    bar = train_cifar.summarize(runs, fuse=fuse)["bar"]
+    assert (bar["issue"], bar["speedup_min"], bar["speedup_met"]) == (issue, speedup_min, fuse)
+
+
 def test_no_data_reports_step_times_but_no_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar10, "SHARED_ARCHIVE", tmp_path / "absent.tar.gz")
     res = train_cifar.run({"out": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
