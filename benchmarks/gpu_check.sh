@@ -94,7 +94,7 @@ step fused 90 "$PY" -m benchmarks.kernels --device cuda --fusions relu add_relu 
   --out "$OUT/fused" --no-plot --quiet
 step bars 30 "$PY" -m benchmarks.cuda_bars "$OUT/kernels.json" "$OUT/fused/kernels.json"
 # Issue #12's GPU bar: SyncBatchNorm per layer against torch's, 2 ranks (sharing the card over gloo when it is alone).
-step sync 150 "$PY" -m benchmarks.sync_layers --device cuda --out "$OUT/sync"
+step sync 120 "$PY" -m benchmarks.sync_layers --device cuda --iters 20 --warmup 3 --out "$OUT/sync"
 if [ $TRAIN -eq 1 ]; then
   step train 240 "$PY" -m benchmarks.train_cifar --device cuda --timing-only --out "$OUT/train"
   step memory 150 "$PY" -m benchmarks.memory --device cuda --model resnet50 --act leaky_relu --batch-size 64 \
