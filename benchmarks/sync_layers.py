@@ -106,11 +106,12 @@ def _worker(rank: int, args: argparse.Namespace, store: str, out_path: str) -> N
     names = variants(args.device)
     records = []
     for case, dtype_name, fmt in configurations(args):
-        g = torch.Generator().manual_seed(rank)  # each rank its own slice of the batch
+        g = torch.Generator(device).manual_seed(rank)  # each rank its own slice of the batch
         fmt_ = kernels._memory_format(fmt, len(case.shape))
-        x = (torch.randn(case.shape, generator=g) * 2 + 1).to(device, kernels.DTYPES[dtype_name])
+        dtype = kernels.DTYPES[dtype_name]
+        x = (torch.randn(case.shape, generator=g, device=device) * 2 + 1).to(dtype)
         x = x.contiguous(memory_format=fmt_).requires_grad_()
-        dy = torch.randn(case.shape, generator=g).to(device, x.dtype).contiguous(memory_format=fmt_)
+        dy = torch.randn(case.shape, generator=g, device=device).to(dtype).contiguous(memory_format=fmt_)
         layers = _layers(case, device, names)
 
         def step(m):
