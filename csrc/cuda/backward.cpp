@@ -1,7 +1,9 @@
-// bnfast::backward on CUDA, the fused training backward: checks, allocation
-// and launch (the kernels are in backward_kernel.cu).
+// bnfast::backward on CUDA, the fused training backward, and backward_act
+// (with an activation): checks, allocation and launch (the kernels are in
+// backward_kernel.cu).
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "ops.h"
@@ -9,36 +11,68 @@
 namespace bnfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out_, const at::Tensor& input_,
-                                                             const at::Tensor& mean_, const at::Tensor& invstd_,
-                                                             const OptionalTensor& weight) {
-  check_backward(grad_out_, input_, mean_, invstd_, weight);
+using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// activation: none for the plain backward. grad_residual: empty unless a residual is given.
+Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean_,
+                   const at::Tensor& invstd_, const OptionalTensor& weight, const OptionalTensor& bias,
+                   const OptionalTensor& residual_, std::optional<Activation> activation, double slope) {
   c10::cuda::CUDAGuard guard(input_.device());
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
+  const auto residual = readable_optional_as(residual_, input);
   auto grad_input = empty_output_like(input);
   auto grad_weight = at::empty({input.size(1)}, mean_.options());
   auto grad_bias = at::empty({input.size(1)}, mean_.options());
+  auto grad_residual = residual.defined() ? empty_output_like(input) : at::empty({0}, input.options());
   if (input.numel() == 0) {  // as on CPU: an empty batch contributes nothing
     grad_weight.zero_();
     grad_bias.zero_();
-    return {grad_input, grad_weight, grad_bias};
+    return {grad_input, grad_weight, grad_bias, grad_residual};
   }
-  const cuda::ParamTensor w(weight);
+  const cuda::ParamTensor w(weight), b(bias);
   const auto mean = mean_.contiguous();
   const auto invstd = invstd_.contiguous();
-  const auto plan = cuda::plan_for(input, {&input, &grad_out, &grad_input});
+  const auto plan = cuda::plan_for(input, {&input, &grad_out, &grad_input, &residual, &grad_residual});
   auto scratch = cuda::scratch_for(input, plan, cuda::Reduction::kGradSums);
-  cuda::check_launch(cuda::launch_backward(
-      cuda::dtype_of(input.scalar_type()), plan, grad_out.const_data_ptr(), input.const_data_ptr(),
-      grad_input.mutable_data_ptr(), mean.const_data_ptr(), invstd.const_data_ptr(), w.param(),
-      grad_weight.mutable_data_ptr(), grad_bias.mutable_data_ptr(), scratch.mutable_data_ptr(),
-      cuda::current_stream()));
+  const auto dtype = cuda::dtype_of(input.scalar_type());
+  if (activation) {
+    auto fusion = cuda::act_fusion(*activation, slope, residual);
+    if (residual.defined()) fusion.grad_residual = grad_residual.mutable_data_ptr();
+    cuda::check_launch(cuda::launch_backward_act(
+        dtype, plan, grad_out.const_data_ptr(), input.const_data_ptr(), grad_input.mutable_data_ptr(),
+        mean.const_data_ptr(), invstd.const_data_ptr(), w.param(), b.param(), grad_weight.mutable_data_ptr(),
+        grad_bias.mutable_data_ptr(), fusion, scratch.mutable_data_ptr(), cuda::current_stream()));
+  } else {
+    cuda::check_launch(cuda::launch_backward(
+        dtype, plan, grad_out.const_data_ptr(), input.const_data_ptr(), grad_input.mutable_data_ptr(),
+        mean.const_data_ptr(), invstd.const_data_ptr(), w.param(), grad_weight.mutable_data_ptr(),
+        grad_bias.mutable_data_ptr(), scratch.mutable_data_ptr(), cuda::current_stream()));
+  }
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                             const at::Tensor& mean, const at::Tensor& invstd,
+                                                             const OptionalTensor& weight) {
+  check_backward(grad_out, input, mean, invstd, weight);
+  auto [grad_input, grad_weight, grad_bias, _] =
+      backward_impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt, std::nullopt, 0.0);
   return {grad_input, grad_weight, grad_bias};
+}
+
+Quad backward_act_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                       const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                       const OptionalTensor& residual, c10::string_view act, double slope) {
+  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  return backward_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnfast, CUDA, m) { m.impl("backward", &backward_cuda); }
+TORCH_LIBRARY_IMPL(bnfast, CUDA, m) {
+  m.impl("backward", &backward_cuda);
+  m.impl("backward_act", &backward_act_cuda);
+}
 
 }  // namespace bnfast

@@ -3,23 +3,58 @@
 //   dx[m, c] = (dy - mean_dy[c] - (x - mean[c]) * invstd[c]^2 * mean_dy_xmu[c])
 //              * invstd[c] * weight[c]
 // One elementwise launch, three tensor passes (read dy and x, write dx).
+// bnfast::backward_elemt_act: the same with dz = dy * act'(z) in place of dy,
+// dz written to grad_residual when there is a residual; for pre_relu of
+// relu(x), and dx 0 where x <= 0.
 #include "kernels.cuh"
 
 namespace bnfast {
 namespace cuda {
 
+namespace {
+
+// fusion null: the plain backward_elemt.
+template <typename scalar_t>
+cudaError_t backward_elemt(const Plan& plan, const void* dy, const void* x, void* dx, const void* mean,
+                           const void* invstd, Param weight, Param bias, const void* mean_dy, const void* mean_dy_xmu,
+                           const ActFusion* fusion, cudaStream_t stream) {
+  using acc = acc_t<scalar_t>;
+  auto finish = [&](auto op) {
+    op.mean_dy = static_cast<const acc*>(mean_dy);
+    op.mean_dy_xmu = static_cast<const acc*>(mean_dy_xmu);
+    return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
+  };
+  const auto* dyp = static_cast<const scalar_t*>(dy);
+  const auto* xp = static_cast<const scalar_t*>(x);
+  auto* dxp = static_cast<scalar_t*>(dx);
+  const auto* mu = static_cast<const acc*>(mean);
+  const auto* is = static_cast<const acc*>(invstd);
+  if (fusion == nullptr) return finish(BackwardElem<scalar_t>{dyp, xp, dxp, mu, is, weight});
+  BackwardElem<scalar_t, true> op{dyp, xp, dxp, mu, is, weight};
+  op.bias = bias;
+  op.f = act_fields<scalar_t>(*fusion);
+  op.grad_residual = static_cast<scalar_t*>(fusion->grad_residual);
+  return finish(op);
+}
+
+}  // namespace
+
 cudaError_t launch_backward_elemt(DType dtype, const Plan& plan, const void* dy, const void* x, void* dx,
                                   const void* mean, const void* invstd, Param weight, const void* mean_dy,
                                   const void* mean_dy_xmu, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc = acc_t<scalar_t>;
-    BackwardElem<scalar_t> op{static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(x),
-                              static_cast<scalar_t*>(dx), static_cast<const acc*>(mean),
-                              static_cast<const acc*>(invstd), weight};
-    op.mean_dy = static_cast<const acc*>(mean_dy);
-    op.mean_dy_xmu = static_cast<const acc*>(mean_dy_xmu);
-    return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
+    return backward_elemt<typename decltype(tag)::type>(plan, dy, x, dx, mean, invstd, weight, Param{}, mean_dy,
+                                                        mean_dy_xmu, nullptr, stream);
+  });
+}
+
+cudaError_t launch_backward_elemt_act(DType dtype, const Plan& plan, const void* dy, const void* x, void* dx,
+                                      const void* mean, const void* invstd, Param weight, Param bias,
+                                      const void* mean_dy, const void* mean_dy_xmu, const ActFusion& fusion,
+                                      cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    return backward_elemt<typename decltype(tag)::type>(plan, dy, x, dx, mean, invstd, weight, bias, mean_dy,
+                                                        mean_dy_xmu, &fusion, stream);
   });
 }
 

@@ -1,7 +1,9 @@
-// bnfast::backward_reduce on CUDA: checks, allocation and launch (the kernels
-// are in backward_reduce_kernel.cu).
+// bnfast::backward_reduce on CUDA, and backward_reduce_act (with an
+// activation): checks, allocation and launch (the kernels are in
+// backward_reduce_kernel.cu).
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "ops.h"
@@ -9,12 +11,17 @@
 namespace bnfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_out_, const at::Tensor& input_,
-                                                        const at::Tensor& mean_, const at::Tensor& invstd) {
-  check_backward_reduce(grad_out_, input_, mean_, invstd);
+// activation: none for the plain backward_reduce (which reads no invstd,
+// weight, bias or residual).
+std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& grad_out_, const at::Tensor& input_,
+                                                        const at::Tensor& mean_, const at::Tensor& invstd_,
+                                                        const OptionalTensor& weight, const OptionalTensor& bias,
+                                                        const OptionalTensor& residual_,
+                                                        std::optional<Activation> activation, double slope) {
   c10::cuda::CUDAGuard guard(input_.device());
   const auto input = readable(input_);
   const auto grad_out = readable_as(grad_out_, input);
+  const auto residual = readable_optional_as(residual_, input);
   auto sum_dy = at::empty({input.size(1)}, mean_.options());
   auto sum_dy_xmu = at::empty({input.size(1)}, mean_.options());
   if (input.numel() == 0) {  // sums over an empty batch
@@ -23,17 +30,45 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
     return {sum_dy, sum_dy_xmu};
   }
   const auto mean = mean_.contiguous();
-  const auto plan = cuda::plan_for(input, {&input, &grad_out});
+  const auto plan = cuda::plan_for(input, {&input, &grad_out, &residual});
   auto scratch = cuda::scratch_for(input, plan, cuda::Reduction::kGradSums);
-  cuda::check_launch(cuda::launch_backward_reduce(
-      cuda::dtype_of(input.scalar_type()), plan, grad_out.const_data_ptr(), input.const_data_ptr(),
-      mean.const_data_ptr(), sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr(), scratch.mutable_data_ptr(),
-      cuda::current_stream()));
+  const auto dtype = cuda::dtype_of(input.scalar_type());
+  if (activation) {
+    const auto invstd = invstd_.contiguous();
+    const cuda::ParamTensor w(weight), b(bias);
+    cuda::check_launch(cuda::launch_backward_reduce_act(
+        dtype, plan, grad_out.const_data_ptr(), input.const_data_ptr(), mean.const_data_ptr(),
+        invstd.const_data_ptr(), w.param(), b.param(), sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr(),
+        cuda::act_fusion(*activation, slope, residual), scratch.mutable_data_ptr(), cuda::current_stream()));
+  } else {
+    cuda::check_launch(cuda::launch_backward_reduce(
+        dtype, plan, grad_out.const_data_ptr(), input.const_data_ptr(), mean.const_data_ptr(),
+        sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr(), scratch.mutable_data_ptr(), cuda::current_stream()));
+  }
   return {sum_dy, sum_dy_xmu};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                        const at::Tensor& mean, const at::Tensor& invstd) {
+  check_backward_reduce(grad_out, input, mean, invstd);
+  return backward_reduce_impl(grad_out, input, mean, invstd, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                              0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_act_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                                            const OptionalTensor& weight, const OptionalTensor& bias,
+                                                            const OptionalTensor& residual, c10::string_view act,
+                                                            double slope) {
+  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  return backward_reduce_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnfast, CUDA, m) { m.impl("backward_reduce", &backward_reduce_cuda); }
+TORCH_LIBRARY_IMPL(bnfast, CUDA, m) {
+  m.impl("backward_reduce", &backward_reduce_cuda);
+  m.impl("backward_reduce_act", &backward_reduce_act_cuda);
+}
 
 }  // namespace bnfast

@@ -1,8 +1,10 @@
-// bnfast::forward on CUDA, the fused training forward: checks, allocation and
-// launch (the kernels are in forward_kernel.cu).
+// bnfast::forward on CUDA, the fused training forward, and forward_act (with
+// an activation): checks, allocation and launch (the kernels are in
+// forward_kernel.cu).
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "ops.h"
@@ -10,11 +12,14 @@
 namespace bnfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input_, const OptionalTensor& weight,
-                                                            const OptionalTensor& bias, double eps) {
-  check_forward(input_, weight, bias);
+// activation: none for the plain forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& input_, const OptionalTensor& weight,
+                                                            const OptionalTensor& bias,
+                                                            const OptionalTensor& residual_, double eps,
+                                                            std::optional<Activation> activation, double slope) {
   c10::cuda::CUDAGuard guard(input_.device());
   const auto input = readable(input_);
+  const auto residual = readable_optional_as(residual_, input);
   const auto options = input.options().dtype(stats_dtype(input.scalar_type()));
   auto mean = at::empty({input.size(1)}, options);
   auto invstd = at::empty({input.size(1)}, options);
@@ -25,17 +30,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
     return {output, mean, invstd};
   }
   const cuda::ParamTensor w(weight), b(bias);
-  const auto plan = cuda::plan_for(input, {&input, &output});
+  const auto plan = cuda::plan_for(input, {&input, &output, &residual});
   auto scratch = cuda::scratch_for(input, plan, cuda::Reduction::kStats);
-  cuda::check_launch(cuda::launch_forward(cuda::dtype_of(input.scalar_type()), plan, input.const_data_ptr(),
-                                          output.mutable_data_ptr(), w.param(), b.param(), mean.mutable_data_ptr(),
-                                          invstd.mutable_data_ptr(), eps, scratch.mutable_data_ptr(),
-                                          cuda::current_stream()));
+  const auto dtype = cuda::dtype_of(input.scalar_type());
+  if (activation) {
+    cuda::check_launch(cuda::launch_forward_act(dtype, plan, input.const_data_ptr(), output.mutable_data_ptr(),
+                                                w.param(), b.param(), mean.mutable_data_ptr(),
+                                                invstd.mutable_data_ptr(), eps,
+                                                cuda::act_fusion(*activation, slope, residual),
+                                                scratch.mutable_data_ptr(), cuda::current_stream()));
+  } else {
+    cuda::check_launch(cuda::launch_forward(dtype, plan, input.const_data_ptr(), output.mutable_data_ptr(),
+                                            w.param(), b.param(), mean.mutable_data_ptr(),
+                                            invstd.mutable_data_ptr(), eps, scratch.mutable_data_ptr(),
+                                            cuda::current_stream()));
+  }
   return {output, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const OptionalTensor& weight,
+                                                            const OptionalTensor& bias, double eps) {
+  check_forward(input, weight, bias);
+  return forward_impl(input, weight, bias, std::nullopt, eps, std::nullopt, 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_act_cuda(const at::Tensor& input, const OptionalTensor& weight,
+                                                                const OptionalTensor& bias,
+                                                                const OptionalTensor& residual, double eps,
+                                                                c10::string_view act, double slope,
+                                                                bool /*memory_efficient: autograd's concern*/) {
+  const auto activation = check_forward_act(input, weight, bias, residual, act);
+  return forward_impl(input, weight, bias, residual, eps, activation, slope);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnfast, CUDA, m) { m.impl("forward", &forward_cuda); }
+TORCH_LIBRARY_IMPL(bnfast, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("forward_act", &forward_act_cuda);
+}
 
 }  // namespace bnfast

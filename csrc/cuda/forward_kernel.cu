@@ -11,27 +11,57 @@
 // never E[x^2] - E[x]^2, so |mean| >> std does not cancel.
 // Performance assumption: the second read of x hits L2 when the tensor fits
 // in it.
+// bnfast::forward_act: the same with relu(x) read in both passes (pre_relu),
+// or y = act(... + residual) in the second.
 #include "kernels.cuh"
 
 namespace bnfast {
 namespace cuda {
 
-cudaError_t launch_forward(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
-                           void* mean, void* invstd, double eps, void* scratch, cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc = acc_t<scalar_t>;
-    auto* partials = static_cast<WelfordState<acc>*>(scratch);
-    const auto* xp = static_cast<const scalar_t*>(x);
-    const cudaError_t err = launch_reduce(StatsReduce<scalar_t>{xp}, partials, plan, plan.reduce_blocks, stream);
-    if (err != cudaSuccess) return err;
-    ForwardElem<scalar_t> op{xp, static_cast<scalar_t*>(y), weight, bias};
+namespace {
+
+// fusion null: the plain forward.
+template <typename scalar_t>
+cudaError_t forward(const Plan& plan, const scalar_t* x, void* y, Param weight, Param bias, void* mean,
+                    void* invstd, double eps, const ActFusion* fusion, void* scratch, cudaStream_t stream) {
+  using acc = acc_t<scalar_t>;
+  auto* partials = static_cast<WelfordState<acc>*>(scratch);
+  const cudaError_t err = fusion && fusion->pre_relu
+                              ? launch_reduce(StatsReduce<scalar_t, true>{x}, partials, plan, plan.reduce_blocks, stream)
+                              : launch_reduce(StatsReduce<scalar_t>{x}, partials, plan, plan.reduce_blocks, stream);
+  if (err != cudaSuccess) return err;
+  auto finish = [&](auto op) {
     op.partials = partials;
     op.P = static_cast<int>(plan.reduce_blocks);
     op.eps = static_cast<acc>(eps);
     op.mean_out = static_cast<acc*>(mean);
     op.invstd_out = static_cast<acc*>(invstd);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
+  };
+  if (fusion == nullptr) return finish(ForwardElem<scalar_t>{x, static_cast<scalar_t*>(y), weight, bias});
+  ForwardElem<scalar_t, true> op{x, static_cast<scalar_t*>(y), weight, bias};
+  op.f = act_fields<scalar_t>(*fusion);
+  return finish(op);
+}
+
+}  // namespace
+
+cudaError_t launch_forward(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
+                           void* mean, void* invstd, double eps, void* scratch, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    return forward(plan, static_cast<const scalar_t*>(x), y, weight, bias, mean, invstd, eps, nullptr, scratch,
+                   stream);
+  });
+}
+
+cudaError_t launch_forward_act(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
+                               void* mean, void* invstd, double eps, const ActFusion& fusion, void* scratch,
+                               cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    return forward(plan, static_cast<const scalar_t*>(x), y, weight, bias, mean, invstd, eps, &fusion, scratch,
+                   stream);
   });
 }
 

@@ -9,10 +9,15 @@
 // A fused op is reduce + elementwise: 2 launches, no host synchronization,
 // no atomics; every block of the second kernel merges the same partials in the
 // same order, so all blocks agree and results are deterministic.
+//
+// The functors of the ops with a fused activation (forward_act, elemt_act,
+// backward_act: ActFusion in launch.h) are the plain ones with kFused (or
+// kPreRelu) set: the plain instantiations compile as before.
 #pragma once
 
 #include <type_traits>
 
+#include "activation.cuh"
 #include "device.cuh"
 
 namespace bnfast {
@@ -20,26 +25,40 @@ namespace cuda {
 
 // ---------------------------------------------------------------------------
 // Reduce functors. cf(): U accesses of V elements of one channel; cl(): U rows
-// of V channels each. ctx: the channel's mean (backward) or unused (stats).
+// of V channels each. ctx: the channel's Ctx (the mean, and z's coefficients
+// when fused, for the backward; unused for the statistics).
 
-template <typename scalar_t>
+// kPreRelu: the statistics of relu(x) (forward_act's pre_relu).
+template <typename scalar_t, bool kPreRelu = false>
 struct StatsReduce {
   using acc = acc_t<scalar_t>;
   using Acc = WelfordState<acc>;
+  using Ctx = acc;
   const scalar_t* x;
-  __device__ acc ctx(int64_t) const { return acc(0); }
+  __device__ Ctx ctx(int64_t) const { return acc(0); }
+  template <int N>
+  __device__ __forceinline__ static void prepare(acc (&v)[N]) {
+    if constexpr (kPreRelu) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) v[k] = relu_of(v[k]);
+    }
+  }
   template <int U, int V, typename index_t>
-  __device__ __forceinline__ void cf(Acc& a, const index_t (&off)[U], acc) const {
+  __device__ __forceinline__ void cf(Acc& a, const index_t (&off)[U], const Ctx&) const {
     acc v[U * V];
 #pragma unroll
     for (int u = 0; u < U; ++u) load_vec<V>(x, off[u], &v[u * V]);
+    prepare(v);
     welford_add_chunk(a, v);  // one division per U * V elements
   }
   template <int U, int V, typename index_t>
-  __device__ __forceinline__ void cl(Acc (&a)[V], const index_t (&off)[U], const acc (&)[V]) const {
+  __device__ __forceinline__ void cl(Acc (&a)[V], const index_t (&off)[U], const Ctx (&)[V]) const {
     acc v[U][V];
 #pragma unroll
-    for (int u = 0; u < U; ++u) load_vec<V>(x, off[u], v[u]);
+    for (int u = 0; u < U; ++u) {
+      load_vec<V>(x, off[u], v[u]);
+      prepare(v[u]);
+    }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       acc col[U];
@@ -50,39 +69,137 @@ struct StatsReduce {
   }
 };
 
+// A channel's mean and the coefficients of z = (x - mean) * zp + zq, the
+// batch norm's output (zp = invstd * weight, zq = bias).
+template <typename acc>
+struct ZCoef {
+  acc mean, zp, zq;
+};
+
+// The activation fields of the fused functors (ActFusion, typed).
 template <typename scalar_t>
+struct ActFields {
+  Act act = Act::kIdentity;
+  bool pre_relu = false;
+  acc_t<scalar_t> slope = 0;
+  const scalar_t* residual = nullptr;
+
+  // v = x as the batch norm reads it: relu(x) for pre_relu.
+  template <int N>
+  __device__ __forceinline__ void bn_input(acc_t<scalar_t> (&v)[N]) const {
+    if (pre_relu) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) v[k] = relu_of(v[k]);
+    }
+  }
+  // The residual's values at off (0 without one).
+  template <int V, typename index_t>
+  __device__ __forceinline__ void load_residual(index_t off, acc_t<scalar_t> (&r)[V]) const {
+    if (residual != nullptr) {
+      load_vec<V>(residual, off, r);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) r[j] = 0;
+    }
+  }
+};
+
+template <typename scalar_t>
+ActFields<scalar_t> act_fields(const ActFusion& f) {
+  return {f.act, f.pre_relu, static_cast<acc_t<scalar_t>>(f.slope), static_cast<const scalar_t*>(f.residual)};
+}
+
+// kFused: backward_act's sums, of dz = dy * act'(z) in place of dy and of
+// relu(x) for pre_relu (f).
+template <typename scalar_t, bool kFused = false>
 struct GradReduce {
   using acc = acc_t<scalar_t>;
   using Acc = SumPair<acc>;
+  using Ctx = std::conditional_t<kFused, ZCoef<acc>, acc>;
   const scalar_t* dy;
   const scalar_t* x;
   const acc* mean;
-  __device__ acc ctx(int64_t c) const { return mean[c]; }
+  const acc* invstd = nullptr;  // kFused: z's coefficients, and the activation
+  Param weight, bias;
+  ActFields<scalar_t> f;
+
+  __device__ Ctx ctx(int64_t c) const {
+    if constexpr (kFused) {
+      return {mean[c], invstd[c] * load_param<acc>(weight, c, acc(1)), load_param<acc>(bias, c, acc(0))};
+    } else {
+      return mean[c];
+    }
+  }
+  // g: dy -> dz, v: x -> x - mean (the fused terms of N elements, one Ctx
+  // each; r: the residual's values).
+  template <int N>
+  __device__ __forceinline__ void fused_terms(acc (&g)[N], acc (&v)[N], const acc (&r)[N],
+                                              const Ctx* k, int k_stride) const {
+    f.bn_input(v);
+#pragma unroll
+    for (int e = 0; e < N; ++e) v[e] -= k[e * k_stride].mean;
+    with_act(f.act, [&](auto tag) {
+      constexpr Act kAct = decltype(tag)::value;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const Ctx& ke = k[e * k_stride];
+        g[e] = activate_grad<kAct>(g[e], v[e] * ke.zp + ke.zq + r[e], f.slope);
+      }
+    });
+  }
   template <int U, int V, typename index_t>
-  __device__ __forceinline__ void cf(Acc& a, const index_t (&off)[U], acc m) const {
+  __device__ __forceinline__ void cf(Acc& a, const index_t (&off)[U], const Ctx& m) const {
     acc g[U * V], v[U * V];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       load_vec<V>(dy, off[u], &g[u * V]);
       load_vec<V>(x, off[u], &v[u * V]);
     }
+    if constexpr (kFused) {
+      acc r[U * V];
 #pragma unroll
-    for (int k = 0; k < U * V; ++k) {
-      a.a += g[k];
-      a.b += g[k] * (v[k] - m);
+      for (int u = 0; u < U; ++u) {
+        acc ru[V];
+        f.template load_residual<V>(off[u], ru);
+#pragma unroll
+        for (int j = 0; j < V; ++j) r[u * V + j] = ru[j];
+      }
+      fused_terms(g, v, r, &m, 0);
+#pragma unroll
+      for (int k = 0; k < U * V; ++k) {
+        a.a += g[k];
+        a.b += g[k] * v[k];
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < U * V; ++k) {
+        a.a += g[k];
+        a.b += g[k] * (v[k] - m);
+      }
     }
   }
   template <int U, int V, typename index_t>
-  __device__ __forceinline__ void cl(Acc (&a)[V], const index_t (&off)[U], const acc (&m)[V]) const {
+  __device__ __forceinline__ void cl(Acc (&a)[V], const index_t (&off)[U], const Ctx (&m)[V]) const {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       acc g[V], v[V];
       load_vec<V>(dy, off[u], g);
       load_vec<V>(x, off[u], v);
+      if constexpr (kFused) {
+        acc r[V];
+        f.template load_residual<V>(off[u], r);
+        fused_terms(g, v, r, m, 1);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        a[j].a += g[j];
-        a[j].b += g[j] * (v[j] - m[j]);
+        for (int j = 0; j < V; ++j) {
+          a[j].a += g[j];
+          a[j].b += g[j] * v[j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          a[j].a += g[j];
+          a[j].b += g[j] * (v[j] - m[j]);
+        }
       }
     }
   }
@@ -121,16 +238,16 @@ template <typename Op, int V, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     reduce_cl_kernel(Op op, typename Op::Acc* partials, index_t C, index_t M) {
   using Acc = typename Op::Acc;
-  using acc = typename Op::acc;
+  using Ctx = typename Op::Ctx;
   const index_t c0 = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < C;
   const index_t stride = static_cast<index_t>(blockDim.y) * gridDim.y;
   Acc a[V];
-  acc m[V];
+  Ctx m[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     a[j] = Acc{};
-    m[j] = active ? op.ctx(c0 + j) : acc(0);
+    m[j] = active ? op.ctx(c0 + j) : Ctx{};
   }
   if (active) {
     index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y;
@@ -168,7 +285,8 @@ __global__ void __launch_bounds__(kThreads)
 // write) from the reduce kernel's merged result (write: this block also stores
 // the op's per-channel outputs).
 
-template <typename scalar_t>
+// kFused: y = act(... + residual), of relu(x) for pre_relu (f).
+template <typename scalar_t, bool kFused = false>
 struct ForwardElem {
   using acc = acc_t<scalar_t>;
   using Acc = WelfordState<acc>;
@@ -185,6 +303,7 @@ struct ForwardElem {
   acc eps = 0;
   acc* mean_out = nullptr;
   acc* invstd_out = nullptr;
+  ActFields<scalar_t> f;
 
   __device__ Coef make(int64_t c, acc mu, acc is) const {
     return {mu, is * load_param<acc>(weight, c, acc(1)), load_param<acc>(bias, c, acc(0))};
@@ -201,32 +320,54 @@ struct ForwardElem {
   }
   // NB: (x - mean) * scale + shift, not x * scale + (shift - mean * scale):
   // the latter cancels catastrophically when |mean| >> std.
+  // k_stride: 0 when the V elements share one channel (cf), 1 when element j
+  // is channel j (cl).
   template <int V, typename index_t>
-  __device__ __forceinline__ void cf(const Coef& k, index_t off) const {
+  __device__ __forceinline__ void apply(const Coef* k, int k_stride, index_t off) const {
     acc v[V];
     load_vec<V>(x, off, v);
+    if constexpr (kFused) f.bn_input(v);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = (v[j] - k.mean) * k.scale + k.shift;
+    for (int j = 0; j < V; ++j) v[j] = (v[j] - k[j * k_stride].mean) * k[j * k_stride].scale + k[j * k_stride].shift;
+    if constexpr (kFused) {
+      acc r[V];
+      f.template load_residual<V>(off, r);
+      with_act(f.act, [&](auto tag) {
+        constexpr Act kAct = decltype(tag)::value;
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = activate<kAct>(v[j] + r[j], f.slope);
+      });
+    }
     store_vec<V>(y, off, v);
+  }
+  template <int V, typename index_t>
+  __device__ __forceinline__ void cf(const Coef& k, index_t off) const {
+    apply<V>(&k, 0, off);
   }
   template <int V, typename index_t>
   __device__ __forceinline__ void cl(const Coef (&k)[V], index_t off) const {
-    acc v[V];
-    load_vec<V>(x, off, v);
-#pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = (v[j] - k[j].mean) * k[j].scale + k[j].shift;
-    store_vec<V>(y, off, v);
+    apply<V>(k, 1, off);
   }
 };
 
-template <typename scalar_t>
+// dx = (dy - mean_dy - (x - mean) * k) * s, k = invstd^2 * mean_dy_xmu, s = invstd * w
+template <typename acc>
+struct GradCoef {
+  acc mean, mean_dy, k, s;
+};
+// ... with dz = dy * act'(z), z = (x - mean) * zp + zq (+ residual), in place of dy.
+template <typename acc>
+struct FusedGradCoef : GradCoef<acc> {
+  acc zp, zq;
+};
+
+// kFused: backward_act's dx (GradReduce<scalar_t, true>'s sums), dz stored
+// to grad_residual when given; for pre_relu of relu(x), and 0 where x <= 0.
+template <typename scalar_t, bool kFused = false>
 struct BackwardElem {
   using acc = acc_t<scalar_t>;
   using Acc = SumPair<acc>;
-  // dx = (dy - mean_dy - (x - mean) * k) * s, k = invstd^2 * mean_dy_xmu, s = invstd * w
-  struct Coef {
-    acc mean, mean_dy, k, s;
-  };
+  using Coef = std::conditional_t<kFused, FusedGradCoef<acc>, GradCoef<acc>>;
   const scalar_t* dy;
   const scalar_t* x;
   scalar_t* dx;
@@ -240,10 +381,18 @@ struct BackwardElem {
   acc count = 0;
   acc* grad_weight = nullptr;
   acc* grad_bias = nullptr;
+  Param bias;  // kFused: z's
+  ActFields<scalar_t> f;
+  scalar_t* grad_residual = nullptr;
 
   __device__ Coef make(int64_t c, acc mdy, acc mdyx) const {
     const acc is = invstd[c];
-    return {mean[c], mdy, is * is * mdyx, is * load_param<acc>(weight, c, acc(1))};
+    const acc s = is * load_param<acc>(weight, c, acc(1));
+    if constexpr (kFused) {
+      return {{mean[c], mdy, is * is * mdyx, s}, s, load_param<acc>(bias, c, acc(0))};
+    } else {
+      return {mean[c], mdy, is * is * mdyx, s};
+    }
   }
   __device__ Coef coef(int64_t c) const { return make(c, mean_dy[c], mean_dy_xmu[c]); }
   __device__ Coef from_partials(int64_t c, const Acc& s, bool write) const {
@@ -253,23 +402,48 @@ struct BackwardElem {
     }
     return make(c, s.a / count, s.b / count);
   }
+  // k_stride as ForwardElem::apply's.
   template <int V, typename index_t>
-  __device__ __forceinline__ void cf(const Coef& k, index_t off) const {
+  __device__ __forceinline__ void apply(const Coef* k, int k_stride, index_t off) const {
     acc g[V], v[V];
     load_vec<V>(dy, off, g);
     load_vec<V>(x, off, v);
+    if constexpr (kFused) {
+      acc d[V], r[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) g[j] = (g[j] - k.mean_dy - (v[j] - k.mean) * k.k) * k.s;
+      for (int j = 0; j < V; ++j) d[j] = (f.pre_relu ? relu_of(v[j]) : v[j]) - k[j * k_stride].mean;
+      f.template load_residual<V>(off, r);
+      with_act(f.act, [&](auto tag) {
+        constexpr Act kAct = decltype(tag)::value;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const Coef& kj = k[j * k_stride];
+          g[j] = activate_grad<kAct>(g[j], d[j] * kj.zp + kj.zq + r[j], f.slope);
+        }
+      });
+      if (grad_residual != nullptr) store_vec<V>(grad_residual, off, g);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const Coef& kj = k[j * k_stride];
+        const acc grad = (g[j] - kj.mean_dy - d[j] * kj.k) * kj.s;
+        g[j] = f.pre_relu && !(v[j] > acc(0)) ? acc(0) : grad;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const Coef& kj = k[j * k_stride];
+        g[j] = (g[j] - kj.mean_dy - (v[j] - kj.mean) * kj.k) * kj.s;
+      }
+    }
     store_vec<V>(dx, off, g);
   }
   template <int V, typename index_t>
+  __device__ __forceinline__ void cf(const Coef& k, index_t off) const {
+    apply<V>(&k, 0, off);
+  }
+  template <int V, typename index_t>
   __device__ __forceinline__ void cl(const Coef (&k)[V], index_t off) const {
-    acc g[V], v[V];
-    load_vec<V>(dy, off, g);
-    load_vec<V>(x, off, v);
-#pragma unroll
-    for (int j = 0; j < V; ++j) g[j] = (g[j] - k[j].mean_dy - (v[j] - k[j].mean) * k[j].k) * k[j].s;
-    store_vec<V>(dx, off, g);
+    apply<V>(k, 1, off);
   }
 };
 

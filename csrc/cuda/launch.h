@@ -15,6 +15,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/activation.h"
 #include "plan.h"
 
 namespace bnfast {
@@ -25,6 +26,18 @@ namespace cuda {
 struct Param {
   const void* ptr = nullptr;
   DType dtype = DType::kFloat;
+};
+
+// The activation of a fused op (csrc/common/activation.h, csrc/cuda/
+// activation.cuh): y = act(BN(x) + residual), or y = BN(relu(x)) for
+// pre_relu (act identity, no residual then). residual and grad_residual, when
+// given, are in the layout of plan.layout like x.
+struct ActFusion {
+  Act act = Act::kIdentity;
+  bool pre_relu = false;
+  double slope = 0;                    // leaky_relu's
+  const void* residual = nullptr;
+  void* grad_residual = nullptr;       // backward: receives dz = dy * act'(z)
 };
 
 // mean, invstd of x. scratch: scratch_bytes(plan, dtype, Reduction::kStats).
@@ -39,6 +52,14 @@ cudaError_t launch_forward(DType dtype, const Plan& plan, const void* x, void* y
 // y = (x - mean) * invstd * weight + bias with given statistics.
 cudaError_t launch_elemt(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
                          const void* mean, const void* invstd, cudaStream_t stream);
+
+// launch_forward and launch_elemt with an activation: the statistics of x
+// (of relu(x) for pre_relu), y = act(BN(x) + residual) in the same passes.
+cudaError_t launch_forward_act(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
+                               void* mean, void* invstd, double eps, const ActFusion& fusion, void* scratch,
+                               cudaStream_t stream);
+cudaError_t launch_elemt_act(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
+                             const void* mean, const void* invstd, const ActFusion& fusion, cudaStream_t stream);
 
 // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)) per channel.
 // scratch: scratch_bytes(plan, dtype, Reduction::kGradSums).
@@ -58,6 +79,30 @@ cudaError_t launch_backward_elemt(DType dtype, const Plan& plan, const void* dy,
 cudaError_t launch_backward(DType dtype, const Plan& plan, const void* dy, const void* x, void* dx,
                             const void* mean, const void* invstd, Param weight, void* grad_weight,
                             void* grad_bias, void* scratch, cudaStream_t stream);
+
+// launch_backward of launch_forward_act: dz = dy * act'(z) in place of dy in
+// both passes, z = (x - mean) * invstd * weight + bias (+ residual)
+// recomputed; dz stored to fusion.grad_residual when given. For pre_relu the
+// passes read relu(x), and dx is 0 where x <= 0 (NaN x too, as on the CPU).
+cudaError_t launch_backward_act(DType dtype, const Plan& plan, const void* dy, const void* x, void* dx,
+                                const void* mean, const void* invstd, Param weight, Param bias, void* grad_weight,
+                                void* grad_bias, const ActFusion& fusion, void* scratch, cudaStream_t stream);
+
+// The pieces of launch_backward_act for SyncBatchNormAct (its collectives
+// sit between them), as launch_stats, launch_backward_reduce and
+// launch_backward_elemt are launch_forward's and launch_backward's:
+// statistics of relu(x) for pre_relu (of x otherwise); the sums of dz and
+// dz * (x - mean); dx from given means of those sums, dz stored to
+// fusion.grad_residual when given.
+cudaError_t launch_stats_act(DType dtype, const Plan& plan, const void* x, void* mean, void* invstd, double eps,
+                             const ActFusion& fusion, void* scratch, cudaStream_t stream);
+cudaError_t launch_backward_reduce_act(DType dtype, const Plan& plan, const void* dy, const void* x,
+                                       const void* mean, const void* invstd, Param weight, Param bias, void* sum_dy,
+                                       void* sum_dy_xmu, const ActFusion& fusion, void* scratch, cudaStream_t stream);
+cudaError_t launch_backward_elemt_act(DType dtype, const Plan& plan, const void* dy, const void* x, void* dx,
+                                      const void* mean, const void* invstd, Param weight, Param bias,
+                                      const void* mean_dy, const void* mean_dy_xmu, const ActFusion& fusion,
+                                      cudaStream_t stream);
 
 // In place, channel c of C (stats_dtype: float or double; running statistics
 // in any floating dtype, strided):

@@ -44,10 +44,14 @@ inline int sm_count() {
 }
 
 // The plan for an op over input (read in layout_of(input)) that reads and
-// writes `tensors` elementwise. Requires input.numel() > 0.
+// writes `tensors` elementwise (undefined or empty ones: absent, as an
+// optional residual). Requires input.numel() > 0.
 inline Plan plan_for(const at::Tensor& input, std::initializer_list<const at::Tensor*> tensors) {
   bool aligned = true;
-  for (const at::Tensor* t : tensors) aligned = aligned && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0;
+  for (const at::Tensor* t : tensors) {
+    const bool absent = !t->defined() || t->numel() == 0;
+    aligned = aligned && (absent || reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0);
+  }
   return make_plan(dtype_of(input.scalar_type()), layout_of(input), shape_of(input), aligned, sm_count());
 }
 
@@ -66,6 +70,17 @@ struct ParamTensor {
   }
   at::Tensor tensor;
 };
+
+// A fused op's activation for the launchers; residual: undefined, or read
+// in the input's layout (readable_optional_as).
+inline ActFusion act_fusion(const Activation& activation, double slope, const at::Tensor& residual) {
+  ActFusion f;
+  f.act = activation.act;
+  f.pre_relu = activation.pre_relu;
+  f.slope = slope;
+  if (residual.defined()) f.residual = residual.const_data_ptr();
+  return f;
+}
 
 // Scratch for a reduce kernel's partial results, from the caching allocator.
 inline at::Tensor scratch_for(const at::Tensor& input, const Plan& plan, Reduction r) {
