@@ -22,7 +22,9 @@
 // in benchmarks/kernels.py, unless --flush-l2 (then each launch is timed alone
 // after a write over twice the L2). Bandwidth follows DESIGN.md's streaming
 // model (passes over the N*s-byte tensor: stats 1, elemt 2, forward 3,
-// backward_reduce 2, backward_elemt 3, backward 5, copy 2); "% copy" is that
+// backward_reduce 2, backward_elemt 3, backward 5, copy 2; the fused
+// activations' as forward's and backward's, plus 1 (forward) or 3 (backward)
+// with a residual); "% copy" is that
 // bandwidth over the bandwidth of a device-to-device copy of the same tensor.
 #include <cuda_runtime.h>
 
@@ -371,6 +373,8 @@ struct Run {
   void* grad_weight;
   void* grad_bias;
   void* scratch;
+  const void* residual;  // the fused launchers' (x's layout and dtype)
+  void* grad_residual;
 };
 
 // The per-channel [C] float buffers, by role.
@@ -390,7 +394,7 @@ class Tensors {
   Tensors(const Config& cfg, cudaStream_t stream)
       : cfg_(cfg), stream_(stream), shape_(cfg.c.shape()),
         bytes_(static_cast<size_t>(shape_.numel() * dtype_bytes(cfg.t.dtype))),
-        x_(bytes_), y_(bytes_), dy_(bytes_), dx_(bytes_) {
+        x_(bytes_), y_(bytes_), dy_(bytes_), dx_(bytes_), residual_(bytes_), grad_residual_(bytes_) {
     for (DeviceBuffer& b : channels_) b.reserve(static_cast<size_t>(shape_.channels) * sizeof(float));
   }
 
@@ -398,6 +402,7 @@ class Tensors {
     const int64_t n = shape_.numel(), C = shape_.channels, S = shape_.spatial;
     fill(cfg_.t.dtype, x_.get(), n, C, S, cfg_.layout, {1, 0.0f, 1.0f, 1.0f}, stream_);
     fill(cfg_.t.dtype, dy_.get(), n, C, S, cfg_.layout, {2, 0.0f, 0.1f, 1.0f}, stream_);
+    fill(cfg_.t.dtype, residual_.get(), n, C, S, cfg_.layout, {9, 0.0f, 0.2f, 1.0f}, stream_);
     // mean and invstd near the statistics of x (invstd ~ 1 / 0.577), mean
     // offset by 0.5 and dy by channel so that the sums of dy and of
     // dy * (x - mean) do not cancel (--check compares them to max |sum|).
@@ -415,13 +420,16 @@ class Tensors {
     auto ch = [&](Channel k) { return channels_[k].get(); };
     return {cfg_.t.dtype, plan, bytes_, x_.get(), y_.get(), dy_.get(), dx_.get(),
             Param{ch(kWeight), DType::kFloat}, Param{ch(kBias), DType::kFloat}, ch(kMean), ch(kInvstd),
-            ch(kMeanDy), ch(kMeanDyXmu), ch(kSumDy), ch(kSumDyXmu), ch(kGradWeight), ch(kGradBias), scratch_.get()};
+            ch(kMeanDy), ch(kMeanDyXmu), ch(kSumDy), ch(kSumDyXmu), ch(kGradWeight), ch(kGradBias), scratch_.get(),
+            residual_.get(), grad_residual_.get()};
   }
 
   const DeviceBuffer& x() const { return x_; }
   const DeviceBuffer& y() const { return y_; }
   const DeviceBuffer& dy() const { return dy_; }
   const DeviceBuffer& dx() const { return dx_; }
+  const DeviceBuffer& residual() const { return residual_; }
+  const DeviceBuffer& grad_residual() const { return grad_residual_; }
   const DeviceBuffer& channel(Channel k) const { return channels_[k]; }
 
  private:
@@ -429,7 +437,7 @@ class Tensors {
   cudaStream_t stream_;
   Shape shape_;
   size_t bytes_;
-  DeviceBuffer x_, y_, dy_, dx_, scratch_;
+  DeviceBuffer x_, y_, dy_, dx_, residual_, grad_residual_, scratch_;
   DeviceBuffer channels_[kChannels];
 };
 
@@ -438,9 +446,33 @@ class Tensors {
 
 // What a launcher computes: its streaming-model passes and, for --check, its
 // outputs and their reference.
-enum class Kind { kCopy, kStats, kForward, kElemt, kBackwardReduce, kBackwardElemt, kBackward };
+// kForwardAct / kBackwardAct: launch_forward_act / launch_backward_act with
+// the op's Fusion.
+enum class Kind { kCopy, kStats, kForward, kElemt, kBackwardReduce, kBackwardElemt, kBackward, kForwardAct, kBackwardAct };
 
-int passes(Kind k) {
+// A fused launcher's activation (ActFusion without its buffers).
+struct Fusion {
+  Act act = Act::kIdentity;
+  bool pre_relu = false;
+  bool residual = false;
+};
+constexpr double kSlope = 0.01;  // leaky_relu's
+
+ActFusion act_fusion(const Fusion& f, const Run& r) {
+  ActFusion a;
+  a.act = f.act;
+  a.pre_relu = f.pre_relu;
+  a.slope = kSlope;
+  if (f.residual) {
+    a.residual = r.residual;
+    a.grad_residual = r.grad_residual;
+  }
+  return a;
+}
+
+// Tensor passes of the streaming model: a residual adds its read (forward)
+// or two reads and grad_residual's write (backward).
+int passes(Kind k, const Fusion& f = {}) {
   switch (k) {
     case Kind::kStats: return 1;
     case Kind::kCopy:
@@ -449,6 +481,8 @@ int passes(Kind k) {
     case Kind::kForward:
     case Kind::kBackwardElemt: return 3;
     case Kind::kBackward: return 5;
+    case Kind::kForwardAct: return 3 + f.residual;
+    case Kind::kBackwardAct: return 5 + 3 * f.residual;
   }
   return 0;
 }
@@ -462,7 +496,22 @@ struct Op {
   Kind kind;
   unsigned uses;
   cudaError_t (*launch)(const Run&, cudaStream_t);
+  Fusion fusion;  // kForwardAct, kBackwardAct
 };
+
+constexpr Fusion kAddRelu{Act::kRelu, false, true}, kPreRelu{Act::kIdentity, true, false},
+    kGeluResidual{Act::kGelu, false, true}, kLeakyRelu{Act::kLeakyRelu, false, false};
+
+template <const Fusion& kFusion>
+cudaError_t forward_act(const Run& r, cudaStream_t s) {
+  return launch_forward_act(r.dtype, r.plan, r.x, r.y, r.weight, r.bias, r.mean, r.invstd, kEps,
+                            act_fusion(kFusion, r), r.scratch, s);
+}
+template <const Fusion& kFusion>
+cudaError_t backward_act(const Run& r, cudaStream_t s) {
+  return launch_backward_act(r.dtype, r.plan, r.dy, r.x, r.dx, r.mean, r.invstd, r.weight, r.bias, r.grad_weight,
+                             r.grad_bias, act_fusion(kFusion, r), r.scratch, s);
+}
 
 // One line per launcher timed; a new kernel variant is its launcher and a line here.
 const Op kOps[] = {
@@ -492,6 +541,20 @@ const Op kOps[] = {
        return launch_backward(r.dtype, r.plan, r.dy, r.x, r.dx, r.mean, r.invstd, r.weight, r.grad_weight,
                               r.grad_bias, r.scratch, s);
      }},
+    // The fused activations (issue #11): BN + add -> relu and relu -> BN, as
+    // the fused benchmark times them, and two of the other activations.
+    {"forward_add_relu", "fwd+add_relu", Kind::kForwardAct, kUsesReduce | kUsesElementwise, forward_act<kAddRelu>,
+     kAddRelu},
+    {"backward_add_relu", "bwd+add_relu", Kind::kBackwardAct, kUsesReduce | kUsesElementwise, backward_act<kAddRelu>,
+     kAddRelu},
+    {"forward_pre_relu", "fwd+pre_relu", Kind::kForwardAct, kUsesReduce | kUsesElementwise, forward_act<kPreRelu>,
+     kPreRelu},
+    {"backward_pre_relu", "bwd+pre_relu", Kind::kBackwardAct, kUsesReduce | kUsesElementwise,
+     backward_act<kPreRelu>, kPreRelu},
+    {"forward_leaky_relu", "fwd+leaky", Kind::kForwardAct, kUsesReduce | kUsesElementwise,
+     forward_act<kLeakyRelu>, kLeakyRelu},
+    {"backward_gelu_add", "bwd+gelu_add", Kind::kBackwardAct, kUsesReduce | kUsesElementwise,
+     backward_act<kGeluResidual>, kGeluResidual},
 };
 
 std::vector<const Op*> selected_ops(const Options& o) {
@@ -820,7 +883,7 @@ int time_all(const Options& o, const Device& d) {
     JsonObject results;
     for (const Op* op : ops) {
       const double us = op == &copy ? copy_us : timer.time(*op, run, where + " " + op->name);
-      const double model = passes(op->kind) * double(run.bytes);
+      const double model = passes(op->kind, op->fusion) * double(run.bytes);
       std::printf(" %10.1f %4.0f%%", us, 100.0 * model / us / copy_bw);
       std::fflush(stdout);
       results.raw(op->name, JsonObject()
@@ -948,10 +1011,14 @@ std::vector<double> widen(const std::vector<unsigned char>& raw, DType dtype) {
 }
 
 // An output a launcher writes: the y / dx tensor, or a [C] channel buffer.
-enum Output { kY, kDX, kMeanOut, kInvstdOut, kSumDyOut, kSumDyXmuOut, kGradWeightOut, kGradBiasOut };
+enum Output { kY, kDX, kMeanOut, kInvstdOut, kSumDyOut, kSumDyXmuOut, kGradWeightOut, kGradBiasOut, kGradResidualOut };
 
-std::vector<Output> outputs(Kind k) {
+std::vector<Output> outputs(Kind k, const Fusion& f = {}) {
   switch (k) {
+    case Kind::kForwardAct: return {kY, kMeanOut, kInvstdOut};
+    case Kind::kBackwardAct:
+      if (f.residual) return {kDX, kGradWeightOut, kGradBiasOut, kGradResidualOut};
+      return {kDX, kGradWeightOut, kGradBiasOut};
     case Kind::kCopy:
     case Kind::kElemt: return {kY};
     case Kind::kStats: return {kMeanOut, kInvstdOut};
@@ -973,12 +1040,14 @@ const DeviceBuffer& output_buffer(const Tensors& t, Output k) {
     case kSumDyXmuOut: return t.channel(kSumDyXmu);
     case kGradWeightOut: return t.channel(kGradWeight);
     case kGradBiasOut: return t.channel(kGradBias);
+    case kGradResidualOut: return t.grad_residual();
   }
   return t.y();
 }
 
 const char* output_name(Output k) {
-  static const char* const names[] = {"y", "dx", "mean", "invstd", "sum_dy", "sum_dy_xmu", "grad_weight", "grad_bias"};
+  static const char* const names[] = {"y",          "dx",          "mean",      "invstd",       "sum_dy",
+                                      "sum_dy_xmu", "grad_weight", "grad_bias", "grad_residual"};
   return names[k];
 }
 
@@ -986,7 +1055,7 @@ const char* output_name(Output k) {
 struct HostInputs {
   Shape shape;
   Layout layout;
-  std::vector<double> x, dy;
+  std::vector<double> x, dy, residual;
   std::vector<double> channel[kChannels];
   int64_t at(int64_t m, int64_t c) const {  // offset of (element m, channel c)
     const int64_t C = shape.channels, S = shape.spatial;
@@ -994,8 +1063,34 @@ struct HostInputs {
   }
 };
 
-// The float64 reference of every output of kind k.
-std::map<Output, std::vector<double>> reference(Kind k, const HostInputs& in) {
+// The activations in double (csrc/cuda/activation.cuh's definitions).
+double activate(Act a, double z) {
+  switch (a) {
+    case Act::kRelu: return z <= 0 ? 0.0 : z;
+    case Act::kLeakyRelu: return z > 0 ? z : z * kSlope;
+    case Act::kSilu: return z / (1 + std::exp(-z));
+    case Act::kGelu: return 0.5 * z * (1 + std::erf(z * M_SQRT1_2));
+    case Act::kGeluTanh: return 0.5 * z * (1 + std::tanh(M_SQRT2 * M_2_SQRTPI * 0.5 * (z + 0.044715 * z * z * z)));
+    default: return z;
+  }
+}
+double activate_grad(Act a, double dy, double z) {  // dy * act'(z)
+  switch (a) {
+    case Act::kRelu: return z > 0 ? dy : 0.0;
+    case Act::kLeakyRelu: return z > 0 ? dy : dy * kSlope;
+    case Act::kSilu: {
+      const double sigmoid = 1 / (1 + std::exp(-z));
+      return dy * sigmoid * (1 + z * (1 - sigmoid));
+    }
+    case Act::kGelu: return dy * (0.5 * (1 + std::erf(z * M_SQRT1_2)) + z * std::exp(-0.5 * z * z) * M_2_SQRTPI * M_SQRT1_2 * 0.5);
+    default: return dy;  // identity (kGeluTanh is not among the harness's launchers)
+  }
+}
+
+// The float64 reference of every output of kind k (with fusion f for the
+// fused kinds). An element whose derivative is taken at a kink (relu's,
+// leaky_relu's z = 0) within float rounding of it is NaN: not compared.
+std::map<Output, std::vector<double>> reference(Kind k, const HostInputs& in, const Fusion& f = {}) {
   const int64_t C = in.shape.channels, M = in.shape.per_channel();
   const auto& w = in.channel[kWeight];
   const auto& b = in.channel[kBias];
@@ -1044,6 +1139,59 @@ std::map<Output, std::vector<double>> reference(Kind k, const HostInputs& in) {
     case Kind::kElemt: normalize(mean, invstd); break;
     case Kind::kBackwardReduce: sums(per_channel(kSumDyOut), per_channel(kSumDyXmuOut)); break;
     case Kind::kBackwardElemt: grad_input(in.channel[kMeanDy], in.channel[kMeanDyXmu]); break;
+    case Kind::kForwardAct: {
+      auto& mu = per_channel(kMeanOut);
+      auto& is = per_channel(kInvstdOut);
+      auto& y = tensor(kY);
+      for (int64_t c = 0; c < C; ++c) {
+        auto bn_input = [&](int64_t m) { const double v = in.x[in.at(m, c)]; return f.pre_relu && v <= 0 ? 0.0 : v; };
+        double s = 0, q = 0;
+        for (int64_t m = 0; m < M; ++m) s += bn_input(m);
+        mu[c] = s / M;
+        for (int64_t m = 0; m < M; ++m) q += (bn_input(m) - mu[c]) * (bn_input(m) - mu[c]);
+        is[c] = 1.0 / std::sqrt(q / M + kEps);
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t i = in.at(m, c);
+          const double z = (bn_input(m) - mu[c]) * is[c] * w[c] + b[c] + (f.residual ? in.residual[i] : 0.0);
+          y[i] = activate(f.act, z);
+        }
+      }
+      break;
+    }
+    case Kind::kBackwardAct: {
+      // With the given mean and invstd, as launch_backward_act takes them.
+      std::vector<double> dz(in.x.size()), d(in.x.size());
+      std::vector<bool> kink(in.x.size(), false);
+      std::vector<double> sdz(C), sdzx(C);
+      const bool kinked = f.act == Act::kRelu || f.act == Act::kLeakyRelu;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t i = in.at(m, c);
+          d[i] = (f.pre_relu && in.x[i] <= 0 ? 0.0 : in.x[i]) - mean[c];
+          const double r = f.residual ? in.residual[i] : 0.0;
+          const double zp = invstd[c] * w[c];
+          const double z = d[i] * zp + b[c] + r;
+          kink[i] = kinked && std::fabs(z) <= 1e-5 * (std::fabs(d[i] * zp) + std::fabs(b[c]) + std::fabs(r));
+          dz[i] = activate_grad(f.act, in.dy[i], z);
+          sdz[c] += dz[i];
+          sdzx[c] += dz[i] * d[i];
+        }
+      auto& dx = tensor(kDX);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t i = in.at(m, c);
+          const double g = (dz[i] - sdz[c] / M - d[i] * invstd[c] * invstd[c] * sdzx[c] / M) * invstd[c] * w[c];
+          dx[i] = kink[i] ? NAN : f.pre_relu && !(in.x[i] > 0) ? 0.0 : g;
+        }
+      auto& gw = per_channel(kGradWeightOut);
+      for (int64_t c = 0; c < C; ++c) gw[c] = sdzx[c] * invstd[c];
+      per_channel(kGradBiasOut) = sdz;
+      if (f.residual) {
+        auto& gr = tensor(kGradResidualOut);
+        for (size_t i = 0; i < dz.size(); ++i) gr[i] = kink[i] ? NAN : dz[i];
+      }
+      break;
+    }
     case Kind::kBackward: {
       std::vector<double> sdy(C), sdyx(C), mdy(C), mdyx(C);
       sums(sdy, sdyx);
@@ -1061,10 +1209,12 @@ std::map<Output, std::vector<double>> reference(Kind k, const HostInputs& in) {
   return out;
 }
 
-// max |got - want| / max |want| (NaN stays NaN, so it fails).
+// max |got - want| / max |want| (NaN stays NaN, so it fails) over the
+// elements whose reference is not NaN (reference: not compared).
 double relative_error(const std::vector<double>& got, const std::vector<double>& want) {
   double err = 0, scale = 0;
   for (size_t i = 0; i < want.size(); ++i) {
+    if (std::isnan(want[i])) continue;
     const double e = std::fabs(got[i] - want[i]);
     err = std::isnan(e) ? e : std::max(err, e);
     scale = std::max(scale, std::fabs(want[i]));
@@ -1087,29 +1237,29 @@ int check_all(const Options& o, const Device& d) {
     const int64_t n = cfg.c.shape().numel(), C = cfg.c.shape().channels;
     const DType dtype = cfg.t.dtype;
     HostInputs in{cfg.c.shape(), cfg.layout, widen(read_raw(data.x(), dtype, n), dtype),
-                  widen(read_raw(data.dy(), dtype, n), dtype), {}};
+                  widen(read_raw(data.dy(), dtype, n), dtype), widen(read_raw(data.residual(), dtype, n), dtype), {}};
     for (int k = 0; k < kChannels; ++k) {
       in.channel[k] = widen(read_raw(data.channel(Channel(k)), DType::kFloat, C), DType::kFloat);
     }
     std::string failed;
     JsonObject results;
     for (const Op* op : ops) {
-      const std::map<Output, std::vector<double>> want = reference(op->kind, in);
+      const std::map<Output, std::vector<double>> want = reference(op->kind, in, op->fusion);
       std::vector<std::vector<unsigned char>> first;
       double worst = 0;
       bool ok = true, deterministic = true;
       JsonObject errors;
       for (int attempt = 0; attempt < 2; ++attempt) {
         data.init();  // stats and forward overwrite mean and invstd, the other launchers' inputs
-        for (Output k : outputs(op->kind)) {
+        for (Output k : outputs(op->kind, op->fusion)) {
           const DeviceBuffer& b = output_buffer(data, k);
           check(cudaMemsetAsync(b.get(), 0xff, b.bytes(), d.stream), "poison");  // NaN in float, bfloat16 and half
         }
         check(op->launch(run, d.stream), op->name);
         check(cudaStreamSynchronize(d.stream), op->name);
         size_t j = 0;
-        for (Output k : outputs(op->kind)) {
-          const bool is_tensor = k == kY || k == kDX;
+        for (Output k : outputs(op->kind, op->fusion)) {
+          const bool is_tensor = k == kY || k == kDX || k == kGradResidualOut;
           const DType out_dtype = is_tensor ? dtype : DType::kFloat;
           std::vector<unsigned char> raw = read_raw(output_buffer(data, k), out_dtype, is_tensor ? n : C);
           if (attempt == 0) {
