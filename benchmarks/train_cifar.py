@@ -9,9 +9,7 @@ For each network the same model (same seed, same initial weights, same data
 order, same dropout masks) is trained with torch's BatchNorm2d, after
 ``bnfast.convert`` (``--fuse``: ``bnfast.convert(model, fuse=True)``) and
 without BN (the no-BN control: the seed CNN's ``no_bn`` variant, or the ResNet
-with its BN layers replaced by identities; ``--variants ... no_bn_relu`` adds
-the seed CNN without BN and without the relu before each BN, the control of
-``--fuse``). All runs of a network step in
+with its BN layers replaced by identities). All runs of a network step in
 lockstep on the same batches, so load from elsewhere on a shared machine hits
 them alike, and their per-step losses can be compared. Step times cover only
 zero_grad/forward/loss/backward/optimizer step (on CUDA between two
@@ -54,13 +52,7 @@ from torch import nn
 from benchmarks import cifar10, merge_options, write_report
 from benchmarks.models import resnet18_cifar, resnet50, strip_bn
 
-VARIANTS = ("seed", "conv_bn_relu", "no_bn", "no_bn_relu")  # the seed CNN's
-# The seed CNN's no-BN controls: no_bn (its convolutions and activations
-# alone: what a BN that cost nothing would give) and no_bn_relu (without the
-# relu before each BN too: what a fused relu -> BN that cost nothing, the
-# most bnfast.convert(model, fuse=True) could give); the latter runs when asked.
-CONTROL_VARIANTS = ("no_bn", "no_bn_relu")
-DEFAULT_VARIANTS = ("seed", "conv_bn_relu", "no_bn")
+VARIANTS = ("seed", "conv_bn_relu", "no_bn")  # the seed CNN's
 RESNETS = {"resnet18": resnet18_cifar, "resnet50": resnet50}
 MODELS = ("seed",) + tuple(RESNETS)
 IMPLS = ("torch", "bnfast")
@@ -112,8 +104,7 @@ class Case(NamedTuple):
 
 def build_model(variant: str = "seed", dropout: float = 0.5) -> nn.Module:
     """The seed CNN, or a ResNet (variant resnet18 / resnet50, benchmarks.models).
-    The seed CNN's BN inputs at batch 128: 32x30x30, 64x13x13, 64x4x4; its
-    controls (CONTROL_VARIANTS) have the same convolutions and weights."""
+    The seed CNN's BN inputs at batch 128: 32x30x30, 64x13x13, 64x4x4."""
     if variant in RESNETS:
         return RESNETS[variant]()
     if variant not in VARIANTS:
@@ -126,7 +117,7 @@ def build_model(variant: str = "seed", dropout: float = 0.5) -> nn.Module:
             layers += [nn.ReLU(), nn.BatchNorm2d(c_out)]
         elif variant == "conv_bn_relu":
             layers += [nn.BatchNorm2d(c_out), nn.ReLU()]
-        elif variant == "no_bn":
+        else:
             layers.append(nn.ReLU())
         if pool:
             layers.append(nn.MaxPool2d(2))
@@ -150,10 +141,10 @@ def make_models(variant: str, impls, seed: int, dropout: float = 0.5, bnfast_mod
                 fuse: bool = False, memory_efficient: bool = False) -> dict[str, nn.Module]:
     """{impl: model} with identical initial weights across impls; impl no_bn is
     the same model with its BN layers replaced by identities. The seed CNN's
-    control variants are their own: {"no_bn": model}."""
+    no_bn variant is its own control: {"no_bn": model}."""
     torch.manual_seed(seed)
     base = build_model(variant, dropout)
-    if variant in CONTROL_VARIANTS:
+    if variant == "no_bn":
         return {NO_BN: base}
     models = {}
     for impl in impls:
@@ -348,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first N training images (default all)")
     p.add_argument("--test-subset", type=int, default=None,
                    help="evaluate on the first N test images (default all)")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="seed CNN variants, comma-separated, from %s (default all but no_bn_relu; a ResNet always "
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="seed CNN variants, comma-separated, from %s (default all; a ResNet always "
                         "runs torch, bnfast and no_bn)" % ", ".join(VARIANTS))
     p.add_argument("--impls", default=",".join(IMPLS),
                    help="BN implementations for BN variants (default %(default)s)")
@@ -484,21 +475,19 @@ def _ratio(a, b):
 
 def summarize_row(per_seed: dict) -> dict:
     """One network at one case over seeds; per_seed: {seed: (torch run, bnfast run,
-    no-BN run, no-BN-no-relu run)}, any of them None."""
-    t_runs, f_runs, c_runs, r_runs = ([g[k] for g in per_seed.values() if g[k]] for k in range(4))
-    t_ms, f_ms, c_ms, r_ms = _median_ms(t_runs), _median_ms(f_runs), _median_ms(c_runs), _median_ms(r_runs)
+    no-BN run)}, any of them None."""
+    t_runs, f_runs, c_runs = ([g[k] for g in per_seed.values() if g[k]] for k in range(3))
+    t_ms, f_ms, c_ms = _median_ms(t_runs), _median_ms(f_runs), _median_ms(c_runs)
     row = {"seeds": list(per_seed), "torch_step_ms": t_ms, "bnfast_step_ms": f_ms, "no_bn_step_ms": c_ms,
-           "no_bn_relu_step_ms": r_ms, "speedup": _ratio(t_ms, f_ms), "speedup_paired": None,
+           "speedup": _ratio(t_ms, f_ms), "speedup_paired": None,
            # The most any BN could give: a BN that cost nothing steps as fast as no BN.
            "no_bn_ceiling": _ratio(t_ms, c_ms),
-           # ... and a fused relu -> BN that cost nothing (fuse=True's most).
-           "no_bn_relu_ceiling": _ratio(t_ms, r_ms),
            # BN's share: the fraction of the step that goes away without BN.
            "bn_share_torch": None if c_ms is None or t_ms is None else 1.0 - c_ms / t_ms,
            "bn_share_bnfast": None if c_ms is None or f_ms is None else 1.0 - c_ms / f_ms,
            "per_seed": [], "loss_agreement": None}
     diffs = []
-    for seed, (t, f, c, _) in per_seed.items():
+    for seed, (t, f, c) in per_seed.items():
         acc = {k: r and r["final_test_acc"] for k, r in (("torch", t), ("bnfast", f), ("no_bn", c))}
         e = {"seed": seed, **{f"{k}_acc": v for k, v in acc.items()}, "acc_diff_points": None,
              "loss_agreement": None}
@@ -513,7 +502,7 @@ def summarize_row(per_seed: dict) -> dict:
     for k in ("torch", "bnfast", "no_bn"):
         row[f"{k}_acc"] = row["acc"][k] and row["acc"][k]["mean"]
     row["acc_diff_points"] = row["acc"]["diff"] and row["acc"]["diff"]["mean"]
-    pairs = [(t, f) for t, f, _, _ in per_seed.values() if t and f]
+    pairs = [(t, f) for t, f, _ in per_seed.values() if t and f]
     if pairs:
         # Steps k of both runs ran back to back on the same batch, so the
         # median per-step ratio cancels slow spells of the machine.
@@ -529,13 +518,12 @@ def summarize(runs: list[dict], device: str = "cpu", fuse: bool = False) -> dict
     groups: dict = {}  # (case, seed) -> {(variant, impl): run}
     for r in runs:
         groups.setdefault((case_of(r), r["seed"]), {})[(r["variant"], r["impl"])] = r
-    per_row: dict = {}  # (case, variant) -> {seed: (torch, bnfast, no-BN control, no-BN-no-relu control)}
+    per_row: dict = {}  # (case, variant) -> {seed: (torch, bnfast, no-BN control)}
     for (case, seed), g in groups.items():
-        # The seed CNN's no_bn variant, or a ResNet without its BN layers.
-        control = next((r for (v, impl), r in g.items() if impl == NO_BN and v != "no_bn_relu"), None)
+        control = next((r for (_, impl), r in g.items() if impl == NO_BN), None)
         for variant in dict.fromkeys(v for v, impl in g if impl != NO_BN):
-            per_row.setdefault((case, variant), {})[seed] = (g.get((variant, "torch")), g.get((variant, "bnfast")),
-                                                             control, g.get(("no_bn_relu", NO_BN)))
+            per_row.setdefault((case, variant), {})[seed] = (g.get((variant, "torch")),
+                                                             g.get((variant, "bnfast")), control)
     rows = [{**case._asdict(), "variant": variant,
              "data": next(r["data"] for g in per_seed.values() for r in g if r),
              **summarize_row(per_seed)} for (case, variant), per_seed in per_row.items()]
@@ -608,19 +596,15 @@ def markdown(result: dict) -> str:
     for note in result["notes"]:
         lines.append(f"\nNote: {note}")
     rows = result["summary"]["rows"]
-    # The no_bn_relu control's columns, where it ran.
-    relu_control = any(r.get("no_bn_relu_step_ms") is not None for r in rows)
     lines += ["", "## Step time", "",
               "| variant | precision | input | torch step (ms) | bnfast step (ms) | no-BN step (ms) | speed-up "
-              "| paired speed-up | no-BN ceiling | BN share of step, torch | BN share, bnfast |"
-              + (" no-BN-no-relu step (ms) | no-BN-no-relu ceiling |" if relu_control else ""),
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if relu_control else "")]
+              "| paired speed-up | no-BN ceiling | BN share of step, torch | BN share, bnfast |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['precision']} | {_input(r)} | {_fmt(r['torch_step_ms'])} | "
                      f"{_fmt(r['bnfast_step_ms'])} | {_fmt(r['no_bn_step_ms'])} | {_x(r['speedup'])} | "
                      f"{_x(r['speedup_paired'])} | {_x(r['no_bn_ceiling'])} | "
-                     f"{_share(r['bn_share_torch'])} | {_share(r['bn_share_bnfast'])} |"
-                     + (f" {_fmt(r['no_bn_relu_step_ms'])} | {_x(r['no_bn_relu_ceiling'])} |" if relu_control else ""))
+                     f"{_share(r['bn_share_torch'])} | {_share(r['bn_share_bnfast'])} |")
     # Random-data runs have no accuracy: their tables keep only the loss agreement.
     with_acc = any(r["data"] == "cifar10" for r in rows)
     acc_head = ("| torch acc (%) | bnfast acc (%) | no-BN acc (%) | acc diff (points, bnfast - torch) "
@@ -673,10 +657,7 @@ def markdown(result: dict) -> str:
     lines += ["", "Speed-up = torch median step / bnfast median step; paired = median over steps of "
               "the per-step ratio (all runs step in lockstep on the same batches). "
               "No-BN ceiling = torch step / no-BN step: the speed-up a BN that cost nothing would give. "
-              + ("No-BN-no-relu ceiling = torch step / the step without BN and without the relu before each BN "
-                 "(variant no_bn_relu): what a fused relu -> BN that cost nothing would give, the most "
-                 "bnfast.convert(model, fuse=True) can give the seed CNN. " if relu_control else "")
-              + "BN share = 1 - (no-BN step time / step time): the part of the step BN costs. "
+              "BN share = 1 - (no-BN step time / step time): the part of the step BN costs. "
               "Medians are over the steps of all seeds."]
     return "\n".join(lines) + "\n"
 
@@ -760,7 +741,7 @@ def load_bnfast(args, notes: list[str]):
     """(impls, bnfast module or None): bnfast leaves impls, with a note, when it
     cannot run on args.device. Raises ValueError for --fuse without bnfast."""
     impls = list(args.impls)
-    bn_runs = any(c.model != "seed" for c in args.cases) or any(v not in CONTROL_VARIANTS for v in args.variants)
+    bn_runs = any(c.model != "seed" for c in args.cases) or any(v != "no_bn" for v in args.variants)
     if "bnfast" not in impls or not bn_runs:
         return impls, None
     bnfast_mod, err = import_bnfast()
@@ -794,7 +775,7 @@ def lockstep_group(case: Case, seed: int, args, impls, bnfast_mod, device) -> tu
     for variant in variants:
         for impl, model in make_models(variant, run_impls, seed, bnfast_mod=bnfast_mod, fuse=args.fuse,
                                               memory_efficient=args.memory_efficient).items():
-            name = variant if variant in CONTROL_VARIANTS else f"{variant}/{impl}"
+            name = variant if variant == "no_bn" else f"{variant}/{impl}"
             models[name] = model.to(device, memory_format=memory_format(case.precision))
             meta[name] = {"name": name, "model": case.model, "variant": variant, "impl": impl, "seed": seed,
                           **case._asdict()}

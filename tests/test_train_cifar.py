@@ -44,22 +44,13 @@ def test_model_shapes(variant):
             m.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
     out = model(torch.rand(128, 3, 32, 32))
     assert out.shape == (128, 10)
-    controls = train_cifar.CONTROL_VARIANTS
-    expected = [] if variant in controls else [(128, 32, 30, 30), (128, 64, 13, 13), (128, 64, 4, 4)]
+    expected = [] if variant == "no_bn" else [(128, 32, 30, 30), (128, 64, 13, 13), (128, 64, 4, 4)]
     assert seen == expected
     kinds = [type(m).__name__ for m in model]
     if variant == "seed":
         assert kinds[:3] == ["Conv2d", "ReLU", "BatchNorm2d"]
     elif variant == "conv_bn_relu":
         assert kinds[:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
-    elif variant == "no_bn_relu":  # the seed CNN less what fuse=True folds into its BN layers
-        assert kinds[:6] == ["Conv2d", "MaxPool2d", "Conv2d", "MaxPool2d", "Conv2d", "Flatten"]
-        weights = []
-        for v in ("seed", variant):
-            torch.manual_seed(0)
-            weights.append([p for m in train_cifar.build_model(v).modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-                            for p in m.parameters()])
-        assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))  # BN draws no random init
 
 
 @pytest.mark.data
@@ -162,19 +153,6 @@ def test_accuracy_bar_is_judged_on_the_full_run(epochs, acc_bnfast, met):
     assert bar["accuracy_met"] is met and bar["speedup_met"] is False
 
 
-def test_no_bn_relu_control_gives_the_fused_ceiling():
-    """With the no_bn_relu control in the lockstep group, each row gets its
-    step and ceiling (torch step / its step) beside the no_bn control's."""
-    runs = [_fake_run("seed", "torch", 33.0, None, 0), _fake_run("seed", "bnfast", 25.0, None, 0),
-            _fake_run("no_bn", "no_bn", 24.0, None, 0), _fake_run("no_bn_relu", "no_bn", 22.0, None, 0)]
-    row = train_cifar.summarize(runs, fuse=True)["rows"][0]
-    assert row["variant"] == "seed" and row["no_bn_step_ms"] == pytest.approx(24.0)
-    assert row["no_bn_relu_step_ms"] == pytest.approx(22.0)
-    assert row["no_bn_ceiling"] == pytest.approx(33 / 24) and row["no_bn_relu_ceiling"] == pytest.approx(1.5)
-    without = train_cifar.summarize(runs[:3])["rows"][0]
-    assert without["no_bn_relu_step_ms"] is None and without["no_bn_ceiling"] == pytest.approx(33 / 24)
-
-
 @pytest.mark.parametrize("fuse, issue, speedup_min", [(False, 3, 1.35), (True, 11, 1.3)])
 def test_step_bar_is_the_issue_of_the_configuration(fuse, issue, speedup_min):
     """A 1.32x step meets the fused bar (issue #11, 1.3x) but not the plain swap's (issue #3, 1.35x)."""
@@ -209,7 +187,7 @@ def test_quick_defaults_yield_to_explicit_flags():
     assert a.subset == 300 and a.epochs == 1 and a.test_subset == train_cifar.QUICK["test_subset"]
     b = train_cifar.resolve_options({})
     assert b.subset is None and b.epochs == train_cifar.DEFAULT_EPOCHS
-    assert b.variants == list(train_cifar.DEFAULT_VARIANTS) and b.impls == ["torch", "bnfast"]
+    assert b.variants == list(train_cifar.VARIANTS) and b.impls == ["torch", "bnfast"]
     # The CPU default is the seed CNN, fp32, batch 128, seed 0, on the CPU.
     assert b.cases == [train_cifar.Case("seed", "fp32", 128, 32)] and b.seeds == [0] and b.device == "cpu"
     with pytest.raises(ValueError, match="unknown"):
