@@ -60,7 +60,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from benchmarks import merge_options, write_report
+from benchmarks import cli_main, merge_options, write_results
 
 VARIANTS = ("local", "sync")
 CUDA_VARIANTS = VARIANTS + ("torch",)
@@ -288,22 +288,11 @@ def run(options=None, **overrides) -> dict:
     per_rank = spawn(_worker, args)
     result = {"benchmark": "bnfast_ddp", "machine": machine, "options": vars(args),
               "summary": summarize(per_rank), "per_rank": per_rank, "elapsed_s": time.perf_counter() - t0}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result["files"] = {"json": str(out / "ddp.json"), "markdown": str(out / "ddp.md")}
-    write_report(result, result["files"]["json"], result["files"]["markdown"], markdown(result))
-    return result
+    return write_results(result, args.out, "ddp", markdown)
 
 
 def main(argv=None) -> int:
-    try:
-        result = run(build_parser().parse_args(argv))
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(Path(result["files"]["markdown"]).read_text())
-    print(f"results: {result['files']['json']}  ({result['elapsed_s']:.0f} s)")
-    return 0
+    return cli_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

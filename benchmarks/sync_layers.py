@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from benchmarks import kernels, merge_options, write_report
+from benchmarks import cli_main, kernels, merge_options, write_results
 from benchmarks.ddp import init_rank, resolve_backend, spawn
 
 BAR_SPEEDUP = 1.2
@@ -202,22 +202,11 @@ def run(options=None, **overrides) -> dict:
     result = {"benchmark": "bnfast_sync_layers", "machine": machine, "options": vars(args),
               "summary": summarize(per_rank, args.device), "per_rank": per_rank,
               "elapsed_s": time.perf_counter() - t0}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result["files"] = {"json": str(out / "sync_layers.json"), "markdown": str(out / "sync_layers.md")}
-    write_report(result, result["files"]["json"], result["files"]["markdown"], markdown(result))
-    return result
+    return write_results(result, args.out, "sync_layers", markdown)
 
 
 def main(argv=None) -> int:
-    try:
-        result = run(build_parser().parse_args(argv))
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(Path(result["files"]["markdown"]).read_text())
-    print(f"results: {result['files']['json']}  ({result['elapsed_s']:.0f} s)")
-    return 0
+    return cli_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
