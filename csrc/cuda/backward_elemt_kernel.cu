@@ -24,17 +24,9 @@ cudaError_t backward_elemt(const Plan& plan, const void* dy, const void* x, void
     op.mean_dy_xmu = static_cast<const acc*>(mean_dy_xmu);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   };
-  const auto* dyp = static_cast<const scalar_t*>(dy);
-  const auto* xp = static_cast<const scalar_t*>(x);
-  auto* dxp = static_cast<scalar_t*>(dx);
-  const auto* mu = static_cast<const acc*>(mean);
-  const auto* is = static_cast<const acc*>(invstd);
-  if (fusion == nullptr) return finish(BackwardElem<scalar_t>{dyp, xp, dxp, mu, is, weight});
-  BackwardElem<scalar_t, true> op{dyp, xp, dxp, mu, is, weight};
-  op.bias = bias;
-  op.f = act_fields<scalar_t>(*fusion);
-  op.grad_residual = static_cast<scalar_t*>(fusion->grad_residual);
-  return finish(op);
+  return with_backward_elem(static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(x), dx,
+                            static_cast<const acc*>(mean), static_cast<const acc*>(invstd), weight, bias, fusion,
+                            finish);
 }
 
 }  // namespace

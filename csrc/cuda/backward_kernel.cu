@@ -37,16 +37,9 @@ cudaError_t backward(const Plan& plan, const scalar_t* dy, const scalar_t* x, vo
     op.grad_bias = static_cast<acc*>(grad_bias);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   };
-  auto* dxp = static_cast<scalar_t*>(dx);
-  if (fusion == nullptr) {
-    return run(GradReduce<scalar_t>{dy, x, mu}, BackwardElem<scalar_t>{dy, x, dxp, mu, is, weight});
-  }
-  GradReduce<scalar_t, true> reduce{dy, x, mu, is, weight, bias, act_fields<scalar_t>(*fusion)};
-  BackwardElem<scalar_t, true> op{dy, x, dxp, mu, is, weight};
-  op.bias = bias;
-  op.f = reduce.f;
-  op.grad_residual = static_cast<scalar_t*>(fusion->grad_residual);
-  return run(reduce, op);
+  return with_backward_elem(dy, x, dx, mu, is, weight, bias, fusion, [&](auto op) {
+    return run(GradReduce<scalar_t, decltype(op)::kFusedOp>{dy, x, mu, is, weight, bias, op.f}, op);
+  });
 }
 
 }  // namespace

@@ -23,10 +23,7 @@ cudaError_t elemt(const Plan& plan, const scalar_t* x, void* y, Param weight, Pa
     op.invstd = static_cast<const acc*>(invstd);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   };
-  if (fusion == nullptr) return finish(ForwardElem<scalar_t>{x, static_cast<scalar_t*>(y), weight, bias});
-  ForwardElem<scalar_t, true> op{x, static_cast<scalar_t*>(y), weight, bias};
-  op.f = act_fields<scalar_t>(*fusion);
-  return finish(op);
+  return with_forward_elem(x, y, weight, bias, fusion, finish);
 }
 
 }  // namespace

@@ -368,6 +368,7 @@ struct BackwardElem {
   using acc = acc_t<scalar_t>;
   using Acc = SumPair<acc>;
   using Coef = std::conditional_t<kFused, FusedGradCoef<acc>, GradCoef<acc>>;
+  static constexpr bool kFusedOp = kFused;  // its reduce: GradReduce<scalar_t, kFusedOp>
   const scalar_t* dy;
   const scalar_t* x;
   scalar_t* dx;
@@ -446,6 +447,29 @@ struct BackwardElem {
     apply<V>(k, 1, off);
   }
 };
+
+// finish(the elementwise functor of a forward or backward op), plain when
+// fusion is null, else fused with it: one place that picks the functor.
+template <typename scalar_t, typename Finish>
+cudaError_t with_forward_elem(const scalar_t* x, void* y, Param weight, Param bias, const ActFusion* fusion,
+                              Finish&& finish) {
+  if (fusion == nullptr) return finish(ForwardElem<scalar_t>{x, static_cast<scalar_t*>(y), weight, bias});
+  ForwardElem<scalar_t, true> op{x, static_cast<scalar_t*>(y), weight, bias};
+  op.f = act_fields<scalar_t>(*fusion);
+  return finish(op);
+}
+template <typename scalar_t, typename Finish>
+cudaError_t with_backward_elem(const scalar_t* dy, const scalar_t* x, void* dx, const acc_t<scalar_t>* mean,
+                               const acc_t<scalar_t>* invstd, Param weight, Param bias, const ActFusion* fusion,
+                               Finish&& finish) {
+  auto* dxp = static_cast<scalar_t*>(dx);
+  if (fusion == nullptr) return finish(BackwardElem<scalar_t>{dy, x, dxp, mean, invstd, weight});
+  BackwardElem<scalar_t, true> op{dy, x, dxp, mean, invstd, weight};
+  op.bias = bias;
+  op.f = act_fields<scalar_t>(*fusion);
+  op.grad_residual = static_cast<scalar_t*>(fusion->grad_residual);
+  return finish(op);
+}
 
 // This thread's coefficients for channels c0 .. c0 + NC - 1. Block-collective
 // when they come from partials (every block of the grid merges the same
