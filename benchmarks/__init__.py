@@ -25,10 +25,11 @@ def write_results(result: dict, out, stem: str, markdown_of) -> dict:
     return result
 
 
-def cli_main(run, args) -> int:
+def cli_main(run, args, failed=lambda result: False) -> int:
     """A benchmark's main: run(args), then its markdown report and where the
     results went (with elapsed_s when run gives it); exit status 2 and the
-    message for ValueError / RuntimeError (options it cannot honour)."""
+    message for ValueError / RuntimeError (options it cannot honour), 1 when
+    failed(result)."""
     import sys
 
     try:
@@ -39,7 +40,7 @@ def cli_main(run, args) -> int:
     print(Path(result["files"]["markdown"]).read_text())
     elapsed = f"  ({result['elapsed_s']:.0f} s)" if "elapsed_s" in result else ""
     print(f"results: {result['files']['json']}{elapsed}")
-    return 0
+    return 1 if failed(result) else 0
 
 
 def merge_options(parser: argparse.ArgumentParser, options=None, overrides=None) -> argparse.Namespace:

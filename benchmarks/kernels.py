@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import merge_options, write_report
+from benchmarks import cli_main, merge_options, write_report
 
 PHASES = ("fwd_train", "fwd_eval", "bwd", "fwd_bwd")
 PHASE_TITLES = {"fwd_train": "fwd train", "fwd_eval": "fwd eval", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
@@ -707,15 +707,8 @@ def run(options=None, **overrides) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(Path(result["files"]["markdown"]).read_text())
-    print(f"results: {result['files']['json']}  ({result['elapsed_s']:.0f} s)")
-    return 1 if result["errors"] and not result["rows"] else 0
+    # Failed: every configuration errored.
+    return cli_main(run, build_parser().parse_args(argv), failed=lambda r: bool(r["errors"] and not r["rows"]))
 
 
 if __name__ == "__main__":
