@@ -315,6 +315,12 @@ def test_ddp_summary_with_torch_variant():
     assert s["variants"]["torch"]["median_step_ms"] == pytest.approx(2200)  # slowest rank per step
     assert s["speedup_vs_torch"] == pytest.approx(2.2 / 1.1)
     assert s["overhead"] == pytest.approx(0.1)
+    options = {"fuse": False, "device": "cuda", "backend": "gloo", "world_size": 2, "threads": 1, "batch": 8,
+               "steps": 3, "warmup": 1}
+    machine = {"cpu_model": "cpu", "logical_cpus": 2, "gpu_name": "gpu", "torch_version": "x", "load_average": None}
+    report = ddp.markdown({"summary": s, "options": options, "machine": machine})
+    assert "| torch | 2200.00 | " in report and report.count("n/a | n/a") == 1  # torch's collectives are not timed
+    assert "2.00x" in report
 
 
 @pytest.mark.distributed
