@@ -174,9 +174,10 @@ def _check_split_ops(case, act, with_residual, device):
     """stats_act, backward_reduce_act and backward_elemt_act (SyncBatchNormAct's
     pieces, with its all_reduce between the last two) give forward_act's
     statistics and backward_act's results: the statistics and the sums
-    bitwise on the CPU, grad_input and grad_residual up to the rounding of
-    mean_dy to the stats dtype. The composite fallbacks (what CUDA runs), run
-    here on the device's plain ops, give the same up to rounding."""
+    bitwise on the CPU (on CUDA up to the order the partial sums are merged
+    in), grad_input and grad_residual up to the rounding of mean_dy to the
+    stats dtype. The composite fallbacks (CompositeExplicitAutograd), run here
+    on the device's plain ops, give the same up to rounding."""
     x, dy = case.input(device), case.grad_out(device)
     if case.layout == "channels_last":  # a gradient in another layout than the input's
         dy = dy.contiguous()
