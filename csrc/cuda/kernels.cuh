@@ -92,6 +92,20 @@ struct ActFields {
       for (int k = 0; k < N; ++k) v[k] = relu_of(v[k]);
     }
   }
+  // g: dy -> dz = dy * act'(z), z = d * zp + zq + r, element e with the
+  // coefficients k[e * k_stride] (a ZCoef or FusedGradCoef).
+  template <int N, typename Coef>
+  __device__ __forceinline__ void grad_z(acc_t<scalar_t> (&g)[N], const acc_t<scalar_t> (&d)[N],
+                                         const acc_t<scalar_t> (&r)[N], const Coef* k, int k_stride) const {
+    with_act(act, [&](auto tag) {
+      constexpr Act kAct = decltype(tag)::value;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const Coef& ke = k[e * k_stride];
+        g[e] = activate_grad<kAct>(g[e], d[e] * ke.zp + ke.zq + r[e], slope);
+      }
+    });
+  }
   // The residual's values at off (0 without one).
   template <int V, typename index_t>
   __device__ __forceinline__ void load_residual(index_t off, acc_t<scalar_t> (&r)[V]) const {
@@ -138,14 +152,7 @@ struct GradReduce {
     f.bn_input(v);
 #pragma unroll
     for (int e = 0; e < N; ++e) v[e] -= k[e * k_stride].mean;
-    with_act(f.act, [&](auto tag) {
-      constexpr Act kAct = decltype(tag)::value;
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        const Ctx& ke = k[e * k_stride];
-        g[e] = activate_grad<kAct>(g[e], v[e] * ke.zp + ke.zq + r[e], f.slope);
-      }
-    });
+    f.grad_z(g, v, r, k, k_stride);
   }
   template <int U, int V, typename index_t>
   __device__ __forceinline__ void cf(Acc& a, const index_t (&off)[U], const Ctx& m) const {
@@ -414,14 +421,7 @@ struct BackwardElem {
 #pragma unroll
       for (int j = 0; j < V; ++j) d[j] = (f.pre_relu ? relu_of(v[j]) : v[j]) - k[j * k_stride].mean;
       f.template load_residual<V>(off, r);
-      with_act(f.act, [&](auto tag) {
-        constexpr Act kAct = decltype(tag)::value;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const Coef& kj = k[j * k_stride];
-          g[j] = activate_grad<kAct>(g[j], d[j] * kj.zp + kj.zq + r[j], f.slope);
-        }
-      });
+      f.grad_z(g, d, r, k, k_stride);
       if (grad_residual != nullptr) store_vec<V>(grad_residual, off, g);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
