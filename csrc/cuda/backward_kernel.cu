@@ -37,7 +37,7 @@ cudaError_t backward(const Plan& plan, const scalar_t* dy, const scalar_t* x, vo
     op.grad_bias = static_cast<acc*>(grad_bias);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   };
-  return with_backward_elem(dy, x, dx, mu, is, weight, bias, fusion, [&](auto op) {
+  return with_backward_elem</*kFromPartials=*/true>(dy, x, dx, mu, is, weight, bias, fusion, [&](auto op) {
     return run(GradReduce<scalar_t, decltype(op)::kFusedOp>{dy, x, mu, is, weight, bias, op.f}, op);
   });
 }

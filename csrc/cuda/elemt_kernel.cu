@@ -23,7 +23,7 @@ cudaError_t elemt(const Plan& plan, const scalar_t* x, void* y, Param weight, Pa
     op.invstd = static_cast<const acc*>(invstd);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   };
-  return with_forward_elem(x, y, weight, bias, fusion, finish);
+  return with_forward_elem</*kFromPartials=*/false>(x, y, weight, bias, fusion, finish);
 }
 
 }  // namespace

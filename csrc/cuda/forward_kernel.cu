@@ -38,7 +38,7 @@ cudaError_t forward(const Plan& plan, const scalar_t* x, void* y, Param weight, 
     op.invstd_out = static_cast<acc*>(invstd);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   };
-  return with_forward_elem(x, y, weight, bias, fusion, finish);
+  return with_forward_elem</*kFromPartials=*/true>(x, y, weight, bias, fusion, finish);
 }
 
 }  // namespace

@@ -293,10 +293,13 @@ __global__ void __launch_bounds__(kThreads)
 // the op's per-channel outputs).
 
 // kFused: y = act(... + residual), of relu(x) for pre_relu (f).
-template <typename scalar_t, bool kFused = false>
+// kFromPartials: the training forward's functor, whose coefficients may come
+// from partials; elemt's (false) has no merge code (load_coefs).
+template <typename scalar_t, bool kFused = false, bool kFromPartials = false>
 struct ForwardElem {
   using acc = acc_t<scalar_t>;
   using Acc = WelfordState<acc>;
+  static constexpr bool kMayMerge = kFromPartials;
   struct Coef {
     acc mean, scale, shift;
   };
@@ -370,10 +373,13 @@ struct FusedGradCoef : GradCoef<acc> {
 
 // kFused: backward_act's dx (GradReduce<scalar_t, true>'s sums), dz stored
 // to grad_residual when given; for pre_relu of relu(x), and 0 where x <= 0.
-template <typename scalar_t, bool kFused = false>
+// kFromPartials: as ForwardElem's (the fused backward true, backward_elemt
+// false).
+template <typename scalar_t, bool kFused = false, bool kFromPartials = false>
 struct BackwardElem {
   using acc = acc_t<scalar_t>;
   using Acc = SumPair<acc>;
+  static constexpr bool kMayMerge = kFromPartials;
   using Coef = std::conditional_t<kFused, FusedGradCoef<acc>, GradCoef<acc>>;
   static constexpr bool kFusedOp = kFused;  // its reduce: GradReduce<scalar_t, kFusedOp>
   const scalar_t* dy;
@@ -450,21 +456,23 @@ struct BackwardElem {
 
 // finish(the elementwise functor of a forward or backward op), plain when
 // fusion is null, else fused with it: one place that picks the functor.
-template <typename scalar_t, typename Finish>
+// kFromPartials: the functor of the fused training forward / backward, which
+// merges the reduce kernel's partials.
+template <bool kFromPartials, typename scalar_t, typename Finish>
 cudaError_t with_forward_elem(const scalar_t* x, void* y, Param weight, Param bias, const ActFusion* fusion,
                               Finish&& finish) {
-  if (fusion == nullptr) return finish(ForwardElem<scalar_t>{x, static_cast<scalar_t*>(y), weight, bias});
-  ForwardElem<scalar_t, true> op{x, static_cast<scalar_t*>(y), weight, bias};
+  if (fusion == nullptr) return finish(ForwardElem<scalar_t, false, kFromPartials>{x, static_cast<scalar_t*>(y), weight, bias});
+  ForwardElem<scalar_t, true, kFromPartials> op{x, static_cast<scalar_t*>(y), weight, bias};
   op.f = act_fields<scalar_t>(*fusion);
   return finish(op);
 }
-template <typename scalar_t, typename Finish>
+template <bool kFromPartials, typename scalar_t, typename Finish>
 cudaError_t with_backward_elem(const scalar_t* dy, const scalar_t* x, void* dx, const acc_t<scalar_t>* mean,
                                const acc_t<scalar_t>* invstd, Param weight, Param bias, const ActFusion* fusion,
                                Finish&& finish) {
   auto* dxp = static_cast<scalar_t*>(dx);
-  if (fusion == nullptr) return finish(BackwardElem<scalar_t>{dy, x, dxp, mean, invstd, weight});
-  BackwardElem<scalar_t, true> op{dy, x, dxp, mean, invstd, weight};
+  if (fusion == nullptr) return finish(BackwardElem<scalar_t, false, kFromPartials>{dy, x, dxp, mean, invstd, weight});
+  BackwardElem<scalar_t, true, kFromPartials> op{dy, x, dxp, mean, invstd, weight};
   op.bias = bias;
   op.f = act_fields<scalar_t>(*fusion);
   op.grad_residual = static_cast<scalar_t*>(fusion->grad_residual);
@@ -478,20 +486,24 @@ template <typename Op, int NC, typename index_t>
 __device__ __forceinline__ void load_coefs(const Op& op, typename Op::Coef (&k)[NC], index_t C,
                                            index_t c0, bool active) {
   using Coef = typename Op::Coef;
-  if (op.partials != nullptr) {  // uniform across the grid
-    __shared__ Coef shared[kThreads];
-    typename Op::Acc a[NC];
-    merge_partials(a, op.partials, op.P, C, c0, active);
-    if (threadIdx.y == 0 && active) {
+  if constexpr (Op::kMayMerge) {
+    if (op.partials != nullptr) {  // uniform across the grid
+      __shared__ Coef shared[kThreads];
+      typename Op::Acc a[NC];
+      merge_partials(a, op.partials, op.P, C, c0, active);
+      if (threadIdx.y == 0 && active) {
 #pragma unroll
-      for (int j = 0; j < NC; ++j) shared[threadIdx.x * NC + j] = op.from_partials(c0 + j, a[j], blockIdx.y == 0);
-    }
-    __syncthreads();
-    if (active) {
+        for (int j = 0; j < NC; ++j) shared[threadIdx.x * NC + j] = op.from_partials(c0 + j, a[j], blockIdx.y == 0);
+      }
+      __syncthreads();
+      if (active) {
 #pragma unroll
-      for (int j = 0; j < NC; ++j) k[j] = shared[threadIdx.x * NC + j];
+        for (int j = 0; j < NC; ++j) k[j] = shared[threadIdx.x * NC + j];
+      }
+      return;
     }
-  } else if (active) {
+  }
+  if (active) {
 #pragma unroll
     for (int j = 0; j < NC; ++j) k[j] = op.coef(c0 + j);
   }
@@ -558,6 +570,8 @@ cudaError_t launch_reduce(const Op& op, typename Op::Acc* partials, const Plan& 
 template <typename Op>
 cudaError_t launch_elementwise(const Op& op, const Plan& g, int64_t P, cudaStream_t stream) {
   using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(op.x)>>;
+  // A functor built without the merge path would ignore its partials.
+  if (!Op::kMayMerge && op.partials != nullptr) return cudaErrorInvalidValue;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const dim3 block(g.bx, g.by);
   const dim3 grid(static_cast<unsigned>(g.ctiles), static_cast<unsigned>(P));
