@@ -9,12 +9,13 @@ fixture, so one test body runs on CPU in CI and on CUDA on a GPU machine.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 
 import bnfast  # noqa: F401  (registers torch.ops.bnfast.*)
-from tests import samples
+from tests import cuda_build, samples
 
 
 def bnfast_has_kernels(device_type: str) -> bool:
@@ -72,6 +73,28 @@ def _seed_and_restore():
     yield
     torch.set_num_threads(threads)
     torch.set_default_dtype(dtype)
+
+
+class _CudaCompileLast:
+    """The CUDA compile check (tests/test_cuda_compile.py) runs last, its
+    build (tests/cuda_build.py) started at collection at the lowest CPU
+    priority, so it overlaps the rest of the suite. Not under pytest-xdist,
+    where every worker collects every test: there the build starts when a
+    worker's first compile case needs it."""
+
+    @pytest.hookimpl(trylast=True)  # after -m / -k deselection
+    def pytest_collection_modifyitems(self, items):
+        checks = [item for item in items if item.get_closest_marker("cuda_compile")]
+        if checks and shutil.which("nvcc") and "PYTEST_XDIST_WORKER" not in os.environ:
+            items[:] = [item for item in items if not item.get_closest_marker("cuda_compile")] + checks
+            cuda_build.start()
+
+    def pytest_sessionfinish(self):
+        cuda_build.stop()
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_CudaCompileLast(), "bnfast-cuda-compile-last")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,114 +1,46 @@
 """Compile every CUDA source without a GPU, and check what can be checked on
-the host.
+the host: the commands and the background build are in tests/cuda_build.py
+(kernels torch-free for sm_90, op files against the CPU wheel's torch
+headers, the timing harness from the kernel objects).
 
-* The kernels (csrc/cuda/*.cu) are compiled by nvcc for sm_90 with no torch
-  include path at all: they must stay torch-free (csrc/cuda/launch.h says
-  why), and this is what keeps them so.
-* The CUDA op files (csrc/cuda/*.cpp: checks, allocation, launches) are
-  compiled by the host compiler through nvcc (which adds the CUDA include
-  path), against the CPU wheel's torch headers. The wheel lacks one generated
-  header, c10/cuda/impl/cuda_cmake_macros.h; tests/cuda_shim provides it
-  (test-only).
 * The kernels' 32-bit index divider (csrc/cuda/divider.h) is host-callable:
   tests/native/divider_check.cpp checks it against integer division.
-* The standalone timing harness (benchmarks/cuda_harness) builds from the
-  kernel objects compiled here, and its --plan mode runs without a GPU.
+* The harness's --plan mode runs without a GPU.
 
-All files compile once, in parallel (one process per core), the first time a
-case needs them; each case then reports its own file's result.
+These tests run last in the suite; the conftest starts the build at
+collection, so it overlaps the rest. Each case reports its own file's result.
 """
 
-import concurrent.futures
-import functools
-import inspect
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.utils.cpp_extension as cpp_extension
 
 from benchmarks import kernels
+from tests import cuda_build
+from tests.cuda_build import CSRC, CUDA_DIR, HARNESS_BUILD, KERNELS, NVCC, NVCC_FLAGS, OP_FILES
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-CUDA_DIR = CSRC / "cuda"
-SHIM = Path(__file__).resolve().parent / "cuda_shim"
-KERNELS = sorted(CUDA_DIR.glob("*.cu"))
-OP_FILES = sorted(CUDA_DIR.glob("*.cpp"))
 DIVIDER_CHECK = Path(__file__).resolve().parent / "native" / "divider_check.cpp"
-HARNESS_BUILD = ROOT / "benchmarks" / "cuda_harness" / "build.sh"
-NVCC = shutil.which("nvcc")
 
 pytestmark = [pytest.mark.cuda_compile, pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")]
 
 
-def _cxx_standard():
-    # Whatever this torch's CUDAExtension passes to nvcc (c++20 from torch 2.10 on).
-    return "c++20" if "'-std=c++20'" in inspect.getsource(cpp_extension) else "c++17"
-
-
-# The defines CUDAExtension gives nvcc; the kernels must build under them.
-NVCC_FLAGS = getattr(cpp_extension, "COMMON_NVCC_FLAGS", [
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-    "--expt-relaxed-constexpr"])
-
-
-def kernel_command(source, output):
-    """nvcc for a kernel file: csrc only on the include path (no torch)."""
-    return [NVCC, "-c", str(source), "-o", str(output), f"-I{CSRC}", f"-std={_cxx_standard()}",
-            "-gencode", "arch=compute_90,code=sm_90", *NVCC_FLAGS, "-O3", "-Xcompiler", "-fPIC"]
-
-
-def op_file_command(source, output):
-    """The host compiler (via nvcc, for the CUDA include path) for an op file, with torch's headers."""
-    includes = [f"-I{SHIM}", f"-I{CSRC}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [NVCC, "-x", "c++", "-c", str(source), "-o", str(output), *includes, f"-std={_cxx_standard()}",
-            "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            "-Xcompiler", "-fPIC,-Wall"]
-
-
-def _run(command):
+@pytest.fixture(scope="module")
+def compiled():
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
-
-
-@functools.lru_cache(maxsize=None)
-def _compile_all(outdir):
-    jobs = {s: kernel_command(s, Path(outdir) / (s.stem + ".o")) for s in KERNELS}
-    jobs.update({s: op_file_command(s, Path(outdir) / (s.stem + ".op.o")) for s in OP_FILES})
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = dict(zip(jobs, pool.map(_run, jobs.values())))
-    print(f"\ncompiled {len(jobs)} CUDA files with {workers} workers in {time.perf_counter() - start:.1f}s")
+    results = {s: f.result() for s, f in cuda_build.start().objects.items()}
+    print(f"\ncompiled {len(results)} CUDA files (waited {time.perf_counter() - start:.1f}s for them here)")
     return results
 
 
 @pytest.fixture(scope="module")
-def object_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cuda_objects")
-
-
-@pytest.fixture(scope="module")
-def compiled(object_dir):
-    return _compile_all(str(object_dir))
-
-
-@pytest.fixture(scope="module")
-def harness(compiled, object_dir):
+def harness(compiled):
     """(binary, returncode, log, seconds) of build.sh linking the kernel objects
     compiled above: one extra nvcc compile, harness.cu's."""
-    binary = object_dir / "bnfast_harness"
-    returncode, log, seconds = _run(["bash", str(HARNESS_BUILD), "--objects", str(object_dir), "-o", str(binary)])
-    print(f"\nbuilt the CUDA harness in {seconds:.1f}s")
-    return binary, returncode, log, seconds
+    return cuda_build.start().harness.result()
 
 
 def test_cuda_sources_exist():
@@ -143,7 +75,7 @@ def test_harness_builds(harness):
 def test_harness_build_uses_the_ci_flags():
     # build.sh compiles the kernels as kernel_command does (sm_90 by default), without importing torch.
     script = HARNESS_BUILD.read_text()
-    for flag in [*NVCC_FLAGS, f"-std={_cxx_standard()}", "-O3", "ARCH=90"]:
+    for flag in [*NVCC_FLAGS, f"-std={cuda_build.cxx_standard()}", "-O3", "ARCH=90"]:
         assert flag in script, f"{HARNESS_BUILD.name} lacks {flag}"
 
 

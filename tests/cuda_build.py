@@ -1,0 +1,149 @@
+"""Compiling bnfast's CUDA sources without a GPU: the commands and a
+background build, shared by the suite's conftest (which starts it at
+collection) and tests/test_cuda_compile.py (which checks the results).
+
+* The kernels (csrc/cuda/*.cu) are compiled by nvcc for sm_90 with no torch
+  include path at all: they must stay torch-free (csrc/cuda/launch.h says
+  why), and this is what keeps them so.
+* The CUDA op files (csrc/cuda/*.cpp: checks, allocation, launches) are
+  compiled by the host compiler through nvcc (which adds the CUDA include
+  path), against the CPU wheel's torch headers. The wheel lacks one generated
+  header, c10/cuda/impl/cuda_cmake_macros.h; tests/cuda_shim provides it
+  (test-only).
+* The standalone timing harness (benchmarks/cuda_harness) links the kernel
+  objects compiled here.
+
+Everything compiles once, in parallel (one process per core), at the lowest
+CPU priority: started at collection, the compilers fill the cores the other
+tests leave idle.
+"""
+
+import concurrent.futures
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CUDA_DIR = CSRC / "cuda"
+SHIM = Path(__file__).resolve().parent / "cuda_shim"
+KERNELS = sorted(CUDA_DIR.glob("*.cu"))
+OP_FILES = sorted(CUDA_DIR.glob("*.cpp"))
+HARNESS_BUILD = ROOT / "benchmarks" / "cuda_harness" / "build.sh"
+NVCC = shutil.which("nvcc")
+# nice(1): the compilers take only the CPU time the other tests leave.
+LOW_PRIORITY = ["nice", "-n", "19"] if shutil.which("nice") else []
+
+
+def cxx_standard():
+    # Whatever this torch's CUDAExtension passes to nvcc (c++20 from torch 2.10 on).
+    return "c++20" if "'-std=c++20'" in inspect.getsource(cpp_extension) else "c++17"
+
+
+# The defines CUDAExtension gives nvcc; the kernels must build under them.
+NVCC_FLAGS = getattr(cpp_extension, "COMMON_NVCC_FLAGS", [
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr"])
+
+
+def kernel_command(source, output):
+    """nvcc for a kernel file: csrc only on the include path (no torch)."""
+    return [NVCC, "-c", str(source), "-o", str(output), f"-I{CSRC}", f"-std={cxx_standard()}",
+            "-gencode", "arch=compute_90,code=sm_90", *NVCC_FLAGS, "-O3", "-Xcompiler", "-fPIC"]
+
+
+def op_file_command(source, output, header=None, precompile=False):
+    """The host compiler (via nvcc, for the CUDA include path) for an op file,
+    with torch's headers as system headers (-Wall is for ours). header: a
+    precompiled header to include first; precompile: compile source, a header,
+    into output (its .gch)."""
+    includes = [f"-I{SHIM}", f"-I{CSRC}"] + [a for p in cpp_extension.include_paths() for a in ("-isystem", p)]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    host_flags = "-fPIC,-Wall"
+    if precompile:
+        host_flags += ",-x,c++-header"
+    if header is not None:
+        host_flags += f",-include,{header},-Winvalid-pch"
+    return [NVCC, "-x", "c++", "-c", str(source), "-o", str(output), *includes, f"-std={cxx_standard()}",
+            "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            "-Xcompiler", host_flags]
+
+
+def op_files_header_text():
+    """The headers every op file starts with: torch/library.h, then ops.h's
+    own system headers. Precompiled once, they spare each op file parsing
+    torch's headers again."""
+    ops_h = (CUDA_DIR / "ops.h").read_text()
+    return "".join(f"#include {h}\n" for h in ["<torch/library.h>", *re.findall(r"^#include (<[^>]+>)", ops_h, re.M)])
+
+
+def run(command):
+    """(returncode, output, seconds) of a command."""
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+
+
+class Build:
+    """Every CUDA file, then the harness, compiling in the background into a
+    temporary folder: `objects` {source: future of (returncode, output,
+    seconds)}, `harness` future of (binary, returncode, output, seconds)."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="bnfast-cuda-objects-"))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
+        header = self.folder / "op_files.h"
+        header.write_text(op_files_header_text())
+        self.header = self._pool.submit(run, LOW_PRIORITY + op_file_command(header, f"{header}.gch", precompile=True))
+        self.objects = {s: self._pool.submit(run, LOW_PRIORITY + kernel_command(s, self.folder / (s.stem + ".o")))
+                        for s in KERNELS}
+        # The header's job was queued first, so it has run when these start.
+        self.objects.update({s: self._pool.submit(self._compile_op_file, s, header) for s in OP_FILES})
+        # Submitted last, so every kernel job has left the queue before it
+        # waits on them: it cannot hold up a worker they need.
+        self.harness = self._pool.submit(self._build_harness)
+
+    def _compile_op_file(self, source, header):
+        returncode, output, seconds = self.header.result()
+        if returncode != 0:
+            return returncode, f"precompiling the op files' header failed:\n{output}", seconds
+        return run(LOW_PRIORITY + op_file_command(source, self.folder / (source.stem + ".op.o"), header))
+
+    def _build_harness(self):
+        concurrent.futures.wait([self.objects[s] for s in KERNELS])
+        binary = self.folder / "bnfast_harness"
+        returncode, output, seconds = run(LOW_PRIORITY + ["bash", str(HARNESS_BUILD), "--objects",
+                                                          str(self.folder), "-o", str(binary)])
+        return binary, returncode, output, seconds
+
+    def close(self):
+        """Drop what has not started, wait for what has, remove the folder."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_build = None
+
+
+def start():
+    """The one background build of this process, started on first call."""
+    global _build
+    if _build is None:
+        _build = Build()
+    return _build
+
+
+def stop():
+    global _build
+    if _build is not None:
+        _build.close()
+        _build = None
