@@ -1,6 +1,7 @@
 """torch.library.opcheck on every bnfast op (schema, fake kernel, autograd
 registration, AOT dispatch), with samples from tests/samples.py: contiguous and
-channels_last, float32 / float64 / bfloat16, with and without weight. Inputs
+channels_last, float32 / float64 / bfloat16, with and without weight (each
+dtype and layout with both). Inputs
 require grad (but bfloat16 ones), so the autograd registration is exercised:
 a differentiable op's kernel, or a not-differentiable op's explicit one."""
 
@@ -35,9 +36,14 @@ def _opcheck_not_differentiable(op, args):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
 
 
-@pytest.fixture(params=[True, False], ids=["weight", "no_weight"])
-def with_weight(request):
-    return request.param
+# With and without weight alternate over the cases, so every dtype and every
+# layout meets both: pairwise, not the full product, as a fake kernel's dtype,
+# layout and optional-weight rules do not depend on one another.
+WEIGHTED_CASES = [(case, i % 2 == 0) for i, case in enumerate(OPCHECK_CASES)]
+WEIGHTED = {"argnames": ("case", "with_weight"),
+            "argvalues": [pytest.param(c, w, marks=[pytest.mark.gpu_smoke] if i == 0 else [])
+                          for i, (c, w) in enumerate(WEIGHTED_CASES)],
+            "ids": [f"{'weight' if w else 'no_weight'}-{c}" for c, w in WEIGHTED_CASES]}
 
 
 def _inputs(case, device, with_weight, requires_grad=True):
@@ -57,7 +63,7 @@ def test_opcheck_stats(case, device):
     _opcheck(OPS.stats.default, (case.input(device, requires_grad=True), EPS))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
+@pytest.mark.parametrize(**WEIGHTED)
 def test_opcheck_elemt(case, device, with_weight):
     x, w, b, mean, invstd = _inputs(case, device, with_weight)
     _opcheck(OPS.elemt.default, (x, w, b, mean, invstd))
@@ -65,7 +71,7 @@ def test_opcheck_elemt(case, device, with_weight):
     _opcheck(OPS.elemt.default, (x, w, b, mean.requires_grad_(True), invstd.requires_grad_(True)))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
+@pytest.mark.parametrize(**WEIGHTED)
 def test_opcheck_elemt_running(case, device, with_weight):
     x, w, b, mean, invstd = _inputs(case, device, with_weight)
     running_var = invstd.detach() ** -2
@@ -75,13 +81,13 @@ def test_opcheck_elemt_running(case, device, with_weight):
                                          running_var.requires_grad_(True), EPS))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
+@pytest.mark.parametrize(**WEIGHTED)
 def test_opcheck_forward(case, device, with_weight):
     x, w, b, _, _ = _inputs(case, device, with_weight)
     _opcheck(OPS.forward.default, (x, w, b, EPS))
 
 
-@pytest.mark.parametrize("case", **samples.by_id(OPCHECK_CASES, smoke=OPCHECK_CASES[:1]))
+@pytest.mark.parametrize(**WEIGHTED)
 def test_opcheck_backward_ops(case, device, with_weight):
     x, w, _, mean, invstd = _inputs(case, device, with_weight)
     dy = case.grad_out(device).requires_grad_(x.requires_grad)
