@@ -15,7 +15,8 @@ Runs, into one output folder:
    seed CNN and ResNet-18 in fp32 and bf16 over three seeds;
 3. the peak memory of one training step (benchmarks/memory.py) with torch's
    BN, bnfast fused and bnfast fused with memory_efficient=True: the seed CNN
-   on the CPU, a ResNet-50 with leaky_relu on CUDA;
+   on the CPU (with bnfast's output cache on and off; on only with --quick),
+   a ResNet-50 with leaky_relu on CUDA;
 
 then prints a final summary (kernel speed-up table + training summary), also
 written to ``<out>/summary.md``; ``<out>/suite.json`` indexes every part.
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
 
         name, title = f"memory-{device}", f"Peak memory of a training step, {device}"
         model = ["--model", "resnet50", "--act", "leaky_relu", "--batch-size", "64"] if device == "cuda" \
-            else ["--model", "seed"]
+            else ["--model", "seed"] + (["--cpu-caches", "default"] if args.quick else [])
         print(f"\n== {title} ==", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +76,27 @@ def _seed_and_restore():
     yield
     torch.set_num_threads(threads)
     torch.set_default_dtype(dtype)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def suite_quick(tmp_path_factory):
+    """``python -m benchmarks --quick`` (CI's smoke run of the whole suite),
+    run once in a subprocess: (output folder, CompletedProcess). Its kernel and
+    training parts are what the kernel and training benchmarks' quick tests
+    check, so neither runs twice."""
+    out = tmp_path_factory.mktemp("suite-quick")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    # --no-download: use the local or shared CIFAR-10 copy if there is one,
+    # else the training part times random batches; never touch the network.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-progress", "--no-download",
+                           "--devices", "cpu", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
 
 
 class _CudaCompileLast:

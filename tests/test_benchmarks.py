@@ -1,29 +1,34 @@
-"""Tests for the benchmark suite: benchmarks/kernels.py (--quick, in process)
-and ``python -m benchmarks --quick`` end to end (subprocess, the CI smoke test)."""
+"""Tests for the benchmark suite: ``python -m benchmarks --quick`` end to end
+(the suite_quick fixture: a subprocess, the CI smoke test), its --quick
+kernel part in detail, and benchmarks/kernels.py's CLI."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import kernels
 
-REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """One --quick kernel run through main, as the CLI runs it: (out dir, JSON)."""
-    out = tmp_path_factory.mktemp("kernels-quick")
-    rc = kernels.main(["--quick", "--quiet", "--out", str(out)])
-    assert rc == 0
+def quick(suite_quick):
+    """The suite's --quick kernel run on the CPU (kernels.run, as the CLI runs
+    it): (out dir, JSON)."""
+    out = suite_quick[0] / "kernels-cpu"
     return out, json.loads((out / "kernels.json").read_text())
+
+
+def test_cli_runs_and_writes_files(tmp_path):
+    """python -m benchmarks.kernels, one small configuration: exit 0 and its files."""
+    rc = kernels.main(["--quick", "--cases", "seed_bn3", "--dtypes", "float32", "--formats", "nchw",
+                       "--phases", "fwd_eval", "--rounds", "2", "--quiet", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "kernels.json").read_text())
+    assert [(r["case"], r["phase"]) for r in res["rows"]] == [("seed_bn3", "fwd_eval")]
+    assert (tmp_path / "kernels_speedup.png").read_bytes()[:8] == PNG_MAGIC and (tmp_path / "kernels.md").is_file()
 
 
 def test_quick_writes_files(quick):
@@ -138,17 +143,9 @@ def test_stats():
     assert math.isclose(kernels.geomean([4.0]), 4.0)
 
 
-def test_suite_quick_end_to_end(tmp_path):
+def test_suite_quick_end_to_end(suite_quick):
     """``python -m benchmarks --quick``: the CI smoke test of the whole suite."""
-    out = tmp_path / "suite"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    # --no-download: use the local or shared CIFAR-10 copy if there is one,
-    # else the training part times random batches; never touch the network.
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-progress",
-                           "--no-download", "--devices", "cpu", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, proc = suite_quick
     suite = json.loads((out / "suite.json").read_text())
     assert suite["size"] == "quick" and not suite["errors"]
     assert suite["parts"]["kernels-cpu"]["ok"] and suite["parts"]["train"]["ok"]
@@ -164,7 +161,8 @@ def test_suite_quick_end_to_end(tmp_path):
     assert "## CIFAR-10 training" in summary
     assert "fwd+bwd" in summary
     assert suite["parts"]["memory-cpu"]["ok"] and "## Peak memory of a training step, cpu" in summary
-    assert [r["variant"] for r in suite["parts"]["memory-cpu"]["rows"]][:3] == ["torch", "fused", "memory_efficient"]
+    assert [(r["variant"], r["cpu_cache"]) for r in suite["parts"]["memory-cpu"]["rows"]] == [
+        ("torch", "default"), ("fused", "default"), ("memory_efficient", "default")]  # --quick: cache as by default
     # Links to the parts are relative to the suite folder (it can be moved).
     assert "Details: kernels-cpu/kernels.md" in summary and "Details: cifar10/cifar10_summary.md" in summary
     assert summary.strip() in proc.stdout
@@ -363,25 +361,31 @@ def test_sync_layers_summary_judges_the_cuda_bar():
 
 
 def test_memory_benchmark(tmp_path):
-    """benchmarks.memory: one fresh process per variant and CPU cache setting, the same
-    loss everywhere, less kept for backward with memory_efficient, and the bar's verdict."""
+    """benchmarks.memory: one fresh process per variant (here with bnfast's CPU
+    cache off; the suite's quick run measures it on), the same loss
+    everywhere, less kept for backward with memory_efficient."""
     from benchmarks import memory
     out = tmp_path / "memory.json"
     # A parent far larger than the step (as the suite, holding CIFAR-10, is):
     # each variant's peak is its own process's, not the parent's resident set.
     parent = torch.ones(512 << 18)  # 512 MiB, touched
     rows = memory.main(["--device", "cpu", "--model", "seed", "--batch-size", "16",
-                        "--variants", "fused", "memory_efficient", "--out", str(out)])
+                        "--variants", "fused", "memory_efficient", "--cpu-caches", "off", "--out", str(out)])
     del parent
-    assert all(r["peak_MiB"] < 128 for r in rows), rows
-    assert [(r["variant"], r["cpu_cache"]) for r in rows] == [
-        ("fused", "default"), ("memory_efficient", "default"), ("fused", "off"), ("memory_efficient", "off")]
+    assert all(0 < r["peak_MiB"] < 128 for r in rows), rows
+    assert [(r["variant"], r["cpu_cache"]) for r in rows] == [("fused", "off"), ("memory_efficient", "off")]
     assert len({round(r["loss"], 5) for r in rows}) == 1
-    assert all(r["peak_MiB"] > 0 for r in rows)
-    by = {(r["variant"], r["cpu_cache"]): r for r in rows}
-    assert by["memory_efficient", "off"]["saved_MiB"] < by["fused", "off"]["saved_MiB"]
+    assert rows[1]["saved_MiB"] < rows[0]["saved_MiB"]
     assert json.loads(out.read_text())["rows"] == rows
+    assert memory.judge(rows, 0.0)[1] is False  # the bar reads the default-cache rows only
+
+
+def test_memory_bar_verdict(suite_quick):
+    """The memory bar's verdict on the suite's quick rows (bnfast's CPU cache as by default)."""
+    from benchmarks import memory
+    rows = json.loads((suite_quick[0] / "memory-cpu" / "memory.json").read_text())["rows"]
+    by = {r["variant"]: r for r in rows}
     text, met = memory.judge(rows, 0.0)
-    assert met == (by["memory_efficient", "default"]["peak_MiB"] <= by["fused", "default"]["peak_MiB"]), text
+    assert met == (by["memory_efficient"]["peak_MiB"] <= by["fused"]["peak_MiB"]), text
     assert memory.judge(rows, 1.0) == (memory.judge(rows, 1.0)[0], False)  # no step frees all its memory
     assert memory.judge(rows[:1], 0.0)[1] is False  # a bar without its rows is not met

@@ -1,5 +1,5 @@
 """Tests for benchmarks/train_cifar.py: model shapes, a short real-data
-training smoke test, bnfast tracking torch step by step, the --quick CLI run
+training smoke test, bnfast tracking torch step by step, the suite's --quick run
 and the no-data fallback (step times only, never an accuracy); the ResNets of
 benchmarks/models.py, timing-only runs of every model and precision, the
 summary over seeds and the loss agreement, --device cuda without a GPU, --fuse,
@@ -9,8 +9,6 @@ steps); speed is the benchmarks' business, not the tests'."""
 import copy
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import bnfast
@@ -107,15 +105,13 @@ def test_lockstep_equals_training_alone():
 
 
 @pytest.mark.data
-def test_quick_cli_end_to_end(tmp_path):
+def test_suite_quick_trains_on_real_data(suite_quick):
+    """The suite's --quick training part (train_cifar's quick settings) on the
+    real CIFAR-10 that CI provides."""
     if not ARCHIVE.is_file():
         pytest.skip(SKIP_REASON)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.train_cifar", "--quick", "--data", str(ARCHIVE),
-         "--out", str(out), "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, proc = suite_quick
+    out = out / "cifar10"
     res = json.loads((out / "cifar10_results.json").read_text())
     assert {r["name"] for r in res["runs"]} == {
         "seed/torch", "seed/bnfast", "conv_bn_relu/torch", "conv_bn_relu/bnfast", "no_bn"}
@@ -268,10 +264,13 @@ def test_timing_only_defaults_to_the_reference_rows():
 ONE_THREAD = {"threads": 1, "no_progress": True}
 
 
-def test_timing_only_every_model_and_precision(tmp_path):
-    res = train_cifar.run({"timing_only": True, "models": list(train_cifar.MODELS),
-                           "precision": list(train_cifar.PRECISIONS), "batch_size": [2], "resnet50_size": 32,
-                           "steps": 2, "variants": "seed,no_bn", "out": str(tmp_path), **ONE_THREAD})
+def test_timing_only_every_model_and_precision(tmp_path, capsys):
+    """Through the CLI (python -m benchmarks.train_cifar)."""
+    assert train_cifar.main(["--timing-only", "--models", *train_cifar.MODELS, "--precision", *train_cifar.PRECISIONS,
+                             "--batch-size", "2", "--resnet50-size", "32", "--steps", "2", "--variants", "seed,no_bn",
+                             "--out", str(tmp_path), "--threads", "1", "--no-progress"]) == 0
+    res = json.loads((tmp_path / "cifar10_results.json").read_text())
+    assert "| resnet50 | bf16 | 2x3x32x32 |" in capsys.readouterr().out  # the summary, printed
     assert res["data"]["synthetic"] and res["data"]["reason"] == "--timing-only given"
     names = {"seed": ["seed/torch", "seed/bnfast", "no_bn"]}
     for model in train_cifar.MODELS:
