@@ -23,8 +23,11 @@ import inspect
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,11 +89,22 @@ def op_files_header_text():
     return "".join(f"#include {h}\n" for h in ["<torch/library.h>", *re.findall(r"^#include (<[^>]+>)", ops_h, re.M)])
 
 
-def run(command):
-    """(returncode, output, seconds) of a command."""
+# A process group of its own, so stopping a command stops its children too;
+# not a session of its own: with the kernel's autogroup scheduling, a new
+# session would share the CPU equally with the tests, whatever its nice value.
+OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {}
+
+
+def run(command, started=None):
+    """(returncode, output, seconds) of a command; started(process) is called
+    once it runs."""
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          **OWN_GROUP) as proc:
+        if started is not None:
+            started(proc)
+        output, _ = proc.communicate()
+    return proc.returncode, output, time.perf_counter() - start
 
 
 class Build:
@@ -101,10 +115,13 @@ class Build:
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="bnfast-cuda-objects-"))
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
+        self._lock = threading.Lock()
+        self._running = set()  # processes started and not yet stopped by close()
+        self._closed = False
         header = self.folder / "op_files.h"
         header.write_text(op_files_header_text())
-        self.header = self._pool.submit(run, LOW_PRIORITY + op_file_command(header, f"{header}.gch", precompile=True))
-        self.objects = {s: self._pool.submit(run, LOW_PRIORITY + kernel_command(s, self.folder / (s.stem + ".o")))
+        self.header = self._pool.submit(self._run, op_file_command(header, f"{header}.gch", precompile=True))
+        self.objects = {s: self._pool.submit(self._run, kernel_command(s, self.folder / (s.stem + ".o")))
                         for s in KERNELS}
         # The header's job was queued first, so it has run when these start.
         self.objects.update({s: self._pool.submit(self._compile_op_file, s, header) for s in OP_FILES})
@@ -116,19 +133,48 @@ class Build:
         returncode, output, seconds = self.header.result()
         if returncode != 0:
             return returncode, f"precompiling the op files' header failed:\n{output}", seconds
-        return run(LOW_PRIORITY + op_file_command(source, self.folder / (source.stem + ".op.o"), header))
+        return self._run(op_file_command(source, self.folder / (source.stem + ".op.o"), header))
 
     def _build_harness(self):
         concurrent.futures.wait([self.objects[s] for s in KERNELS])
         binary = self.folder / "bnfast_harness"
-        returncode, output, seconds = run(LOW_PRIORITY + ["bash", str(HARNESS_BUILD), "--objects",
-                                                          str(self.folder), "-o", str(binary)])
+        returncode, output, seconds = self._run(["bash", str(HARNESS_BUILD), "--objects", str(self.folder),
+                                                 "-o", str(binary)])
         return binary, returncode, output, seconds
 
+    def _run(self, command):
+        def started(proc):
+            with self._lock:
+                self._running.add(proc)
+                if self._closed:
+                    _stop(proc)
+
+        try:
+            return run(LOW_PRIORITY + command, started)
+        finally:
+            with self._lock:
+                self._running = {p for p in self._running if p.poll() is None}
+
     def close(self):
-        """Drop what has not started, wait for what has, remove the folder."""
+        """Drop what has not started, stop what has (a session that ends
+        early, e.g. pytest -x, does not wait for the compilers), remove the
+        folder."""
+        with self._lock:
+            self._closed = True
+            for proc in self._running:
+                _stop(proc)
         self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _stop(proc):
+    try:
+        if OWN_GROUP:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+    except ProcessLookupError:
+        pass
 
 
 _build = None
