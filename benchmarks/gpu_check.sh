@@ -82,7 +82,7 @@ step build 240 "$PY" setup.py build_ext --inplace
 
 export BNFAST_TEST_DEVICES=cuda
 XDIST=()
-if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))"); fi
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))" --dist loadgroup); fi
 step tests-smoke 150 "$PY" -m pytest tests -m gpu_smoke -q -p no:cacheprovider "${XDIST[@]}" \
   --junitxml="$OUT/tests-smoke.xml"
 if [ $FULL -eq 1 ]; then

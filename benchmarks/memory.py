@@ -13,9 +13,9 @@ batch, two steps (forward, backward, SGD); per variant it reports
 - saved: the bytes of the distinct storages autograd keeps for backward at the
   end of the forward (saved-tensor hooks; parameters included);
 - loss: the first step's loss, which must not depend on the variant.
-On the CPU every variant runs twice: with bnfast's output cache as it is by
-default, and with it off (BNFAST_CPU_CACHE_MB=0), since the buffers it keeps
-idle for reuse count in the resident set.
+On the CPU every variant runs twice by default (--cpu-caches): with bnfast's
+output cache as it is by default, and with it off (BNFAST_CPU_CACHE_MB=0),
+since the buffers it keeps idle for reuse count in the resident set.
 """
 
 from __future__ import annotations

@@ -113,13 +113,14 @@ class Build:
     seconds)}, `harness` future of (binary, returncode, output, seconds)."""
 
     def __init__(self):
+        header_text = op_files_header_text()  # what can fail runs before the folder and the pool exist
         self.folder = Path(tempfile.mkdtemp(prefix="bnfast-cuda-objects-"))
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
         self._lock = threading.Lock()
         self._running = set()  # processes started and not yet stopped by close()
         self._closed = False
         header = self.folder / "op_files.h"
-        header.write_text(op_files_header_text())
+        header.write_text(header_text)
         self.header = self._pool.submit(self._run, op_file_command(header, f"{header}.gch", precompile=True))
         self.objects = {s: self._pool.submit(self._run, kernel_command(s, self.folder / (s.stem + ".o")))
                         for s in KERNELS}
@@ -157,8 +158,9 @@ class Build:
 
     def close(self):
         """Drop what has not started, stop what has (a session that ends
-        early, e.g. pytest -x, does not wait for the compilers), remove the
-        folder."""
+        early, e.g. pytest -x, does not wait for the compilers; before Python
+        3.11, which cannot give a command a process group of its own, it
+        waits for the running ones), remove the folder."""
         with self._lock:
             self._closed = True
             for proc in self._running:
@@ -168,13 +170,13 @@ class Build:
 
 
 def _stop(proc):
-    try:
-        if OWN_GROUP:
+    """SIGTERM to proc's process group (OWN_GROUP), unless proc was reaped
+    (its pid may name another process by now)."""
+    if OWN_GROUP and proc.returncode is None:
+        try:
             os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.terminate()
-    except ProcessLookupError:
-        pass
+        except ProcessLookupError:
+            pass
 
 
 _build = None

@@ -13,6 +13,9 @@ from benchmarks import kernels
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+SUITE_QUICK = pytest.mark.xdist_group("suite_quick")  # the tests that read its run (conftest.suite_quick)
+
+
 @pytest.fixture(scope="module")
 def quick(suite_quick):
     """The suite's --quick kernel run on the CPU (kernels.run, as the CLI runs
@@ -31,6 +34,7 @@ def test_cli_runs_and_writes_files(tmp_path):
     assert (tmp_path / "kernels_speedup.png").read_bytes()[:8] == PNG_MAGIC and (tmp_path / "kernels.md").is_file()
 
 
+@SUITE_QUICK
 def test_quick_writes_files(quick):
     out, res = quick
     assert (out / "kernels_speedup.png").read_bytes()[:8] == PNG_MAGIC
@@ -44,6 +48,7 @@ def test_quick_writes_files(quick):
     assert not res["errors"]
 
 
+@SUITE_QUICK
 def test_quick_machine_info(quick):
     m = quick[1]["machine"]
     assert m["logical_cpus"] >= 1 and m["torch_threads"] >= 1
@@ -51,6 +56,7 @@ def test_quick_machine_info(quick):
     assert m["bnfast_cpu_isa"]  # e.g. "AVX512", "AVX2", "DEFAULT"
 
 
+@SUITE_QUICK
 def test_quick_covers_the_grid(quick):
     res = quick[1]
     rows = res["rows"]
@@ -67,6 +73,7 @@ def test_quick_covers_the_grid(quick):
                for r in rows if r["module"] == "BatchNorm3d" and r["format"] == "channels_last")
 
 
+@SUITE_QUICK
 def test_quick_times_and_speedups_are_sane(quick):
     for r in quick[1]["rows"]:
         for impl in ("torch", "bnfast", "copy", "clone"):
@@ -82,6 +89,7 @@ def test_quick_times_and_speedups_are_sane(quick):
     assert s["overall"] > 0 and set(s["by_phase"]) == set(kernels.PHASES)
 
 
+@SUITE_QUICK
 def test_quick_bandwidth_by_hand(quick):
     """seed_bn3, float32, NCHW, training forward: 3 passes over 128*64*4*4 floats."""
     rows = quick[1]["rows"]
@@ -105,6 +113,7 @@ def test_quick_bandwidth_by_hand(quick):
     assert bf["model_bytes"] == 3 * tensor_bytes // 2
 
 
+@SUITE_QUICK
 def test_quick_torch_and_bnfast_agree(quick):
     """The two timed closures compute the same thing (catches timing a wrong path)."""
     for c in quick[1]["configs"]:
@@ -143,9 +152,11 @@ def test_stats():
     assert math.isclose(kernels.geomean([4.0]), 4.0)
 
 
+@SUITE_QUICK
 def test_suite_quick_end_to_end(suite_quick):
     """``python -m benchmarks --quick``: the CI smoke test of the whole suite."""
     out, proc = suite_quick
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     suite = json.loads((out / "suite.json").read_text())
     assert suite["size"] == "quick" and not suite["errors"]
     assert suite["parts"]["kernels-cpu"]["ok"] and suite["parts"]["train"]["ok"]
@@ -380,6 +391,7 @@ def test_memory_benchmark(tmp_path):
     assert memory.judge(rows, 0.0)[1] is False  # the bar reads the default-cache rows only
 
 
+@SUITE_QUICK
 def test_memory_bar_verdict(suite_quick):
     """The memory bar's verdict on the suite's quick rows (bnfast's CPU cache as by default)."""
     from benchmarks import memory

@@ -41,7 +41,7 @@ def _opcheck_not_differentiable(op, args):
 # layout and optional-weight rules do not depend on one another.
 WEIGHTED_CASES = [(case, i % 2 == 0) for i, case in enumerate(OPCHECK_CASES)]
 WEIGHTED = {"argnames": ("case", "with_weight"),
-            "argvalues": [pytest.param(c, w, marks=[pytest.mark.gpu_smoke] if i == 0 else [])
+            "argvalues": [pytest.param(c, w, marks=[pytest.mark.gpu_smoke] if i < 2 else [])
                           for i, (c, w) in enumerate(WEIGHTED_CASES)],
             "ids": [f"{'weight' if w else 'no_weight'}-{c}" for c, w in WEIGHTED_CASES]}
 
@@ -117,6 +117,15 @@ def test_opcheck_gather_stats(dtype, device):
     invstd = (torch.rand(3, 4, dtype=dtype, device=device) + 0.5).requires_grad_(True)
     counts = torch.tensor([4.0, 0.0, 7.0], dtype=dtype, device=device)
     _opcheck_not_differentiable(OPS.gather_stats.default, (mean, invstd, counts, EPS))
+
+
+def test_weighted_cases_are_pairwise():
+    """Every dtype and every layout of the opcheck samples meets both weight settings."""
+    for key in (lambda c: c.dtype, lambda c: (len(c.shape), c.layout)):
+        seen = {}
+        for case, with_weight in WEIGHTED_CASES:
+            seen.setdefault(key(case), set()).add(with_weight)
+        assert all(v == {True, False} for v in seen.values()), seen
 
 
 def test_fake_tensor_shapes_match_real(device):

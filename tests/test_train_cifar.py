@@ -105,6 +105,7 @@ def test_lockstep_equals_training_alone():
 
 
 @pytest.mark.data
+@pytest.mark.xdist_group("suite_quick")  # conftest.suite_quick
 def test_suite_quick_trains_on_real_data(request):
     """The suite's --quick training part (train_cifar's quick settings) on the
     real CIFAR-10 that CI provides."""

@@ -6,7 +6,7 @@
 #   bash benchmarks/cuda_harness/build.sh -o PATH          another output path
 #   bash benchmarks/cuda_harness/build.sh --arch 80        machine code for another card (default 90)
 #   bash benchmarks/cuda_harness/build.sh --objects DIR    link the kernel objects DIR/<stem>.o that
-#                                                          tests/test_cuda_compile.py compiled, instead
+#                                                          tests/cuda_build.py compiled, instead
 #                                                          of compiling csrc/cuda/*.cu again
 #
 # The kernels are compiled as the CI compile check compiles them (its
