@@ -21,7 +21,7 @@ Runs, into one output folder:
 then prints a final summary (kernel speed-up table + training summary), also
 written to ``<out>/summary.md``; ``<out>/suite.json`` indexes every part.
 
-Sizes: the default run takes ~10-15 minutes on a 2-core CPU (kernels: the
+Sizes: the default run takes ~12-16 minutes on a 2-core CPU (kernels: the
 default case list, ~3 min; training: train_cifar.SUITE_EPOCHS = 5 epochs);
 ``--quick`` is a 1-2 minute smoke run (CI); ``--full`` runs every kernel case
 and the full training run (10 epochs).

@@ -180,7 +180,7 @@ def test_suite_quick_end_to_end(suite_quick):
 
 
 def test_suite_training_epochs():
-    """The suite trains 5 epochs by default (its 10-15 minute budget), the full
+    """The suite trains 5 epochs by default (its 12-16 minute budget), the full
     10 with --full, train_cifar's quick settings with --quick; --epochs wins."""
     import benchmarks.__main__ as suite
     from benchmarks import train_cifar
