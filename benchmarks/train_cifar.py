@@ -63,7 +63,7 @@ DEVICES = ("cpu", "cuda")
 TIMING_ONLY_MODELS = ("resnet50",)
 NUM_CLASSES = {"seed": 10, "resnet18": 10, "resnet50": 1000}
 # This benchmark's own default is the full 10-epoch run. The suite
-# (python -m benchmarks) trains SUITE_EPOCHS instead, so that it takes ~10-15
+# (python -m benchmarks) trains SUITE_EPOCHS instead, so that it takes ~12-16
 # min with the kernel benchmark on a 2-core CPU: on an idle 2-core AMD EPYC the
 # five runs take ~68 s per epoch (steps of 24-32 ms, ~2 s per 10k-image eval),
 # so 5 epochs is ~6 min. NB: one run's test accuracy moves by a few points
