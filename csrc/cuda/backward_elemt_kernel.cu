@@ -24,9 +24,9 @@ cudaError_t backward_elemt(const Plan& plan, const void* dy, const void* x, void
     op.mean_dy_xmu = static_cast<const acc*>(mean_dy_xmu);
     return launch_elementwise(op, plan, plan.elementwise_blocks, stream);
   };
-  return with_backward_elem</*kFromPartials=*/false>(static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(x), dx,
-                            static_cast<const acc*>(mean), static_cast<const acc*>(invstd), weight, bias, fusion,
-                            finish);
+  return with_backward_elem</*kFromPartials=*/false>(static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(x),
+                                                     dx, static_cast<const acc*>(mean), static_cast<const acc*>(invstd),
+                                                     weight, bias, fusion, finish);
 }
 
 }  // namespace

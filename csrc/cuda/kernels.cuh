@@ -299,7 +299,7 @@ template <typename scalar_t, bool kFused = false, bool kFromPartials = false>
 struct ForwardElem {
   using acc = acc_t<scalar_t>;
   using Acc = WelfordState<acc>;
-  static constexpr bool kMayMerge = kFromPartials;
+  static constexpr bool kFromPartialsOp = kFromPartials;
   struct Coef {
     acc mean, scale, shift;
   };
@@ -379,7 +379,7 @@ template <typename scalar_t, bool kFused = false, bool kFromPartials = false>
 struct BackwardElem {
   using acc = acc_t<scalar_t>;
   using Acc = SumPair<acc>;
-  static constexpr bool kMayMerge = kFromPartials;
+  static constexpr bool kFromPartialsOp = kFromPartials;
   using Coef = std::conditional_t<kFused, FusedGradCoef<acc>, GradCoef<acc>>;
   static constexpr bool kFusedOp = kFused;  // its reduce: GradReduce<scalar_t, kFusedOp>
   const scalar_t* dy;
@@ -461,8 +461,9 @@ struct BackwardElem {
 template <bool kFromPartials, typename scalar_t, typename Finish>
 cudaError_t with_forward_elem(const scalar_t* x, void* y, Param weight, Param bias, const ActFusion* fusion,
                               Finish&& finish) {
-  if (fusion == nullptr) return finish(ForwardElem<scalar_t, false, kFromPartials>{x, static_cast<scalar_t*>(y), weight, bias});
-  ForwardElem<scalar_t, true, kFromPartials> op{x, static_cast<scalar_t*>(y), weight, bias};
+  auto* yp = static_cast<scalar_t*>(y);
+  if (fusion == nullptr) return finish(ForwardElem<scalar_t, false, kFromPartials>{x, yp, weight, bias});
+  ForwardElem<scalar_t, true, kFromPartials> op{x, yp, weight, bias};
   op.f = act_fields<scalar_t>(*fusion);
   return finish(op);
 }
@@ -486,7 +487,7 @@ template <typename Op, int NC, typename index_t>
 __device__ __forceinline__ void load_coefs(const Op& op, typename Op::Coef (&k)[NC], index_t C,
                                            index_t c0, bool active) {
   using Coef = typename Op::Coef;
-  if constexpr (Op::kMayMerge) {
+  if constexpr (Op::kFromPartialsOp) {
     if (op.partials != nullptr) {  // uniform across the grid
       __shared__ Coef shared[kThreads];
       typename Op::Acc a[NC];
@@ -571,7 +572,7 @@ template <typename Op>
 cudaError_t launch_elementwise(const Op& op, const Plan& g, int64_t P, cudaStream_t stream) {
   using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(op.x)>>;
   // A functor built without the merge path would ignore its partials.
-  if (!Op::kMayMerge && op.partials != nullptr) return cudaErrorInvalidValue;
+  if (!Op::kFromPartialsOp && op.partials != nullptr) return cudaErrorInvalidValue;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const dim3 block(g.bx, g.by);
   const dim3 grid(static_cast<unsigned>(g.ctiles), static_cast<unsigned>(P));
