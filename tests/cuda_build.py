@@ -124,7 +124,7 @@ class Build:
         self.header = self._pool.submit(self._run, op_file_command(header, f"{header}.gch", precompile=True))
         self.objects = {s: self._pool.submit(self._run, kernel_command(s, self.folder / (s.stem + ".o")))
                         for s in KERNELS}
-        # The header's job was queued first, so it has run when these start.
+        # Each waits for the header's job, queued first (and so, as a rule, done by then).
         self.objects.update({s: self._pool.submit(self._compile_op_file, s, header) for s in OP_FILES})
         # Submitted last, so every kernel job has left the queue before it
         # waits on them: it cannot hold up a worker they need.

@@ -1,9 +1,9 @@
 """torch.library.opcheck on every bnfast op (schema, fake kernel, autograd
 registration, AOT dispatch), with samples from tests/samples.py: contiguous and
 channels_last, float32 / float64 / bfloat16, with and without weight (each
-dtype and layout with both). Inputs
-require grad (but bfloat16 ones), so the autograd registration is exercised:
-a differentiable op's kernel, or a not-differentiable op's explicit one."""
+dtype and layout with both). Inputs require grad (but bfloat16 ones), so the
+autograd registration is exercised: a differentiable op's kernel, or a
+not-differentiable op's explicit one."""
 
 from __future__ import annotations
 
