@@ -331,13 +331,9 @@ def _fuse_children(module: nn.Module, fusions: Optional[tuple] = None,
     for m in matches:
         bn = module._modules[m.fusion.bn]
         if type(bn) in _TO_FUSED:
-            fused = _TO_FUSED[type(bn)]
-            # SyncBatchNormAct has no memory-saving mode (its backward reads the input).
-            saving = {} if fused is SyncBatchNormAct else {"memory_efficient": memory_efficient}
-            module._modules[m.fusion.bn] = _retyped(bn, fused, act=m.fusion.act,
-                                                    negative_slope=m.fusion.negative_slope, **saving)
-            if memory_efficient and not saving:
-                outcome[m.fusion.bn] += " (SyncBatchNorm: without memory_efficient, which it does not offer)"
+            module._modules[m.fusion.bn] = _retyped(bn, _TO_FUSED[type(bn)], act=m.fusion.act,
+                                                    negative_slope=m.fusion.negative_slope,
+                                                    memory_efficient=memory_efficient)
     module.__dict__["_bnfast_forward"] = _compile(graph, type(module).__qualname__)
     module.__dict__["_bnfast_fusions"] = tuple(m.fusion for m in matches)
     module.__class__ = _fused_class(type(module))
@@ -405,8 +401,7 @@ def convert(module: nn.Module, fuse: bool = False, verbose: bool = False, memory
 
     memory_efficient=True (with fuse=True) makes the fused modules keep their
     output for backward instead of their input where that is exact
-    (bnfast.batch_norm_act says when); SyncBatchNormAct, which has no such
-    mode, keeps its input (the summary says so).
+    (bnfast.batch_norm_act says when).
     """
     if memory_efficient and not fuse:
         raise ValueError("bnfast.convert: memory_efficient=True applies to fused batch norms; pass fuse=True too")
@@ -420,29 +415,23 @@ def convert(module: nn.Module, fuse: bool = False, verbose: bool = False, memory
     return module
 
 
-def to_sync(module: nn.Module, process_group=None, lost_memory_saving: Optional[list] = None) -> nn.Module:
+def to_sync(module: nn.Module, process_group=None) -> nn.Module:
     """bnfast.SyncBatchNorm.convert_sync_batchnorm: every batch norm layer of
     module (any torch.nn.modules.batchnorm._BatchNorm, as torch's conversion
     takes) becomes a bnfast.SyncBatchNorm over process_group, or a
-    SyncBatchNormAct with the same activation where it is a bnfast
-    BatchNormAct (fused by convert or built by hand), sharing its state
-    (_retyped). The names of memory_efficient layers, which lose that mode,
-    are appended to lost_memory_saving."""
-    def convert_layers(m: nn.Module, name: str) -> nn.Module:
-        if isinstance(m, (_BatchNormAct, SyncBatchNormAct)):
-            if getattr(m, "memory_efficient", False) and lost_memory_saving is not None:
-                lost_memory_saving.append(name or type(m).__name__)
-            return _retyped(m, SyncBatchNormAct, process_group=process_group, act=m.act,
-                            negative_slope=m.negative_slope)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return _retyped(m, SyncBatchNorm, process_group=process_group)
-        for child_name, child in m.named_children():
-            synced = convert_layers(child, f"{name}.{child_name}" if name else child_name)
-            if synced is not child:
-                m._modules[child_name] = synced
-        return m
-
-    return convert_layers(module, "")
+    SyncBatchNormAct with the same activation and memory_efficient where it
+    is a bnfast BatchNormAct (fused by convert or built by hand), sharing its
+    state (_retyped)."""
+    if isinstance(module, (_BatchNormAct, SyncBatchNormAct)):
+        return _retyped(module, SyncBatchNormAct, process_group=process_group, act=module.act,
+                        negative_slope=module.negative_slope, memory_efficient=module.memory_efficient)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _retyped(module, SyncBatchNorm, process_group=process_group)
+    for name, child in module.named_children():
+        synced = to_sync(child, process_group)
+        if synced is not child:
+            module._modules[name] = synced
+    return module
 
 
 def revert(module: nn.Module) -> nn.Module:

@@ -118,10 +118,11 @@ def _check_residual(act: str, residual: Optional[Tensor]) -> None:
                          "act='pre_relu' (batch norm of relu(x))")
 
 
-def _act_repr(act: str, negative_slope: float) -> str:
-    """The activation's part of a fused module's extra_repr."""
+def _act_repr(act: str, negative_slope: float, memory_efficient: bool) -> str:
+    """The fused part of a fused module's extra_repr."""
     slope = f", negative_slope={negative_slope}" if act == "leaky_relu" else ""
-    return f", act={act!r}{slope}"
+    saving = ", memory_efficient=True" if memory_efficient else ""
+    return f", act={act!r}{slope}{saving}"
 
 
 def _fusable_residual(input: Tensor, residual: Tensor) -> bool:
@@ -176,12 +177,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         if act is None:
             output, mean, invstd = _ops.forward(input, weight, bias, eps)
         else:
-            if memory_efficient and not _output_invertible(act, slope):
-                warnings.warn(f"bnfast: memory_efficient=True keeps the batch norm input for backward (saves no "
-                              f"memory) with act={act!r}: it is not invertible, so the output does not determine "
-                              f"the normalized input (identity, pre_relu and leaky_relu with a positive "
-                              f"negative_slope are)", stacklevel=3)
-                memory_efficient = False
+            memory_efficient = _memory_saving_possible(act, slope, memory_efficient)
             output, mean, invstd = _ops.forward_act(input, weight, bias, residual, eps, act, slope,
                                                     memory_efficient)
         if running_mean is not None:  # (update_stats_ keeps the statistics' graph out of the buffers)
@@ -200,6 +196,18 @@ def _output_invertible(act: str, slope: float) -> bool:
     """Whether act(z) determines z (csrc/autograd/fused_autograd.cpp keeps the
     same rule, and also needs no zero weight element)."""
     return act in ("identity", "pre_relu") or (act == "leaky_relu" and slope > 0)
+
+
+def _memory_saving_possible(act: str, slope: float, memory_efficient: bool) -> bool:
+    """memory_efficient, unless act is not invertible: then False, with a
+    warning (at the caller's caller, the module or function users call)."""
+    if memory_efficient and not _output_invertible(act, slope):
+        warnings.warn(f"bnfast: memory_efficient=True keeps the batch norm input for backward (saves no "
+                      f"memory) with act={act!r}: it is not invertible, so the output does not determine "
+                      f"the normalized input (identity, pre_relu and leaky_relu with a positive "
+                      f"negative_slope are)", stacklevel=4)
+        return False
+    return memory_efficient
 
 
 def _check_running_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -82,8 +82,7 @@ class _BatchNormAct:
         self.memory_efficient = memory_efficient
 
     def extra_repr(self) -> str:
-        saving = ", memory_efficient=True" if self.memory_efficient else ""
-        return f"{super().extra_repr()}{_act_repr(self.act, self.negative_slope)}{saving}"
+        return f"{super().extra_repr()}{_act_repr(self.act, self.negative_slope, self.memory_efficient)}"
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

@@ -24,6 +24,15 @@ dy * act'(z) in place of dy in both backward passes, z = BN(x_r) + residual_r
 recomputed there (grad_residual = dz); for act="pre_relu" every pass reads
 relu(x_r), and the input gradient is masked where x_r <= 0.
 
+SyncBatchNormAct(memory_efficient=True) keeps the output y_r for backward
+instead of the input, where the output determines the normalized input (as
+bnfast.batch_norm_act's mode: identity, pre_relu, leaky_relu with a positive
+slope, no zero weight element), and runs the same two backward passes on
+z_r = act^-1(y_r) - residual_r = weight * xhat + bias, with bias and
+1 / weight in place of mean and invstd: their xmu / invstd is xhat, and with
+weight^2 * invstd in place of weight, backward_elemt's grad_input is the
+input's.
+
 So one small collective per layer in forward and one in backward. The
 collectives are issued from Python on the current stream (DESIGN rule 5); the
 kernels never see a process group. Counts stay tensors on the input's
@@ -41,13 +50,14 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfast import ops
 from bnfast.functional import (_UNFUSED_ACTS, _act_repr, _batch_norm, _check_act, _check_residual,
-                               _fusable_residual)
+                               _fusable_residual, _memory_saving_possible)
 
 
 def _all_gather_stats(packed: Tensor, group, world_size: int) -> Tensor:
@@ -93,6 +103,45 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
         update_running_stats_on_device(running_mean, running_var, mean, invstd, momentum, eps, count)
 
 
+def _weight_invertible(weight: Optional[Tensor]) -> bool:
+    """Whether weight has no zero element, so the output determines the
+    normalized input. Reads weight on the host (one sync on a GPU, as the
+    local mode's); under torch.compile, where it cannot be read, False."""
+    if weight is None:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    if bool(weight.eq(0).any()):
+        warnings.warn("bnfast: memory_efficient=True keeps the batch norm input for backward (saves no memory) "
+                      "where the weight has a zero element, so the output does not determine the normalized input",
+                      stacklevel=2)
+        return False
+    return True
+
+
+def _normalized_from_output(grad_output: Tensor, output: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            residual: Optional[Tensor], invstd: Tensor, act: str,
+                            slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dz, z, bias, 1 / weight, weight^2 * invstd): the plain backward's
+    (grad_out, input, mean, invstd, weight) that give the fused layer's
+    gradients from its output (the module docstring). z and dz are in the
+    stats dtype where they are computed from a half-precision output, whose
+    rounding would otherwise grow."""
+    stats = invstd.dtype
+    w = weight.to(stats) if weight is not None else torch.ones_like(invstd)
+    b = bias.to(stats) if bias is not None else torch.zeros_like(invstd)
+    if act == "leaky_relu" or residual is not None:
+        y, dz = output.to(stats), grad_output.to(stats)
+        if act == "leaky_relu":  # y > 0 exactly where z > 0
+            dz = torch.ops.aten.leaky_relu_backward(dz, y, slope, False)
+        z = F.leaky_relu(y, 1.0 / slope) if act == "leaky_relu" else y - residual  # a new tensor either way
+        if act == "leaky_relu" and residual is not None:
+            z.sub_(residual)
+    else:  # identity, pre_relu: z = y
+        z, dz = output, grad_output
+    return dz, z, b, w.reciprocal(), w * w * invstd
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Training forward and backward of SyncBatchNorm and SyncBatchNormAct
     (see the module docstring).
@@ -103,6 +152,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     backward_elemt; else one of ops.ACTIVATIONS, with their _act forms (which
     recompute z = BN(x) + residual where the activation's derivative needs
     it), and residual None or a tensor like input (not with "pre_relu").
+    memory_efficient: keep the output for backward instead of the input (the
+    module docstring); the caller checks that act is invertible.
     Every rank of the group must call it, with the same C, dtype and act; N
     may differ, and may be 0.
     """
@@ -111,7 +162,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
                 momentum: float, group, world_size: int, act: Optional[str] = None, slope: float = 0.01,
-                residual: Optional[Tensor] = None) -> Tensor:
+                residual: Optional[Tensor] = None, memory_efficient: bool = False) -> Tensor:
         channels = input.size(1)
         local_count = input.numel() // channels
         # NaN for an empty batch; its count 0 drops it below.
@@ -128,22 +179,36 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                              f"{tuple(input.shape)} on this rank and 1 value per channel over the process group")
         if running_mean is not None and running_var is not None:
             _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
-        ctx.save_for_backward(input, weight, bias, residual, mean, invstd, count)
+        if act is None:
+            output = ops.elemt(input, weight, bias, mean, invstd)
+        else:
+            output = ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
+        ctx.keeps_output = memory_efficient and _weight_invertible(weight)
+        if ctx.keeps_output:
+            # pre_relu's mask for grad_input: where relu passes the gradient (fused_autograd.cpp's relu_passes).
+            relu_passes = input.le(0).logical_not_() if act == "pre_relu" else None
+            ctx.save_for_backward(output, weight, bias, residual, mean, invstd, count, relu_passes)
+        else:
+            ctx.save_for_backward(input, weight, bias, residual, mean, invstd, count, None)
         ctx.group = group
         ctx.act, ctx.slope = act, slope
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if act is None:
-            return ops.elemt(input, weight, bias, mean, invstd)
-        return ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
+        ctx.input_dtype = input.dtype
+        return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
-        input, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
+        input, weight, bias, residual, mean, invstd, count, relu_passes = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_residual = ctx.needs_input_grad[11]
         act, slope = ctx.act, ctx.slope
         grad_input = grad_weight = grad_bias = grad_residual = None
+        elemt_weight = weight
+        if ctx.keeps_output:  # input is the output: the plain backward over z
+            dz, input, mean, invstd, elemt_weight = _normalized_from_output(grad_output, input, weight, bias,
+                                                                            residual, invstd, act, slope)
+            grad_output, act = dz, None
         # mean_dy, mean_dy_xmu: the all-reduced sums over the count where the
         # input needs a gradient; zeros otherwise (grad_residual = dz, the one
         # elementwise result then wanted, does not depend on them).
@@ -165,13 +230,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 mean_dy, mean_dy_xmu = (sums / count).chunk(2)
         if act is None:
             if need_input:
-                grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
+                grad_input = ops.backward_elemt(grad_output, input, mean, invstd, elemt_weight, mean_dy,
+                                                mean_dy_xmu)
+            if ctx.keeps_output:
+                if grad_input is not None:
+                    if relu_passes is not None:
+                        grad_input = torch.ops.aten.threshold_backward(grad_input, relu_passes.view(torch.uint8), 0)
+                    grad_input = grad_input.to(ctx.input_dtype)
+                grad_residual = grad_output.to(ctx.input_dtype) if need_residual else None
         elif need_input or need_residual:
             grad_input, grad_residual = ops.backward_elemt_act(grad_output, input, mean, invstd, weight, bias,
                                                                residual, act, slope, mean_dy, mean_dy_xmu)
             grad_input = grad_input if need_input else None
             grad_residual = grad_residual if need_residual else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, grad_residual
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, grad_residual,
+                None)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -214,6 +287,7 @@ class SyncBatchNorm(_BatchNorm):
     # The fused activation (SyncBatchNormAct); None for plain batch norm.
     act: Optional[str] = None
     negative_slope: float = 0.01
+    memory_efficient: bool = False
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input, None)
@@ -237,12 +311,15 @@ class SyncBatchNorm(_BatchNorm):
         group, world_size = self._sync_group()
         if world_size <= 1:
             return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-                               self.eps, self.act, self.negative_slope, residual)
+                               self.eps, self.act, self.negative_slope, residual, self.memory_efficient)
         act, unfused_residual = self.act, None
         if residual is not None and not _fusable_residual(input, residual):  # added after the synchronized BN
             act, unfused_residual, residual = None, residual, None
+        memory_efficient = act is not None and _memory_saving_possible(act, self.negative_slope,
+                                                                       self.memory_efficient)
         output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
-                                              momentum, group, world_size, act, self.negative_slope, residual)
+                                              momentum, group, world_size, act, self.negative_slope, residual,
+                                              memory_efficient)
         if unfused_residual is not None:
             output = _UNFUSED_ACTS[self.act](output + unfused_residual, self.negative_slope)
         return output
@@ -254,16 +331,12 @@ class SyncBatchNorm(_BatchNorm):
         becomes a bnfast.SyncBatchNorm over process_group (default: the world),
         and every BatchNormAct*d (fused by bnfast.convert or built by hand) a
         bnfast.SyncBatchNormAct with the same activation; each shares the
-        layer's parameters, buffers, hooks and other attributes (qconfig...).
-        Returns module, or a new module if module is itself a batch-norm layer."""
+        layer's parameters, buffers, hooks and other attributes (qconfig...),
+        memory_efficient included. Returns module, or a new module if module
+        is itself a batch-norm layer."""
         from bnfast.convert import to_sync
 
-        lost_memory_saving: list = []
-        module = to_sync(module, process_group, lost_memory_saving)
-        if lost_memory_saving:
-            warnings.warn(f"bnfast: the memory_efficient layers {', '.join(lost_memory_saving)} became "
-                          "SyncBatchNormAct, which keeps its input for backward: no memory saving", stacklevel=2)
-        return module
+        return to_sync(module, process_group)
 
 
 class SyncBatchNormAct(SyncBatchNorm):
@@ -272,21 +345,23 @@ class SyncBatchNormAct(SyncBatchNorm):
     forward(x, residual=None) = act(SyncBN(x) + residual), or SyncBN(relu(x))
     for act="pre_relu", with the statistics synchronized as SyncBatchNorm's and
     the results of the unfused layers. The state_dict keys are
-    SyncBatchNorm's. memory_efficient is not offered: the synchronized
-    backward reads the input."""
+    SyncBatchNorm's. memory_efficient=True: backward keeps the output instead
+    of the input where that is exact, as BatchNormAct2d's mode."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 act: str = "relu", negative_slope: float = 0.01, device=None, dtype=None, **kwargs) -> None:
+                 act: str = "relu", negative_slope: float = 0.01, memory_efficient: bool = False, device=None,
+                 dtype=None, **kwargs) -> None:
         _check_act(act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device=device,
                          dtype=dtype, **kwargs)
         self.act = act
         self.negative_slope = negative_slope
+        self.memory_efficient = memory_efficient
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         _check_residual(self.act, residual)
         return self._forward(input, residual)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}{_act_repr(self.act, self.negative_slope)}"
+        return f"{super().extra_repr()}{_act_repr(self.act, self.negative_slope, self.memory_efficient)}"

@@ -33,6 +33,7 @@ import json
 import os
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -46,6 +47,7 @@ from bnfast import sync_batchnorm as sbn
 from tests import reference as ref
 from tests.conftest import DEVICES, _skip_reason
 from tests.test_fused_act import SLOPE, UNFUSED
+from tests.test_memory_efficient import SavedTensors
 
 EPS = 1e-5
 # bnfast and torch.nn.SyncBatchNorm may round differently (sums in other
@@ -485,7 +487,8 @@ def compiled_fullgraph(rank, world_size):
 
 @_check(2)
 def compiled_fullgraph_fused(rank, world_size):
-    _compiled_fullgraph(rank, bnfast.SyncBatchNormAct(4, act="silu"), residual=True)
+    """Fused, with memory_efficient (which a traced call cannot use: it keeps the input)."""
+    _compiled_fullgraph(rank, bnfast.SyncBatchNormAct(4, act="leaky_relu", memory_efficient=True), residual=True)
 
 
 # ----------------------------------------------------------------- fused activations
@@ -498,17 +501,20 @@ def _unfused(bn, act, x, residual):
 
 
 def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True, channels=4, dtype=torch.float32,
-                     params_dtype=None, memory_format=torch.contiguous_format, steps=2, device="cpu"):
+                     params_dtype=None, memory_format=torch.contiguous_format, steps=2, device="cpu",
+                     memory_efficient=False):
     """bnfast.SyncBatchNormAct on this rank's slice against torch's BatchNorm
     and activation (and residual add) on the whole batch in one process, and
     both against the same in float64: output, gradients of the input (unless
     input_grad is False), the residual, weight and bias (summed over the
     ranks), running statistics, step after step; then an eval step on the
     local slice. On CUDA also against torch.nn.SyncBatchNorm and the
-    activation on the same slices."""
+    activation on the same slices. memory_efficient: the layer's mode, and
+    backward must keep the output, not the input."""
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     pdt = params_dtype or dtype
-    ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=SLOPE, dtype=pdt, device=device)
+    ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=SLOPE, dtype=pdt, device=device,
+                                   memory_efficient=memory_efficient)
     theirs = TORCH_BN[2 + len(tail)](channels, dtype=pdt, device=device)
     truth = TORCH_BN[2 + len(tail)](channels, dtype=torch.float64, device=device)
     theirs_sync = (nn.SyncBatchNorm(channels, dtype=pdt, device=device)
@@ -530,7 +536,10 @@ def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True,
         local[0].requires_grad_(input_grad)
         inputs = [t for t in local if t is not None]
         before = CALLS.copy()
-        y = ours(*inputs)
+        with SavedTensors() as saved:
+            y = ours(*inputs)
+        expect.true((saved.keeps(y), saved.keeps(local[0])) == (memory_efficient, not memory_efficient),
+                    f"kept for backward: output {saved.keeps(y)}, input {saved.keeps(local[0])}")
         wanted = [t for t in inputs if t.requires_grad] + [ours.weight, ours.bias]
         grads = torch.autograd.grad(y, wanted, dy_all[lo:hi].contiguous(memory_format=memory_format))
         if not input_grad:
@@ -626,6 +635,54 @@ def fused_bfloat16_with_float32_params(rank, world_size, device="cpu"):
 
 
 @_check(2)
+def fused_memory_efficient(rank, world_size, device="cpu"):
+    """memory_efficient=True: the gradients from the kept output, for each
+    activation whose output determines the normalized input."""
+    _fused_vs_single(rank, [5, 3], (3, 4), "identity", memory_efficient=True, device=device)
+    _fused_vs_single(rank, [4, 4], (5, 3), "leaky_relu", residual=True, memory_format=torch.channels_last,
+                     memory_efficient=True, device=device)
+    _fused_vs_single(rank, [6, 0], (3, 3), "pre_relu", dtype=torch.float64, memory_efficient=True, device=device)
+
+
+@_check(2)
+def fused_memory_efficient_bfloat16(rank, world_size, device="cpu"):
+    """The same in bfloat16: z rebuilt in float32 from the rounded output
+    (leaky_relu and a residual), or the output itself. The output's rounding
+    bounds what is recovered from it, so the parameters' gradients are held to
+    bfloat16's precision: bfloat16 parameters, as tests/test_memory_efficient.py
+    holds the local mode (float32 ones would be held to float32's)."""
+    _fused_vs_single(rank, [5, 3], (4, 4), "leaky_relu", residual=True, dtype=torch.bfloat16,
+                     memory_format=torch.channels_last, memory_efficient=True, device=device)
+    _fused_vs_single(rank, [3, 5], (4, 4), "identity", dtype=torch.bfloat16, memory_efficient=True, device=device)
+
+
+@_check(2)
+def memory_efficient_keeps_the_input_where_it_must(rank, world_size):
+    """Where the output does not determine the normalized input (relu; a zero
+    weight element) memory_efficient keeps the input and warns, with the
+    results of the layer without the mode."""
+    g = torch.Generator().manual_seed(0)
+    x_all, dy_all = _batch((8, 3, 4, 4), torch.float32, g), _batch((8, 3, 4, 4), torch.float32, g)
+    lo, hi = (0, 5) if rank == 0 else (5, 8)
+    for act, weight, why in (("relu", [1.0, 2.0, 0.5], "not invertible"),
+                             ("leaky_relu", [1.0, 0.0, 0.5], "zero element")):
+        results = []
+        for memory_efficient in (True, False):
+            m = bnfast.SyncBatchNormAct(3, act=act, negative_slope=SLOPE, memory_efficient=memory_efficient)
+            with torch.no_grad():
+                m.weight.copy_(torch.tensor(weight))
+            x = x_all[lo:hi].clone().requires_grad_()
+            with SavedTensors() as saved, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y = m(x)
+            assert saved.keeps(x) and not saved.keeps(y), act
+            assert any(why in str(w.message) for w in caught) == memory_efficient, [str(w.message) for w in caught]
+            results.append((y,) + torch.autograd.grad(y, [x, m.weight, m.bias], dy_all[lo:hi]))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@_check(2)
 def fused_residual_broadcast(rank, world_size):
     """A residual unlike the input (here one that broadcasts) is added as torch
     adds it, after the synchronized batch norm: the unfused result."""
@@ -672,7 +729,8 @@ CUDA_CHECKS = ("uneven_batches", "channels_last", "one_rank_empty", "bfloat16_wi
                "batchnorm1d_2d_input", "batchnorm3d_input", "momentum_none", "no_affine_no_running_stats",
                "fused_relu", "fused_add_relu_channels_last", "fused_leaky_relu_one_rank_empty",
                "fused_residual_one_rank_empty_input_without_grad", "fused_silu_gelu_identity_with_residual",
-               "fused_pre_relu", "fused_bfloat16_with_float32_params")
+               "fused_pre_relu", "fused_bfloat16_with_float32_params", "fused_memory_efficient",
+               "fused_memory_efficient_bfloat16")
 for _name in CUDA_CHECKS:
     CHECKS[CUDA][_name] = functools.partial(CHECKS[2][_name], device="cuda")
 
@@ -800,6 +858,8 @@ def test_sync_batchnorm_act_surface():
     assert ours.process_group == "a group"
     assert repr(ours) == repr(nn.SyncBatchNorm(3)).replace("SyncBatchNorm", "SyncBatchNormAct")[:-1] + (
         ", act='leaky_relu', negative_slope=0.2)")
+    assert repr(bnfast.SyncBatchNormAct(3, act="identity", memory_efficient=True)).endswith(
+        "act='identity', memory_efficient=True)")
     for make in (bnfast.SyncBatchNormAct, bnfast.BatchNormAct2d):
         with pytest.raises(ValueError, match="unknown activation 'tanh'"):
             make(3, act="tanh")
@@ -871,8 +931,8 @@ def test_convert_sync_batchnorm_and_revert():
 def test_convert_sync_batchnorm_keeps_activations():
     """BatchNormAct layers, made by hand or fused by bnfast.convert, become
     SyncBatchNormAct with their activation (torch's conversion would make them
-    plain SyncBatchNorm and lose it), sharing parameters and buffers; a
-    memory_efficient one says that the mode is lost."""
+    plain SyncBatchNorm and lose it), sharing parameters and buffers, and
+    with their memory_efficient mode."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.MaxPool2d(2),
                           bnfast.BatchNormAct2d(4, act="leaky_relu", negative_slope=0.2), nn.BatchNorm2d(4), nn.SiLU())
     bnfast.convert(model, fuse=True)
@@ -887,9 +947,8 @@ def test_convert_sync_batchnorm_keeps_activations():
     assert synced[1].negative_slope == 0.2 and all(m.process_group == "a group" for m in synced)
     assert all(p is params[n] for n, p in model.named_parameters())
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # no process group: the same local kernels
-    with pytest.warns(UserWarning, match="no memory saving"):
-        synced = bnfast.SyncBatchNormAct.convert_sync_batchnorm(bnfast.BatchNormAct2d(4, memory_efficient=True))
-    assert type(synced) is bnfast.SyncBatchNormAct and synced.act == "relu"
+    synced = bnfast.SyncBatchNormAct.convert_sync_batchnorm(bnfast.BatchNormAct2d(4, memory_efficient=True))
+    assert type(synced) is bnfast.SyncBatchNormAct and synced.act == "relu" and synced.memory_efficient
 
     class ForeignBatchNormAct(nn.BatchNorm2d):  # another library's (timm's): its act is a module
         def __init__(self, c):
@@ -902,13 +961,13 @@ def test_convert_sync_batchnorm_keeps_activations():
 def test_convert_fuses_sync_batchnorm(capsys):
     """convert(fuse=True) fuses torch's SyncBatchNorm (swapped for bnfast's)
     with its activation into a SyncBatchNormAct; revert gives torch's back."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3),
                           nn.SyncBatchNorm(4))
     x = torch.randn(4, 3, 8, 8)
     expected = model(x)  # no process group: torch's SyncBatchNorm runs locally on the CPU
     bnfast.convert(model, fuse=True, verbose=True, memory_efficient=True)
-    assert "1: BN -> relu (SyncBatchNorm: without memory_efficient" in capsys.readouterr().out
-    assert type(model[1]) is bnfast.SyncBatchNormAct and model[1].act == "relu"
+    assert "1: BN -> leaky_relu(0.2)\n" in capsys.readouterr().out
+    assert type(model[1]) is bnfast.SyncBatchNormAct and model[1].act == "leaky_relu" and model[1].memory_efficient
     assert type(model[4]) is bnfast.SyncBatchNorm
     torch.testing.assert_close(model(x), expected)
     bnfast.revert(model)
