@@ -265,6 +265,10 @@ def test_cpu_bars_judge():
     assert every["n"] == 2 and every["worst"] == 0.97 and every["met"] is False
     four = [r for run in small[:4] for r in run["rows"]]  # an even count: the lower middle one
     assert cpu_bars.median_row(four)["speedup"] == 1.9
+    beyond = _bench_row("r50_s1", "g", (32, 256, 56, 56), "float32", "channels_last", "fwd_bwd", 2.6, 1.07)
+    beyond["torch_frac_copy"] = 0.41
+    (line,) = cpu_bars.context_lines({"beyond_cache": {"rows": [beyond]}})
+    assert "r50_s1 32x256x56x56" in line and "2.60x torch, bnfast at 107% of copy (torch at 41%)" in line
 
 
 def test_kernels_fused_configurations(tmp_path):
