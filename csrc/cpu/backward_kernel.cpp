@@ -17,14 +17,13 @@
 
 #include "../common/checks.h"
 #include "../common/layout.h"
+#include "../common/op_entries.h"
 #include "batch_norm.h"
 #include "fusion.h"
 #include "output_cache.h"
 
 namespace bnfast {
 namespace {
-
-using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // activation: none for the plain backward. grad_residual: empty unless a residual is given.
 Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean,
@@ -71,27 +70,11 @@ Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const 
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                            const at::Tensor& mean, const at::Tensor& invstd,
-                                                            const OptionalTensor& weight) {
-  check_backward(grad_out, input, mean, invstd, weight);
-  auto [grad_input, grad_weight, grad_bias, _] =
-      backward_impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt, std::nullopt, 0.0);
-  return {grad_input, grad_weight, grad_bias};
-}
-
-Quad backward_act_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
-                      const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
-                      const OptionalTensor& residual, c10::string_view act, double slope) {
-  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
-  return backward_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnfast, CPU, m) {
-  m.impl("backward", &backward_cpu);
-  m.impl("backward_act", &backward_act_cpu);
+  m.impl("backward", &backward_entry<backward_impl>);
+  m.impl("backward_act", &backward_act_entry<backward_impl>);
 }
 
 }  // namespace bnfast

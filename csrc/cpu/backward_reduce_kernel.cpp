@@ -13,6 +13,7 @@
 
 #include "../common/checks.h"
 #include "../common/layout.h"
+#include "../common/op_entries.h"
 #include "batch_norm.h"
 #include "fusion.h"
 
@@ -56,27 +57,11 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& grad_o
   return {sum_dy, sum_dy_xmu};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                        const at::Tensor& mean, const at::Tensor& invstd) {
-  check_backward_reduce(grad_out, input, mean, invstd);
-  return backward_reduce_impl(grad_out, input, mean, invstd, std::nullopt, std::nullopt, std::nullopt,
-                              std::nullopt, 0.0);
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_reduce_act_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                            const at::Tensor& mean, const at::Tensor& invstd,
-                                                            const OptionalTensor& weight, const OptionalTensor& bias,
-                                                            const OptionalTensor& residual, c10::string_view act,
-                                                            double slope) {
-  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
-  return backward_reduce_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnfast, CPU, m) {
-  m.impl("backward_reduce", &backward_reduce_cpu);
-  m.impl("backward_reduce_act", &backward_reduce_act_cpu);
+  m.impl("backward_reduce", &backward_reduce_entry<backward_reduce_impl>);
+  m.impl("backward_reduce_act", &backward_reduce_act_entry<backward_reduce_impl>);
 }
 
 }  // namespace bnfast

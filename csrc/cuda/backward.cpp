@@ -6,12 +6,11 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/op_entries.h"
 #include "ops.h"
 
 namespace bnfast {
 namespace {
-
-using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // activation: none for the plain backward. grad_residual: empty unless a residual is given.
 Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean_,
@@ -52,27 +51,11 @@ Quad backward_impl(const at::Tensor& grad_out_, const at::Tensor& input_, const 
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                                                             const at::Tensor& mean, const at::Tensor& invstd,
-                                                             const OptionalTensor& weight) {
-  check_backward(grad_out, input, mean, invstd, weight);
-  auto [grad_input, grad_weight, grad_bias, _] =
-      backward_impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt, std::nullopt, 0.0);
-  return {grad_input, grad_weight, grad_bias};
-}
-
-Quad backward_act_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
-                       const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
-                       const OptionalTensor& residual, c10::string_view act, double slope) {
-  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
-  return backward_impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnfast, CUDA, m) {
-  m.impl("backward", &backward_cuda);
-  m.impl("backward_act", &backward_act_cuda);
+  m.impl("backward", &backward_entry<backward_impl>);
+  m.impl("backward_act", &backward_act_entry<backward_impl>);
 }
 
 }  // namespace bnfast

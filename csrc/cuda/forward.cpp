@@ -7,6 +7,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/op_entries.h"
 #include "ops.h"
 
 namespace bnfast {
@@ -48,26 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
   return {output, mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const OptionalTensor& weight,
-                                                            const OptionalTensor& bias, double eps) {
-  check_forward(input, weight, bias);
-  return forward_impl(input, weight, bias, std::nullopt, eps, std::nullopt, 0.0);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_act_cuda(const at::Tensor& input, const OptionalTensor& weight,
-                                                                const OptionalTensor& bias,
-                                                                const OptionalTensor& residual, double eps,
-                                                                c10::string_view act, double slope,
-                                                                bool /*memory_efficient: autograd's concern*/) {
-  const auto activation = check_forward_act(input, weight, bias, residual, act);
-  return forward_impl(input, weight, bias, residual, eps, activation, slope);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnfast, CUDA, m) {
-  m.impl("forward", &forward_cuda);
-  m.impl("forward_act", &forward_act_cuda);
+  m.impl("forward", &forward_entry<forward_impl>);
+  m.impl("forward_act", &forward_act_entry<forward_impl>);
 }
 
 }  // namespace bnfast

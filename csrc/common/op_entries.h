@@ -1,0 +1,75 @@
+// The registered entry points of the ops that come in a plain and a fused
+// (_act) form: forward, backward and backward_reduce. Each backend has one
+// impl per op taking the fused form's arguments (the plain form passes no
+// bias, residual or activation); the entries check the arguments (checks.h)
+// and call it, the same on every backend:
+//   m.impl("forward", &forward_entry<forward_impl>);
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+
+namespace bnfast {
+
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// impl(input, weight, bias, residual, eps, activation, slope) -> (output, mean, invstd)
+template <auto impl>
+Triple forward_entry(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+  check_forward(input, weight, bias);
+  return impl(input, weight, bias, std::nullopt, eps, std::nullopt, 0.0);
+}
+
+template <auto impl>
+Triple forward_act_entry(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                         const OptionalTensor& residual, double eps, c10::string_view act, double slope,
+                         bool /*memory_efficient: autograd's concern*/) {
+  const auto activation = check_forward_act(input, weight, bias, residual, act);
+  return impl(input, weight, bias, residual, eps, activation, slope);
+}
+
+// impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope)
+//   -> (grad_input, grad_weight, grad_bias, grad_residual)
+template <auto impl>
+Triple backward_entry(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                      const at::Tensor& invstd, const OptionalTensor& weight) {
+  check_backward(grad_out, input, mean, invstd, weight);
+  auto [grad_input, grad_weight, grad_bias, no_residual] =
+      impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt, std::nullopt, 0.0);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+template <auto impl>
+Quad backward_act_entry(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                        const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias,
+                        const OptionalTensor& residual, c10::string_view act, double slope) {
+  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  return impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
+}
+
+// impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope) -> (sum_dy, sum_dy_xmu)
+template <auto impl>
+std::tuple<at::Tensor, at::Tensor> backward_reduce_entry(const at::Tensor& grad_out, const at::Tensor& input,
+                                                         const at::Tensor& mean, const at::Tensor& invstd) {
+  check_backward_reduce(grad_out, input, mean, invstd);
+  return impl(grad_out, input, mean, invstd, std::nullopt, std::nullopt, std::nullopt, std::nullopt, 0.0);
+}
+
+template <auto impl>
+std::tuple<at::Tensor, at::Tensor> backward_reduce_act_entry(const at::Tensor& grad_out, const at::Tensor& input,
+                                                             const at::Tensor& mean, const at::Tensor& invstd,
+                                                             const OptionalTensor& weight, const OptionalTensor& bias,
+                                                             const OptionalTensor& residual, c10::string_view act,
+                                                             double slope) {
+  const auto activation = check_backward_act(grad_out, input, mean, invstd, weight, bias, residual, act);
+  return impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope);
+}
+
+}  // namespace bnfast
