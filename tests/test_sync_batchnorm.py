@@ -406,7 +406,8 @@ def every_rank_empty(rank, world_size):
 
 def _ddp_seed_cnn(rank, world_size, fuse):
     """The seed CNN with bnfast.SyncBatchNorm (fuse: SyncBatchNormAct, the
-    relu -> BN pairs fused by bnfast.convert) under DDP, 2 ranks x 8 images,
+    relu -> BN pairs fused by bnfast.convert, in memory_efficient mode) under
+    DDP, 2 ranks x 8 images,
     matches one process of torch's layers trained on the 16 images: DDP
     averages the ranks' gradients of their mean losses, which with equal
     batches is the gradient of the mean loss over all 16."""
@@ -418,10 +419,10 @@ def _ddp_seed_cnn(rank, world_size, fuse):
     single = build_model("seed", dropout=0.0)  # no dropout: its masks would differ
     local = copy.deepcopy(single)
     if fuse:
-        local = bnfast.convert(local, fuse=True)
+        local = bnfast.convert(local, fuse=True, memory_efficient=True)
     model = DDP(bnfast.SyncBatchNorm.convert_sync_batchnorm(local))
     synced = bnfast.SyncBatchNormAct if fuse else bnfast.SyncBatchNorm
-    assert sum(type(m) is synced for m in model.modules()) == 3
+    assert sum(type(m) is synced and m.memory_efficient == fuse for m in model.modules()) == 3
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, single)]
     g = torch.Generator().manual_seed(1)
     per_rank = 8
