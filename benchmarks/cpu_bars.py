@@ -18,9 +18,9 @@ One more line gives context, not a bar: the channels_last fwd+bwd of a layer
 far beyond the last-level cache (BEYOND_CACHE_CASE, 102 MB a tensor), where
 copy and batch norm both stream from DRAM. The five bar shapes (6-15 MB a
 tensor) are timed in the cache's regime: the copy's two tensors stay cached,
-fwd+bwd's four (x, y, dy, dx) only partly, and the more so the less the
-interleaved torch runs evict them, so their fraction of copy measures cache
-residency as much as the kernels.
+fwd+bwd's four (x, y, dy, dx) only in part, which varies with how much of
+them the interleaved torch runs evict; so their fraction of copy measures
+cache residency as much as the kernels.
 The benchmark's JSON and markdown go under --out. Takes about a minute on
 2 cores; run it on a quiet machine.
 """

@@ -200,7 +200,8 @@ def _output_invertible(act: str, slope: float) -> bool:
 
 def _memory_saving_possible(act: str, slope: float, memory_efficient: bool) -> bool:
     """memory_efficient, unless act is not invertible: then False, with a
-    warning (at the caller's caller, the module or function users call)."""
+    warning at the call three frames up (bnfast.batch_norm_act's caller; for
+    a module, torch's Module.__call__)."""
     if memory_efficient and not _output_invertible(act, slope):
         warnings.warn(f"bnfast: memory_efficient=True keeps the batch norm input for backward (saves no "
                       f"memory) with act={act!r}: it is not invertible, so the output does not determine "

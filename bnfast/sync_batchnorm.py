@@ -29,9 +29,9 @@ instead of the input, where the output determines the normalized input (as
 bnfast.batch_norm_act's mode: identity, pre_relu, leaky_relu with a positive
 slope, no zero weight element), and runs the same two backward passes on
 z_r = act^-1(y_r) - residual_r = weight * xhat + bias, with bias and
-1 / weight in place of mean and invstd: their xmu / invstd is xhat, and with
-weight^2 * invstd in place of weight, backward_elemt's grad_input is the
-input's.
+1 / weight in place of mean and invstd, which makes their
+(z - mean) * invstd the normalized input xhat, and weight^2 * invstd in
+place of weight, which makes backward_elemt's grad_input the input's.
 
 So one small collective per layer in forward and one in backward. The
 collectives are issued from Python on the current stream (DESIGN rule 5); the
@@ -106,7 +106,8 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
 def _weight_invertible(weight: Optional[Tensor]) -> bool:
     """Whether weight has no zero element, so the output determines the
     normalized input. Reads weight on the host (one sync on a GPU, as the
-    local mode's); under torch.compile, where it cannot be read, False."""
+    local mode's); under torch.compile, where it cannot be read, False. Called
+    from SyncBatchNorm._forward, it warns where _memory_saving_possible does."""
     if weight is None:
         return True
     if torch.compiler.is_compiling():
@@ -114,7 +115,7 @@ def _weight_invertible(weight: Optional[Tensor]) -> bool:
     if bool(weight.eq(0).any()):
         warnings.warn("bnfast: memory_efficient=True keeps the batch norm input for backward (saves no memory) "
                       "where the weight has a zero element, so the output does not determine the normalized input",
-                      stacklevel=2)
+                      stacklevel=4)
         return False
     return True
 
@@ -147,13 +148,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     (see the module docstring).
 
     forward(input (N, C, *), weight [C] | None, bias [C] | None, running_mean [C] | None,
-    running_var [C] | None, eps, momentum, group, world_size, act, slope, residual) -> output (N, C, *).
+    running_var [C] | None, eps, momentum, group, world_size, act, slope, residual, memory_efficient)
+    -> output (N, C, *).
     act None: plain batch norm, with stats / elemt / backward_reduce /
     backward_elemt; else one of ops.ACTIVATIONS, with their _act forms (which
     recompute z = BN(x) + residual where the activation's derivative needs
     it), and residual None or a tensor like input (not with "pre_relu").
     memory_efficient: keep the output for backward instead of the input (the
-    module docstring); the caller checks that act is invertible.
+    module docstring); the caller checks that the output determines the
+    normalized input (act, weight) and that a gradient is wanted.
     Every rank of the group must call it, with the same C, dtype and act; N
     may differ, and may be 0.
     """
@@ -183,7 +186,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             output = ops.elemt(input, weight, bias, mean, invstd)
         else:
             output = ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
-        ctx.keeps_output = memory_efficient and _weight_invertible(weight)
+        ctx.keeps_output = memory_efficient
         if ctx.keeps_output:
             # pre_relu's mask for grad_input: where relu passes the gradient (fused_autograd.cpp's relu_passes).
             relu_passes = input.le(0).logical_not_() if act == "pre_relu" else None
@@ -199,14 +202,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
-        input, weight, bias, residual, mean, invstd, count, relu_passes = ctx.saved_tensors
+        kept, weight, bias, residual, mean, invstd, count, relu_passes = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_residual = ctx.needs_input_grad[11]
         act, slope = ctx.act, ctx.slope
         grad_input = grad_weight = grad_bias = grad_residual = None
-        elemt_weight = weight
-        if ctx.keeps_output:  # input is the output: the plain backward over z
-            dz, input, mean, invstd, elemt_weight = _normalized_from_output(grad_output, input, weight, bias,
+        input, elemt_weight = kept, weight
+        if ctx.keeps_output:  # kept is the output: the plain backward over z
+            dz, input, mean, invstd, elemt_weight = _normalized_from_output(grad_output, kept, weight, bias,
                                                                             residual, invstd, act, slope)
             grad_output, act = dz, None
         # mean_dy, mean_dy_xmu: the all-reduced sums over the count where the
@@ -315,8 +318,13 @@ class SyncBatchNorm(_BatchNorm):
         act, unfused_residual = self.act, None
         if residual is not None and not _fusable_residual(input, residual):  # added after the synchronized BN
             act, unfused_residual, residual = None, residual, None
-        memory_efficient = act is not None and _memory_saving_possible(act, self.negative_slope,
-                                                                       self.memory_efficient)
+        # The mode only where a gradient is wanted (as the local mode): no
+        # weight read, mask or warning for a no_grad pass.
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, self.weight, self.bias, residual))
+        memory_efficient = (act is not None and wants_grad and
+                            _memory_saving_possible(act, self.negative_slope, self.memory_efficient) and
+                            _weight_invertible(self.weight))
         output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
                                               momentum, group, world_size, act, self.negative_slope, residual,
                                               memory_efficient)

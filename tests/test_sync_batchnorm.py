@@ -406,11 +406,10 @@ def every_rank_empty(rank, world_size):
 
 def _ddp_seed_cnn(rank, world_size, fuse):
     """The seed CNN with bnfast.SyncBatchNorm (fuse: SyncBatchNormAct, the
-    relu -> BN pairs fused by bnfast.convert, in memory_efficient mode) under
-    DDP, 2 ranks x 8 images,
-    matches one process of torch's layers trained on the 16 images: DDP
-    averages the ranks' gradients of their mean losses, which with equal
-    batches is the gradient of the mean loss over all 16."""
+    relu -> BN pairs fused by bnfast.convert, memory_efficient) under DDP,
+    2 ranks x 8 images, matches one process of torch's layers trained on the
+    16 images: DDP averages the ranks' gradients of their mean losses, which
+    with equal batches is the gradient of the mean loss over all 16."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from benchmarks.train_cifar import build_model
@@ -488,7 +487,12 @@ def compiled_fullgraph(rank, world_size):
 
 @_check(2)
 def compiled_fullgraph_fused(rank, world_size):
-    """Fused, with memory_efficient (which a traced call cannot use: it keeps the input)."""
+    _compiled_fullgraph(rank, bnfast.SyncBatchNormAct(4, act="silu"), residual=True)
+
+
+@_check(2)
+def compiled_fullgraph_memory_efficient(rank, world_size):
+    """memory_efficient, which a traced call cannot use (it keeps the input)."""
     _compiled_fullgraph(rank, bnfast.SyncBatchNormAct(4, act="leaky_relu", memory_efficient=True), residual=True)
 
 
@@ -510,8 +514,9 @@ def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True,
     input_grad is False), the residual, weight and bias (summed over the
     ranks), running statistics, step after step; then an eval step on the
     local slice. On CUDA also against torch.nn.SyncBatchNorm and the
-    activation on the same slices. memory_efficient: the layer's mode, and
-    backward must keep the output, not the input."""
+    activation on the same slices. memory_efficient: the layer's mode (with
+    a negative weight element, so 1 / weight is negative there), and backward
+    must keep the output, not the input."""
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     pdt = params_dtype or dtype
     ours = bnfast.SyncBatchNormAct(channels, act=act, negative_slope=SLOPE, dtype=pdt, device=device,
@@ -522,6 +527,8 @@ def _fused_vs_single(rank, sizes, tail, act, *, residual=False, input_grad=True,
                    if torch.device(device).type == "cuda" else None)  # torch's refuses CPU input
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    if memory_efficient:
+        weight[0] = -weight[0]
     with torch.no_grad():
         for m in (ours, theirs, truth, theirs_sync):
             if m is not None:
@@ -643,6 +650,8 @@ def fused_memory_efficient(rank, world_size, device="cpu"):
     _fused_vs_single(rank, [4, 4], (5, 3), "leaky_relu", residual=True, memory_format=torch.channels_last,
                      memory_efficient=True, device=device)
     _fused_vs_single(rank, [6, 0], (3, 3), "pre_relu", dtype=torch.float64, memory_efficient=True, device=device)
+    _fused_vs_single(rank, [0, 5], (3, 3), "leaky_relu", residual=True, input_grad=False, memory_efficient=True,
+                     steps=1, device=device)  # the residual's, weight's and bias's gradients only
 
 
 @_check(2)
@@ -655,6 +664,25 @@ def fused_memory_efficient_bfloat16(rank, world_size, device="cpu"):
     _fused_vs_single(rank, [5, 3], (4, 4), "leaky_relu", residual=True, dtype=torch.bfloat16,
                      memory_format=torch.channels_last, memory_efficient=True, device=device)
     _fused_vs_single(rank, [3, 5], (4, 4), "identity", dtype=torch.bfloat16, memory_efficient=True, device=device)
+
+
+@_check(2)
+def memory_efficient_without_affine(rank, world_size):
+    """No weight or bias: z is the output itself (weight 1, bias 0); the
+    results of the mode keeping the input."""
+    g = torch.Generator().manual_seed(0)
+    x_all, dy_all = _batch((8, 3, 4, 4), torch.float32, g), _batch((8, 3, 4, 4), torch.float32, g)
+    lo, hi = (0, 5) if rank == 0 else (5, 8)
+    results = []
+    for memory_efficient in (True, False):
+        m = bnfast.SyncBatchNormAct(3, act="identity", affine=False, memory_efficient=memory_efficient)
+        x = x_all[lo:hi].clone().requires_grad_()
+        with SavedTensors() as saved:
+            y = m(x)
+        assert saved.keeps(y) == memory_efficient and saved.keeps(x) != memory_efficient
+        results.append((y, torch.autograd.grad(y, x, dy_all[lo:hi])[0], m.running_mean, m.running_var))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 @_check(2)

@@ -12,7 +12,6 @@ namespace bnfast {
 namespace autograd {
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
-using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
@@ -55,8 +54,6 @@ inline Pair call_backward_reduce(const at::Tensor& grad_out, const at::Tensor& i
                                         const at::Tensor&)>("bnfast::backward_reduce");
   return op.call(grad_out, input, mean, invstd);
 }
-
-using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline Triple call_forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                const OptionalTensor& residual, double eps, c10::string_view act, double slope,

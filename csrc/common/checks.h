@@ -10,12 +10,15 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <tuple>
 
 #include "activation.h"
 
 namespace bnfast {
 
 using OptionalTensor = std::optional<at::Tensor>;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The accumulation ("stats") dtype of an input: float64 for float64 input,
 // float32 for every other floating input (float32, float16, bfloat16). Mean,

@@ -20,8 +20,6 @@
 namespace bnfast {
 namespace {
 
-using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
 Triple call_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::forward", "").typed<Triple(
       const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double)>();

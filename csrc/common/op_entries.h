@@ -1,8 +1,8 @@
 // The registered entry points of the ops that come in a plain and a fused
 // (_act) form: forward, backward and backward_reduce. Each backend has one
-// impl per op taking the fused form's arguments (the plain form passes no
-// bias, residual or activation); the entries check the arguments (checks.h)
-// and call it, the same on every backend:
+// impl per op taking the fused form's arguments (the plain form passes
+// std::nullopt for those it lacks); the entries check the arguments
+// (checks.h) and call it, the same on every backend:
 //   m.impl("forward", &forward_entry<forward_impl>);
 #pragma once
 
@@ -12,13 +12,11 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 
 namespace bnfast {
-
-using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // impl(input, weight, bias, residual, eps, activation, slope) -> (output, mean, invstd)
 template <auto impl>
@@ -43,7 +41,7 @@ Triple backward_entry(const at::Tensor& grad_out, const at::Tensor& input, const
   check_backward(grad_out, input, mean, invstd, weight);
   auto [grad_input, grad_weight, grad_bias, no_residual] =
       impl(grad_out, input, mean, invstd, weight, std::nullopt, std::nullopt, std::nullopt, 0.0);
-  return {grad_input, grad_weight, grad_bias};
+  return {std::move(grad_input), std::move(grad_weight), std::move(grad_bias)};
 }
 
 template <auto impl>

@@ -399,13 +399,15 @@ struct BackwardElem {
   ActFields<scalar_t> f;
   scalar_t* grad_residual = nullptr;
 
+  // is * (is * mdyx), not (is * is) * mdyx: memory_efficient's backward passes
+  // invstd = 1 / weight, whose square overflows for a tiny weight.
   __device__ Coef make(int64_t c, acc mdy, acc mdyx) const {
     const acc is = invstd[c];
     const acc s = is * load_param<acc>(weight, c, acc(1));
     if constexpr (kFused) {
-      return {{mean[c], mdy, is * is * mdyx, s}, s, load_param<acc>(bias, c, acc(0))};
+      return {{mean[c], mdy, is * (is * mdyx), s}, s, load_param<acc>(bias, c, acc(0))};
     } else {
-      return {mean[c], mdy, is * is * mdyx, s};
+      return {mean[c], mdy, is * (is * mdyx), s};
     }
   }
   __device__ Coef coef(int64_t c) const { return make(c, mean_dy[c], mean_dy_xmu[c]); }
