@@ -194,7 +194,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 def _output_invertible(act: str, slope: float) -> bool:
     """Whether act(z) determines z (csrc/autograd/fused_autograd.cpp keeps the
-    same rule, and also needs no zero weight element)."""
+    same rule, and also needs every weight element finite, non-zero and not
+    extreme)."""
     return act in ("identity", "pre_relu") or (act == "leaky_relu" and slope > 0)
 
 

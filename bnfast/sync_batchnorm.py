@@ -27,7 +27,7 @@ relu(x_r), and the input gradient is masked where x_r <= 0.
 SyncBatchNormAct(memory_efficient=True) keeps the output y_r for backward
 instead of the input, where the output determines the normalized input (as
 bnfast.batch_norm_act's mode: identity, pre_relu, leaky_relu with a positive
-slope, no zero weight element), and runs the same two backward passes on
+slope, every weight element finite, non-zero and not extreme), and runs the same two backward passes on
 z_r = act^-1(y_r) - residual_r = weight * xhat + bias, with bias and
 1 / weight in place of mean and invstd, which makes their
 (z - mean) * invstd the normalized input xhat, and weight^2 * invstd in
@@ -103,18 +103,24 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
         update_running_stats_on_device(running_mean, running_var, mean, invstd, momentum, eps, count)
 
 
-def _weight_invertible(weight: Optional[Tensor]) -> bool:
-    """Whether weight has no zero element, so the output determines the
-    normalized input. Reads weight on the host (one sync on a GPU, as the
-    local mode's); under torch.compile, where it cannot be read, False. Called
-    from SyncBatchNorm._forward, it warns where _memory_saving_possible does."""
+def _weight_invertible(weight: Optional[Tensor], input_dtype: torch.dtype) -> bool:
+    """Whether every |weight| lies in [sqrt(smallest normal), sqrt(largest)]
+    of the stats dtype (the local mode's range, fused_autograd.cpp
+    kept_weight_range): then the output determines the normalized input and
+    weight^2 neither flushes to 0 nor overflows; zero, NaN and inf fall
+    outside. Reads weight on the host (one sync on a GPU, as the local mode);
+    under torch.compile, where it cannot be read, False. Called from
+    SyncBatchNorm._forward, it warns where _memory_saving_possible does."""
     if weight is None:
         return True
     if torch.compiler.is_compiling():
         return False
-    if bool(weight.eq(0).any()):
+    info = torch.finfo(ops.stats_dtype(input_dtype))
+    magnitude = weight.abs()
+    if not bool(((magnitude >= info.tiny ** 0.5) & (magnitude <= info.max ** 0.5)).all()):
         warnings.warn("bnfast: memory_efficient=True keeps the batch norm input for backward (saves no memory) "
-                      "where the weight has a zero element, so the output does not determine the normalized input",
+                      "where the weight has a zero, non-finite or extreme element (|w| outside the square root of "
+                      "the stats dtype's range), so the output does not determine the normalized input",
                       stacklevel=4)
         return False
     return True
@@ -324,7 +330,7 @@ class SyncBatchNorm(_BatchNorm):
             t is not None and t.requires_grad for t in (input, self.weight, self.bias, residual))
         memory_efficient = (act is not None and wants_grad and
                             _memory_saving_possible(act, self.negative_slope, self.memory_efficient) and
-                            _weight_invertible(self.weight))
+                            _weight_invertible(self.weight, input.dtype))
         output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
                                               momentum, group, world_size, act, self.negative_slope, residual,
                                               memory_efficient)

@@ -132,13 +132,20 @@ def test_not_invertible_keeps_the_input_and_warns(act, device):
     torch.testing.assert_close(torch.autograd.grad(y, x, g), torch.autograd.grad(expected, x, g), rtol=0, atol=0)
 
 
-def test_zero_weight_keeps_the_input(device):
-    """A zero weight element leaves the output blind to xhat in that channel: the op keeps the input."""
+# Weight elements the output cannot be inverted through exactly: 0 (blind to
+# xhat), NaN, and magnitudes whose square flushes to 0 or overflows in
+# float32 (outside [1.1e-19, 1.8e19]): each gave wrong gradients from the output.
+EXTREME_WEIGHTS = [0.0, float("nan"), 1e-20, 1e20]
+
+
+@pytest.mark.parametrize("weight", EXTREME_WEIGHTS, ids=["zero", "nan", "tiny", "huge"])
+def test_extreme_weight_keeps_the_input(weight, device):
+    """Such a weight element: the op keeps the input, with the gradients of the mode keeping it."""
     case = samples.Case((4, 3, 5), "contiguous", torch.float32)
     x = case.input(device, requires_grad=True)
     w, b = (t.requires_grad_(True) for t in case.params(device))
     with torch.no_grad():
-        w[1] = 0
+        w[1] = weight
     with SavedTensors() as saved:
         y = bnfast.batch_norm_act(x, None, None, w, b, True, act="leaky_relu", negative_slope=SLOPE,
                                   memory_efficient=True)
@@ -146,7 +153,7 @@ def test_zero_weight_keeps_the_input(device):
     expected = unfused(x, None, None, w, b, True, "leaky_relu", None)
     g = case.grad_out(device)
     for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(expected, (x, w, b), g)):
-        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(a, e, equal_nan=True)
 
 
 def test_output_changed_in_place_is_caught(device):

@@ -687,14 +687,15 @@ def memory_efficient_without_affine(rank, world_size):
 
 @_check(2)
 def memory_efficient_keeps_the_input_where_it_must(rank, world_size):
-    """Where the output does not determine the normalized input (relu; a zero
-    weight element) memory_efficient keeps the input and warns, with the
-    results of the layer without the mode."""
+    """Where the output does not determine the normalized input (relu; a zero,
+    NaN or extreme weight element) memory_efficient keeps the input and warns,
+    with the results of the layer without the mode."""
     g = torch.Generator().manual_seed(0)
     x_all, dy_all = _batch((8, 3, 4, 4), torch.float32, g), _batch((8, 3, 4, 4), torch.float32, g)
     lo, hi = (0, 5) if rank == 0 else (5, 8)
     for act, weight, why in (("relu", [1.0, 2.0, 0.5], "not invertible"),
-                             ("leaky_relu", [1.0, 0.0, 0.5], "zero element")):
+                             ("leaky_relu", [1.0, 0.0, 0.5], "extreme element"),
+                             ("identity", [1.0, float("nan"), 1e20], "extreme element")):
         results = []
         for memory_efficient in (True, False):
             m = bnfast.SyncBatchNormAct(3, act=act, negative_slope=SLOPE, memory_efficient=memory_efficient)
@@ -708,7 +709,7 @@ def memory_efficient_keeps_the_input_where_it_must(rank, world_size):
             assert any(why in str(w.message) for w in caught) == memory_efficient, [str(w.message) for w in caught]
             results.append((y,) + torch.autograd.grad(y, [x, m.weight, m.bias], dy_all[lo:hi]))
         for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @_check(2)

@@ -15,19 +15,24 @@
 //   dx   = w * invstd * (dz - grad_bias / M - xhat * grad_weight / M)
 //          + grad_mean / M - xhat * invstd^2 * grad_invstd / M
 // That needs act invertible (identity; leaky_relu with a positive slope) and
-// no zero in w. pre_relu (y = BN(relu(x)), identity after) keeps y and
+// every |w| finite, non-zero and within the square root of the stats dtype's
+// range: the kernel path scales by 1 / w and w^2, which under- or overflow
+// outside it (kept_weight_range). pre_relu (y = BN(relu(x)), identity after) keeps y and
 // where relu passes the gradient, not x <= 0 (a bool tensor): dx = the above
 // for relu(x), 0 where x <= 0. Anything
 // else (relu, silu, gelu: z is lost where act is flat or not one-to-one; a
-// zero weight element: xhat is lost) keeps the input, as without the mode,
+// zero, non-finite or extreme weight element) keeps the input, as without the mode,
 // and warns once; so does a traced call (torch.compile), whose weight cannot
 // be read and whose partitioner picks what to keep. The backward is made of
 // differentiable ATen ops, and y,
 // mean and invstd are saved with their graph, so it differentiates again.
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "calls.h"
 #include "composite.h"
@@ -242,6 +247,17 @@ bool values_unknown(const at::Tensor& t) {
   return t.is_meta() || keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Functionalize);
 }
 
+// The |weight| range where the output determines the normalized input
+// exactly enough: [sqrt(smallest normal), sqrt(largest)] of the stats dtype,
+// so that w^2 (and 1 / w^2) neither flushes to 0 nor overflows. Zero, NaN and
+// inf fall outside. bnfast.sync_batchnorm keeps the same range.
+std::pair<double, double> kept_weight_range(at::ScalarType input_dtype) {
+  if (input_dtype == at::kDouble) {
+    return {std::sqrt(std::numeric_limits<double>::min()), std::sqrt(std::numeric_limits<double>::max())};
+  }
+  return {std::sqrt(std::numeric_limits<float>::min()), std::sqrt(std::numeric_limits<float>::max())};
+}
+
 // Why memory_efficient cannot recover the normalized input from the output
 // (nullptr when it can). Reads the weight: one host sync on a GPU.
 const char* output_not_invertible(const Activation& a, double slope, const at::Tensor& input,
@@ -252,8 +268,13 @@ const char* output_not_invertible(const Activation& a, double slope, const at::T
   if (values_unknown(input) || (weight.defined() && values_unknown(weight))) {
     return "the weight cannot be read (traced), so it may have a zero element";
   }
-  if (weight.defined() && weight.eq(0).any().item<bool>()) {
-    return "the weight has a zero element, so the output does not determine the normalized input";
+  if (weight.defined()) {
+    const auto [low, high] = kept_weight_range(input.scalar_type());
+    const auto magnitude = weight.abs();
+    if (!magnitude.ge(low).logical_and_(magnitude.le(high)).all().item<bool>()) {
+      return "the weight has a zero, non-finite or extreme element (|w| outside the square root of the "
+             "stats dtype's range), so the output does not determine the normalized input";
+    }
   }
   return nullptr;
 }
