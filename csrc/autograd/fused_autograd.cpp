@@ -17,15 +17,15 @@
 // That needs act invertible (identity; leaky_relu with a positive slope) and
 // every |w| finite, non-zero and within the square root of the stats dtype's
 // range: the kernel path scales by 1 / w and w^2, which under- or overflow
-// outside it (kept_weight_range). pre_relu (y = BN(relu(x)), identity after) keeps y and
-// where relu passes the gradient, not x <= 0 (a bool tensor): dx = the above
-// for relu(x), 0 where x <= 0. Anything
-// else (relu, silu, gelu: z is lost where act is flat or not one-to-one; a
-// zero, non-finite or extreme weight element) keeps the input, as without the mode,
-// and warns once; so does a traced call (torch.compile), whose weight cannot
-// be read and whose partitioner picks what to keep. The backward is made of
-// differentiable ATen ops, and y,
-// mean and invstd are saved with their graph, so it differentiates again.
+// outside it (kept_weight_range). pre_relu (y = BN(relu(x)), identity after)
+// keeps y and where relu passes the gradient, not x <= 0 (a bool tensor):
+// dx = the above for relu(x), 0 where x <= 0. Anything else (relu, silu,
+// gelu: z is lost where act is flat or not one-to-one; a zero, non-finite or
+// extreme weight element) keeps the input, as without the mode, and warns
+// once; so does a traced call (torch.compile), whose weight cannot be read and
+// whose partitioner picks what to keep. The backward is made of
+// differentiable ATen ops, and y, mean and invstd are saved with their graph,
+// so it differentiates again.
 #include <torch/library.h>
 
 #include <cmath>
@@ -252,7 +252,7 @@ bool values_unknown(const at::Tensor& t) {
 // so that w^2 (and 1 / w^2) neither flushes to 0 nor overflows. Zero, NaN and
 // inf fall outside. bnfast.sync_batchnorm keeps the same range.
 std::pair<double, double> kept_weight_range(at::ScalarType input_dtype) {
-  if (input_dtype == at::kDouble) {
+  if (stats_dtype(input_dtype) == at::kDouble) {
     return {std::sqrt(std::numeric_limits<double>::min()), std::sqrt(std::numeric_limits<double>::max())};
   }
   return {std::sqrt(std::numeric_limits<float>::min()), std::sqrt(std::numeric_limits<float>::max())};
