@@ -185,8 +185,6 @@ def main(argv=None) -> list[dict]:
         return []
     rows = []
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-    # On the CPU also without bnfast's output cache, whose idle buffers count
-    # in the resident set (csrc/cpu/output_cache.h; BNFAST_CPU_CACHE_MB=0).
     caches = options.cpu_caches if options.device == "cpu" else ("default",)
     for cache in caches:
         for variant in options.variants:

@@ -27,7 +27,8 @@ relu(x_r), and the input gradient is masked where x_r <= 0.
 SyncBatchNormAct(memory_efficient=True) keeps the output y_r for backward
 instead of the input, where the output determines the normalized input (as
 bnfast.batch_norm_act's mode: identity, pre_relu, leaky_relu with a positive
-slope, every weight element finite, non-zero and not extreme), and runs the same two backward passes on
+slope, every weight element finite, non-zero and not extreme), and runs the
+same two backward passes on
 z_r = act^-1(y_r) - residual_r = weight * xhat + bias, with bias and
 1 / weight in place of mean and invstd, which makes their
 (z - mean) * invstd the normalized input xhat, and weight^2 * invstd in
@@ -325,11 +326,10 @@ class SyncBatchNorm(_BatchNorm):
         if residual is not None and not _fusable_residual(input, residual):  # added after the synchronized BN
             act, unfused_residual, residual = None, residual, None
         # The mode only where a gradient is wanted (as the local mode): no
-        # weight read, mask or warning for a no_grad pass.
-        wants_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, self.weight, self.bias, residual))
-        memory_efficient = (act is not None and wants_grad and
-                            _memory_saving_possible(act, self.negative_slope, self.memory_efficient) and
+        # weight read, mask or warning for a no_grad pass. Cheapest tests first.
+        memory_efficient = (act is not None and self.memory_efficient and torch.is_grad_enabled() and
+                            any(t is not None and t.requires_grad for t in (input, self.weight, self.bias, residual))
+                            and _memory_saving_possible(act, self.negative_slope, True) and
                             _weight_invertible(self.weight, input.dtype))
         output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
                                               momentum, group, world_size, act, self.negative_slope, residual,

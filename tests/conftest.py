@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import bnfast  # noqa: F401  (registers torch.ops.bnfast.*)
-from tests import cuda_build, samples
+from tests import samples
 
 
 def bnfast_has_kernels(device_type: str) -> bool:
@@ -115,13 +115,17 @@ class _CudaCompileLast:
         if (session.config.option.collectonly or "PYTEST_XDIST_WORKER" in os.environ or not shutil.which("nvcc")
                 or not any(item.get_closest_marker("cuda_compile") for item in session.items)):
             return
+        from tests import cuda_build  # here, not at start-up: it imports cpp_extension and globs the sources
+
         try:
             cuda_build.start()
         except Exception:  # noqa: BLE001  the first compile case starts it again and reports the error
             pass
 
     def pytest_sessionfinish(self):
-        cuda_build.stop()
+        cuda_build = sys.modules.get("tests.cuda_build")  # imported only if a build may have started
+        if cuda_build is not None:
+            cuda_build.stop()
 
 
 def pytest_configure(config):

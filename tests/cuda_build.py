@@ -19,6 +19,7 @@ tests leave idle.
 """
 
 import concurrent.futures
+import functools
 import inspect
 import os
 import re
@@ -46,6 +47,7 @@ NVCC = shutil.which("nvcc")
 LOW_PRIORITY = ["nice", "-n", "19"] if shutil.which("nice") else []
 
 
+@functools.cache
 def cxx_standard():
     # Whatever this torch's CUDAExtension passes to nvcc (c++20 from torch 2.10 on).
     return "c++20" if "'-std=c++20'" in inspect.getsource(cpp_extension) else "c++17"
@@ -95,14 +97,13 @@ def op_files_header_text():
 OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {}
 
 
-def run(command, started=None):
+def run(command, started):
     """(returncode, output, seconds) of a command; started(process) is called
     once it runs."""
     start = time.perf_counter()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           **OWN_GROUP) as proc:
-        if started is not None:
-            started(proc)
+        started(proc)
         output, _ = proc.communicate()
     return proc.returncode, output, time.perf_counter() - start
 
