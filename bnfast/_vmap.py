@@ -57,11 +57,39 @@ def _stats_vmap(info, in_dims, input, eps):
     return (_unbatch_channels(mean, info.batch_size), _unbatch_channels(invstd, info.batch_size)), (0, 0)
 
 
+def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], stat_dims, mean: Tensor,
+                          invstd: Tensor, momentum: float, eps: float, count: int) -> None:
+    """update_stats_ of B buffers each (batched at stat_dims) from [B * C]
+    statistics; nothing without buffers."""
+    if running_mean is None:
+        return
+    if stat_dims[0] is None or stat_dims[1] is None:
+        # As torch's batch_norm under vmap: one running buffer cannot take B updates.
+        raise RuntimeError(
+            "bnfast: batch norm got a batched tensor as input while the running_mean or running_var, which "
+            "will be updated in place, were not batched. Batch them too (one buffer per vmapped sample), or "
+            "use track_running_stats=False / eval mode.")
+    buffers = [running_mean.movedim(stat_dims[0], 0), running_var.movedim(stat_dims[1], 0)]  # (B, C) views
+    # Flat [B * C] views update the buffers in place; a strided buffer is
+    # updated through a flat copy and written back.
+    flat = [t.view(-1) if t.is_contiguous() else t.flatten() for t in buffers]
+    _ops.update_stats_(flat[0], flat[1], mean, invstd, momentum, eps, count)
+    for buffer, updated in zip(buffers, flat):
+        if not buffer.is_contiguous():
+            buffer.copy_(updated.view(buffer.shape))
+
+
+def _count(x: Tensor) -> int:
+    """Elements per channel of (N, B * C, *): the statistics' count."""
+    return x.numel() // x.size(1) if x.size(1) else 0
+
+
 @torch.library.register_vmap("bnfast::forward")
-def _forward_vmap(info, in_dims, input, weight, bias, eps):
+def _forward_vmap(info, in_dims, input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
     b = info.batch_size
-    y, mean, invstd = _ops.forward(_input(input, in_dims[0], b), _channels(weight, in_dims[1], b),
-                                   _channels(bias, in_dims[2], b), eps)
+    x = _input(input, in_dims[0], b)
+    y, mean, invstd = _ops.forward(x, _channels(weight, in_dims[1], b), _channels(bias, in_dims[2], b), eps)
+    _update_running_stats(running_mean, running_var, in_dims[4:6], mean, invstd, momentum, eps, _count(x))
     return (_unbatch_input(y, b), _unbatch_channels(mean, b), _unbatch_channels(invstd, b)), (0, 0, 0)
 
 
@@ -125,21 +153,8 @@ def _gather_stats_vmap(info, in_dims, mean, invstd, counts, eps):
 @torch.library.register_vmap("bnfast::update_stats_")
 def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, invstd, momentum, eps, count):
     b = info.batch_size
-    if in_dims[0] is None or in_dims[1] is None:
-        # As torch's batch_norm under vmap: one running buffer cannot take B updates.
-        raise RuntimeError(
-            "bnfast: batch norm got a batched tensor as input while the running_mean or running_var, which "
-            "will be updated in place, were not batched. Batch them too (one buffer per vmapped sample), or "
-            "use track_running_stats=False / eval mode.")
-    buffers = [running_mean.movedim(in_dims[0], 0), running_var.movedim(in_dims[1], 0)]  # (B, C) views
-    # Flat [B * C] views update the buffers in place; a strided buffer is
-    # updated through a flat copy and written back.
-    flat = [t.view(-1) if t.is_contiguous() else t.flatten() for t in buffers]
-    _ops.update_stats_(flat[0], flat[1], _channels(mean, in_dims[2], b), _channels(invstd, in_dims[3], b),
-                       momentum, eps, count)
-    for buffer, updated in zip(buffers, flat):
-        if not buffer.is_contiguous():
-            buffer.copy_(updated.view(buffer.shape))
+    _update_running_stats(running_mean, running_var, in_dims[0:2], _channels(mean, in_dims[2], b),
+                          _channels(invstd, in_dims[3], b), momentum, eps, count)
     return None, None
 
 
@@ -151,11 +166,13 @@ def _residual(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[
 
 
 @torch.library.register_vmap("bnfast::forward_act")
-def _forward_act_vmap(info, in_dims, input, weight, bias, residual, eps, act, slope, memory_efficient=False):
+def _forward_act_vmap(info, in_dims, input, weight, bias, residual, eps, act, slope, memory_efficient=False,
+                      running_mean=None, running_var=None, momentum=0.1):
     b = info.batch_size
-    y, mean, invstd = _ops.forward_act(_input(input, in_dims[0], b), _channels(weight, in_dims[1], b),
-                                       _channels(bias, in_dims[2], b), _residual(residual, in_dims[3], b), eps, act,
-                                       slope, memory_efficient)
+    x = _input(input, in_dims[0], b)
+    y, mean, invstd = _ops.forward_act(x, _channels(weight, in_dims[1], b), _channels(bias, in_dims[2], b),
+                                       _residual(residual, in_dims[3], b), eps, act, slope, memory_efficient)
+    _update_running_stats(running_mean, running_var, in_dims[8:10], mean, invstd, momentum, eps, _count(x))
     return (_unbatch_input(y, b), _unbatch_channels(mean, b), _unbatch_channels(invstd, b)), (0, 0, 0)
 
 

@@ -174,16 +174,12 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             # torch.batch_norm reads the channel count, size(1), first here.
             raise IndexError(f"batch_norm: input of shape {tuple(input.shape)} has no channel dimension "
                              "(dimension 1 out of range); expected (N, C, *)")
+        # The op also updates the running statistics, when given.
         if act is None:
-            output, mean, invstd = _ops.forward(input, weight, bias, eps)
-        else:
-            memory_efficient = _memory_saving_possible(act, slope, memory_efficient)
-            output, mean, invstd = _ops.forward_act(input, weight, bias, residual, eps, act, slope,
-                                                    memory_efficient)
-        if running_mean is not None:  # (update_stats_ keeps the statistics' graph out of the buffers)
-            _ops.update_stats_(running_mean, running_var, mean, invstd, momentum, eps,
-                               input.numel() // input.size(1))
-        return output
+            return _ops.forward(input, weight, bias, eps, running_mean, running_var, momentum)[0]
+        memory_efficient = _memory_saving_possible(act, slope, memory_efficient)
+        return _ops.forward_act(input, weight, bias, residual, eps, act, slope, memory_efficient, running_mean,
+                                running_var, momentum)[0]
 
     if act is None:
         return _ops.elemt_running(input, weight, bias, running_mean, running_var, eps)

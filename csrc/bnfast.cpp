@@ -12,8 +12,10 @@
 //     accumulation dtype: float32 for float16/bfloat16/float32 input, float64
 //     for float64 input.
 //   * weight / bias are [C], in the input dtype or float32 (mixed precision).
-//   * Differentiable ops are functional; update_stats_ is the only op that
-//     mutates its arguments, and says so with (a!) annotations.
+//   * Differentiable ops are functional in their differentiable arguments;
+//     the running statistics are the only arguments any op mutates
+//     (update_stats_, and the training forwards when given them), and the
+//     schemas say so with (a!) annotations.
 // Kernels are registered per backend in csrc/cpu/*_kernel.cpp and
 // csrc/cuda/*_kernel.cu; fakes and autograd live in bnfast/ops.py.
 
@@ -64,10 +66,13 @@ TORCH_LIBRARY(bnfast, m) {
   m.def(
       "backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd,"
       " Tensor? weight, Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
-  // Fused training forward: stats + elemt in one call.
+  // Fused training forward: stats + elemt in one call, and when running_mean
+  // and running_var are given, update_stats_ of them with the batch's
+  // statistics and momentum (count = numel / C), as torch's training forward
+  // does: one call per training step.
   m.def(
-      "forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"
-      " -> (Tensor output, Tensor mean, Tensor invstd)");
+      "forward(Tensor input, Tensor? weight, Tensor? bias, float eps, Tensor(a!)? running_mean=None,"
+      " Tensor(b!)? running_var=None, float momentum=0.1) -> (Tensor output, Tensor mean, Tensor invstd)");
   // Fused training backward: backward_reduce + backward_elemt with
   // count = numel / C. grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy
   // are returned in the stats dtype; the caller casts them to weight's dtype.
@@ -79,13 +84,15 @@ TORCH_LIBRARY(bnfast, m) {
   //                               slope `slope`), silu, gelu, gelu_tanh
   //   y = BN(relu(x))             act = "pre_relu" (no residual)
   // The training forward, as forward: (y, mean, invstd) with the statistics
-  // of the batch (of relu(x) for pre_relu). memory_efficient only changes
+  // of the batch (of relu(x) for pre_relu), and the running statistics'
+  // update when they are given. memory_efficient only changes
   // what autograd keeps for backward: the output (and for pre_relu the sign
   // of x, one byte an element) instead of the input, where the normalized
   // input can be recovered from it exactly (csrc/autograd/fused_autograd.cpp).
   m.def(
       "forward_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act,"
-      " float slope, bool memory_efficient=False) -> (Tensor output, Tensor mean, Tensor invstd)");
+      " float slope, bool memory_efficient=False, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None,"
+      " float momentum=0.1) -> (Tensor output, Tensor mean, Tensor invstd)");
   // With given statistics, as elemt (the eval forward).
   m.def(
       "elemt_act(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? residual,"

@@ -280,8 +280,11 @@ def test_opcheck(dtype, device):
     w, b = case.params(device)
     residual = case.grad_out(device, seed=7)
     mean, invstd = (t.detach() for t in OPS.stats(x.detach(), EPS))
+    running_mean, running_var = torch.zeros(4, device=device), torch.ones(4, device=device)
     for act, res in (("relu", residual), ("gelu", None), ("pre_relu", None)):
         torch.library.opcheck(OPS.forward_act.default, (x, w, b, res, EPS, act, SLOPE))
+        torch.library.opcheck(OPS.forward_act.default,
+                              (x, w, b, res, EPS, act, SLOPE, False, running_mean, running_var, 0.1))
         torch.library.opcheck(OPS.elemt_act.default, (x, w, b, mean, invstd, res, act, SLOPE))
         torch.library.opcheck(OPS.backward_act.default,
                               (case.grad_out(device), x.detach(), mean, invstd, w, b, res, act, SLOPE))

@@ -140,6 +140,55 @@ def test_update_stats_count_one_is_inf_or_nan(device):
     assert not torch.isfinite(rv).any()
 
 
+@pytest.mark.gpu_smoke
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("op", ["forward", "forward_act"])
+@pytest.mark.parametrize(("shape", "memory_format"), [((6, 5, 3, 2), torch.contiguous_format),
+                                                      ((6, 5, 3, 2), torch.channels_last),
+                                                      ((0, 5, 3, 2), torch.contiguous_format)],
+                         ids=["batch", "batch_channels_last", "empty_batch"])
+def test_training_forward_updates_running_stats(shape, memory_format, op, running_dtype, device):
+    """Given running statistics, a training forward updates them as
+    update_stats_ does with its batch statistics (count = N * H * W; none for
+    an empty batch), in the same call, with the same outputs, and bumps their
+    version counters (buffers outside the graph)."""
+    x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+
+    def run(*running):
+        if op == "forward":
+            return OPS.forward(x, w, b, EPS, *running)
+        return OPS.forward_act(x, w, b, None, EPS, "pre_relu", 0.0, False, *running)
+
+    rm = torch.randn(5, device=device, dtype=running_dtype)
+    rv = torch.rand(5, device=device, dtype=running_dtype) + 0.5
+    expected_rm, expected_rv = rm.clone(), rv.clone()
+    y, mean, invstd = run()
+    OPS.update_stats_(expected_rm, expected_rv, mean, invstd, 0.3, EPS, x.numel() // 5)
+    versions = rm._version, rv._version
+    out = run(rm, rv, 0.3)
+    for got, want in zip(out, (y, mean, invstd)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    # (CUDA's forward kernel updates float32 buffers itself, in the same formula: within an ulp.)
+    ulp = dict(rtol=torch.finfo(running_dtype).eps, atol=0)
+    torch.testing.assert_close(rm, expected_rm, **ulp)
+    torch.testing.assert_close(rv, expected_rv, **ulp)
+    assert rm._version > versions[0] and rv._version > versions[1]
+
+
+def test_training_forward_running_stats_errors(device):
+    x = torch.randn(4, 3, 2, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(ValueError, match="running_mean and running_var must either both be None"):
+        OPS.forward(x, None, None, EPS, rm, None)
+    with pytest.raises(RuntimeError, match="running_var should contain 3 elements not 4"):
+        OPS.forward(x, None, None, EPS, rm, torch.ones(4, device=device))
+    with pytest.raises(RuntimeError, match="running_mean must be a floating point tensor"):
+        OPS.forward_act(x, None, None, None, EPS, "relu", 0.0, False, torch.zeros(3, dtype=torch.long, device=device),
+                        rv)
+    assert torch.equal(rm, torch.zeros(3, device=device)) and torch.equal(rv, torch.ones(3, device=device))
+
+
 @pytest.mark.parametrize(("case", "affine"), AFFINE_CASES, ids=AFFINE_IDS)
 def test_elemt(case, affine, device):
     x = case.input(device)

@@ -4,6 +4,7 @@
 // Reverse mode, first order with only grad_y: the fused bnfast::backward op
 // (also what torch.compile traces into the backward graph). grad_mean /
 // grad_invstd, create_graph or tangents in the backward: the composite.
+// The running statistics it updates when given are outside the graph.
 #include <torch/library.h>
 
 #include <tuple>
@@ -47,15 +48,17 @@ struct ForwardBackward : public NodeWithSaved<kSaved> {
 };
 
 Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, const OptionalTensor& bias_,
-                        double eps) {
+                        double eps, const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                        double momentum) {
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
   if (functorch_active()) {
     const auto out = forward_composite({input, weight, bias}, eps);
+    call_update_stats(running_mean, running_var, out[1], out[2], momentum, eps, input);
     return {out[0], out[1], out[2]};
   }
   auto [y, mean, invstd] = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward(input, weight_, bias_, eps);
+    at::AutoDispatchBelowAutograd below_autograd;
+    return call_forward(input, weight_, bias_, eps, running_mean, running_var, momentum);
   }();
   if (requires_grad({&input, &weight, &bias})) {
     auto node = make_node<ForwardBackward>();
@@ -77,9 +80,21 @@ Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, 
   return {y, mean, invstd};
 }
 
+Triple forward_inplace(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps,
+                       const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
+  auto result = [&] {
+    at::AutoDispatchBelowADInplaceOrView below_inplace;
+    return call_forward(input, weight, bias, eps, running_mean, running_var, momentum);
+  }();
+  bump_versions({running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor())});
+  return result;
+}
+
 }  // namespace
 }  // namespace autograd
 
 TORCH_LIBRARY_IMPL(bnfast, Autograd, m) { m.impl("forward", &autograd::forward_autograd); }
+
+TORCH_LIBRARY_IMPL(bnfast, ADInplaceOrView, m) { m.impl("forward", &autograd::forward_inplace); }
 
 }  // namespace bnfast

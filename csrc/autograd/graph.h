@@ -23,8 +23,12 @@
 // * The other ops (backward, backward_act, backward_reduce, backward_elemt,
 //   gather_stats, and SyncBatchNormAct's pieces stats_act,
 //   backward_reduce_act, backward_elemt_act) are not differentiable and say
-//   so: backpropagating through them raises;
-//   update_stats_ writes buffers outside the graph (not_differentiable.cpp).
+//   so: backpropagating through them raises.
+// * The running statistics (written by update_stats_, and by forward and
+//   forward_act when given them) are buffers outside the graph: they are
+//   updated with the batch statistics' values, whatever graph or tangent
+//   those carry, and their version counters are bumped under the
+//   ADInplaceOrView key (bump_versions), so a graph that saved one notices.
 // * vmap: every op has a batching rule (bnfast/_vmap.py).
 // * elemt_running (the eval forward in one op) records no Node: with a
 //   gradient, a tangent or a transform involved it is its decomposition into
@@ -40,6 +44,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <array>
 #include <initializer_list>
@@ -141,6 +146,14 @@ struct NodeWithSaved : public Node {
 // of the op detached, so the Node keeps its value and no cycle through itself.
 inline SavedVariable save_input(const at::Tensor& t) { return SavedVariable(t, /*is_output=*/false); }
 inline SavedVariable save_output(const at::Tensor& t) { return SavedVariable(t.detach(), /*is_output=*/false); }
+
+// After an op below ADInplaceOrView wrote them in place: the version
+// counters of the running statistics (undefined ones are not given).
+inline void bump_versions(std::initializer_list<at::Tensor> written) {
+  for (const at::Tensor& t : written) {
+    if (t.defined()) torch::autograd::impl::bump_version(t);
+  }
+}
 
 }  // namespace autograd
 }  // namespace bnfast

@@ -9,10 +9,8 @@
 // through one, raises "derivative for bnfast::<op> is not implemented" rather
 // than leaving a gradient silently missing.
 //
-// update_stats_ writes the running statistics, which, as torch's, are
-// buffers outside the graph: it updates them with the values of the batch
-// statistics, whatever graph or tangent those carry, and bumps the buffers'
-// version counters (ADInplaceOrView), so a graph that saved one notices.
+// update_stats_ writes the running statistics, buffers outside the graph
+// (graph.h).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -20,18 +18,11 @@
 #include <torch/library.h>
 
 #include "calls.h"
+#include "graph.h"
 
 namespace bnfast {
 namespace autograd {
 namespace {
-
-using UpdateStats = void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt);
-
-void call_update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                       const at::Tensor& invstd, double momentum, double eps, int64_t count) {
-  static const auto op = op_handle<UpdateStats>("bnfast::update_stats_");
-  op.call(running_mean, running_var, mean, invstd, momentum, eps, c10::SymInt(count));
-}
 
 void update_stats_autograd(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                            const at::Tensor& invstd, double momentum, double eps, int64_t count) {
@@ -45,8 +36,7 @@ void update_stats_inplace(at::Tensor& running_mean, at::Tensor& running_var, con
     at::AutoDispatchBelowADInplaceOrView below_inplace;
     call_update_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
   }
-  torch::autograd::impl::bump_version(running_mean);
-  torch::autograd::impl::bump_version(running_var);
+  bump_versions({running_mean, running_var});
 }
 
 }  // namespace

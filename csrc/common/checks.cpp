@@ -119,6 +119,16 @@ void check_forward(const at::Tensor& input, const OptionalTensor& weight, const 
   check_parameter(bias, "bias", input);
 }
 
+void check_running_stats(const at::Tensor& input, const OptionalTensor& running_mean,
+                         const OptionalTensor& running_var) {
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK_VALUE(has_mean == has_var, "bnfast: running_mean and running_var must either both be None or neither be None");
+  if (!has_mean) return;
+  check_channel_vector(*running_mean, "running_mean", input, Role::kRunningStatistic);
+  check_channel_vector(*running_var, "running_var", input, Role::kRunningStatistic);
+}
+
 void check_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                  const at::Tensor& mean, const at::Tensor& invstd) {
   check_forward(input, weight, bias);

@@ -27,6 +27,11 @@ inline at::ScalarType stats_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Elements per channel of an input (N, C, *): the count of its statistics.
+inline int64_t per_channel_count(const at::Tensor& input) {
+  return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
+}
+
 // A fused op's activation, from its schema's act string (activation.h):
 // ValueError naming the choices for an unknown one.
 struct Activation {
@@ -37,6 +42,10 @@ Activation parse_activation(c10::string_view name);
 
 void check_stats(const at::Tensor& input);
 void check_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias);
+// The training forwards' running statistics: both or neither (ValueError, as
+// torch), each C values of a floating dtype on the input's device.
+void check_running_stats(const at::Tensor& input, const OptionalTensor& running_mean,
+                         const OptionalTensor& running_var);
 void check_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                  const at::Tensor& mean, const at::Tensor& invstd);
 void check_elemt_running(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,

@@ -20,10 +20,12 @@
 namespace bnfast {
 namespace {
 
-Triple call_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+Triple call_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps,
+                    const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::forward", "").typed<Triple(
-      const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double)>();
-  return op.call(input, weight, bias, eps);
+      const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double, const OptionalTensor&,
+      const OptionalTensor&, double)>();
+  return op.call(input, weight, bias, eps, running_mean, running_var, momentum);
 }
 
 at::Tensor call_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
@@ -74,9 +76,11 @@ at::Tensor activate(at::Tensor z, const OptionalTensor& residual, Act act, doubl
 
 Triple forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                    const OptionalTensor& residual, double eps, c10::string_view act, double slope,
-                   bool /*memory_efficient: autograd's concern*/) {
+                   bool /*memory_efficient: autograd's concern*/, const OptionalTensor& running_mean,
+                   const OptionalTensor& running_var, double momentum) {
   const auto a = check_forward_act(input, weight, bias, residual, act);
-  auto [z, mean, invstd] = call_forward(a.pre_relu ? at::relu(input) : input, weight, bias, eps);
+  auto [z, mean, invstd] = call_forward(a.pre_relu ? at::relu(input) : input, weight, bias, eps, running_mean,
+                                        running_var, momentum);
   return {activate(z, residual, a.act, slope), mean, invstd};
 }
 

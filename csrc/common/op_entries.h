@@ -18,19 +18,38 @@
 
 namespace bnfast {
 
-// impl(input, weight, bias, residual, eps, activation, slope) -> (output, mean, invstd)
+// The running statistics a training forward updates after computing the
+// batch statistics (update_stats_'s update), with its momentum; none when
+// undefined.
+struct RunningStats {
+  at::Tensor mean, var;
+  double momentum = 0;
+  bool given() const { return mean.defined(); }
+};
+
+inline RunningStats running_stats(const at::Tensor& input, const OptionalTensor& running_mean,
+                                  const OptionalTensor& running_var, double momentum) {
+  check_running_stats(input, running_mean, running_var);
+  return {running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()), momentum};
+}
+
+// impl(input, weight, bias, residual, eps, activation, slope, running) -> (output, mean, invstd)
 template <auto impl>
-Triple forward_entry(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+Triple forward_entry(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps,
+                     const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
   check_forward(input, weight, bias);
-  return impl(input, weight, bias, std::nullopt, eps, std::nullopt, 0.0);
+  const auto running = running_stats(input, running_mean, running_var, momentum);
+  return impl(input, weight, bias, std::nullopt, eps, std::nullopt, 0.0, running);
 }
 
 template <auto impl>
 Triple forward_act_entry(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                          const OptionalTensor& residual, double eps, c10::string_view act, double slope,
-                         bool /*memory_efficient: autograd's concern*/) {
+                         bool /*memory_efficient: autograd's concern*/, const OptionalTensor& running_mean,
+                         const OptionalTensor& running_var, double momentum) {
   const auto activation = check_forward_act(input, weight, bias, residual, act);
-  return impl(input, weight, bias, residual, eps, activation, slope);
+  const auto running = running_stats(input, running_mean, running_var, momentum);
+  return impl(input, weight, bias, residual, eps, activation, slope, running);
 }
 
 // impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope)

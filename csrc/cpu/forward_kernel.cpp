@@ -3,6 +3,7 @@
 // pass reading x and writing y): 3 tensor passes, the streaming bound.
 // bnfast::forward_act, the same with an activation (and residual) applied in
 // the second pass, or with relu(x) read in both (csrc/common/activation.h).
+// Given running statistics, both then update them (update_stats_kernel.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -16,6 +17,7 @@
 #include "batch_norm.h"
 #include "fusion.h"
 #include "output_cache.h"
+#include "update_stats.h"
 
 namespace bnfast {
 namespace {
@@ -24,7 +26,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& input_, const OptionalTensor& weight,
                                                             const OptionalTensor& bias,
                                                             const OptionalTensor& residual_, double eps,
-                                                            std::optional<Activation> activation, double slope) {
+                                                            std::optional<Activation> activation, double slope,
+                                                            const RunningStats& running) {
   const auto input = readable(input_);
   const auto residual = readable_optional_as(residual_, input);
   const auto layout = layout_of(input);
@@ -44,6 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
                                  shape, eps, mean.mutable_data_ptr<opmath_t>(), invstd.mutable_data_ptr<opmath_t>(),
                                  w.data(), b.data(), fusion ? &*fusion : nullptr);
   });
+  if (running.given()) {
+    auto running_mean = running.mean, running_var = running.var;
+    cpu::update_running_stats(running_mean, running_var, mean, invstd, running.momentum, eps,
+                              per_channel_count(input));
+  }
   return {output, mean, invstd};
 }
 

@@ -1,4 +1,5 @@
-// bnfast::update_stats_ on CPU, the running-statistics update (in place):
+// bnfast::update_stats_ on CPU, the running-statistics update (in place),
+// also the training forwards' (forward_kernel.cpp):
 //   running_mean = (1 - momentum) * running_mean + momentum * mean
 //   running_var  = (1 - momentum) * running_var
 //                  + momentum * var * count / (count - 1),  var = 1 / invstd^2 - eps
@@ -11,13 +12,13 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "update_stats.h"
 
 namespace bnfast {
-namespace {
+namespace cpu {
 
-void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                      const at::Tensor& invstd, double momentum, double eps, int64_t count) {
-  check_update_stats(running_mean, running_var, mean, invstd, count);
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                          const at::Tensor& invstd, double momentum, double eps, int64_t count) {
   if (count == 0) return;
   const double correction = static_cast<double>(count) / static_cast<double>(count - 1);
   // Read mean / invstd (float or double, any stride) into double once.
@@ -44,6 +45,16 @@ void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const a
                                     momentum * var[c] * correction);
     }
   });
+}
+
+}  // namespace cpu
+
+namespace {
+
+void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                      const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  check_update_stats(running_mean, running_var, mean, invstd, count);
+  cpu::update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
 }
 
 }  // namespace

@@ -55,6 +55,20 @@ __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// One channel's running-statistics update, in double, stored through the
+// accumulation type for half / bfloat16 statistics (update_stats_'s formula,
+// shared by its kernel and the training forward's):
+//   rm = (1 - momentum) * rm + momentum * mean
+//   rv = (1 - momentum) * rv + momentum * (1 / invstd^2 - eps) * correction
+template <typename rm_t, typename rv_t>
+__device__ __forceinline__ void update_running(rm_t& rm, rv_t& rv, double mean, double invstd,
+                                               const RunningUpdate& u) {
+  const double var = 1.0 / (invstd * invstd) - u.eps;
+  const double m = u.momentum;
+  rm = narrow<rm_t>(static_cast<acc_t<rm_t>>((1 - m) * static_cast<double>(widen(rm)) + m * mean));
+  rv = narrow<rv_t>(static_cast<acc_t<rv_t>>((1 - m) * static_cast<double>(widen(rv)) + m * var * u.correction));
+}
+
 // The element type of a DType, for dispatching a launcher on it:
 // dispatch(dtype, [&](auto tag) { using T = typename decltype(tag)::type; ... }).
 template <typename T>

@@ -17,7 +17,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& input_, const OptionalTensor& weight,
                                                             const OptionalTensor& bias,
                                                             const OptionalTensor& residual_, double eps,
-                                                            std::optional<Activation> activation, double slope) {
+                                                            std::optional<Activation> activation, double slope,
+                                                            const RunningStats& running) {
   c10::cuda::CUDAGuard guard(input_.device());
   const auto input = readable(input_);
   const auto residual = readable_optional_as(residual_, input);
@@ -34,17 +35,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
   const auto plan = cuda::plan_for(input, {&input, &output, &residual});
   auto scratch = cuda::scratch_for(input, plan, cuda::Reduction::kStats);
   const auto dtype = cuda::dtype_of(input.scalar_type());
+  const int64_t count = per_channel_count(input);
+  // Running statistics in the stats dtype, contiguous (the modules' buffers)
+  // are updated by the forward's own kernel; others by update_stats_'s.
+  const auto stats = stats_dtype(input.scalar_type());
+  const bool update_in_kernel = running.given() && running.mean.scalar_type() == stats &&
+                                running.var.scalar_type() == stats && running.mean.is_contiguous() &&
+                                running.var.is_contiguous();
+  const cuda::RunningUpdate update{update_in_kernel ? running.mean.mutable_data_ptr() : nullptr,
+                                   update_in_kernel ? running.var.mutable_data_ptr() : nullptr, running.momentum,
+                                   eps, static_cast<double>(count) / static_cast<double>(count - 1)};
   if (activation) {
     cuda::check_launch(cuda::launch_forward_act(dtype, plan, input.const_data_ptr(), output.mutable_data_ptr(),
                                                 w.param(), b.param(), mean.mutable_data_ptr(),
                                                 invstd.mutable_data_ptr(), eps,
                                                 cuda::act_fusion(*activation, slope, residual),
-                                                scratch.mutable_data_ptr(), cuda::current_stream()));
+                                                scratch.mutable_data_ptr(), cuda::current_stream(), &update));
   } else {
     cuda::check_launch(cuda::launch_forward(dtype, plan, input.const_data_ptr(), output.mutable_data_ptr(),
                                             w.param(), b.param(), mean.mutable_data_ptr(),
                                             invstd.mutable_data_ptr(), eps, scratch.mutable_data_ptr(),
-                                            cuda::current_stream()));
+                                            cuda::current_stream(), &update));
+  }
+  if (running.given() && !update_in_kernel) {
+    auto running_mean = running.mean, running_var = running.var;
+    cuda::update_running_stats(running_mean, running_var, mean, invstd, running.momentum, eps, count);
   }
   return {output, mean, invstd};
 }

@@ -313,6 +313,7 @@ struct ForwardElem {
   acc eps = 0;
   acc* mean_out = nullptr;
   acc* invstd_out = nullptr;
+  RunningUpdate running;  // forward: running statistics (acc) to update, when running.mean != nullptr
   ActFields<scalar_t> f;
 
   __device__ Coef make(int64_t c, acc mu, acc is) const {
@@ -322,9 +323,13 @@ struct ForwardElem {
   __device__ Coef from_partials(int64_t c, const Acc& s, bool write) const {
     // NB: m2 is a sum of non-negative terms, so the variance needs no clamp.
     const acc is = acc(1) / sqrt(s.m2 / s.n + eps);
-    if (write) {
+    if (write) {  // once per channel
       mean_out[c] = s.mean;
       invstd_out[c] = is;
+      if (running.mean != nullptr) {
+        update_running(static_cast<acc*>(running.mean)[c], static_cast<acc*>(running.var)[c],
+                       static_cast<double>(s.mean), static_cast<double>(is), running);
+      }
     }
     return make(c, s.mean, is);
   }

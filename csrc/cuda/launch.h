@@ -40,14 +40,25 @@ struct ActFusion {
   void* grad_residual = nullptr;       // backward: receives dz = dy * act'(z)
 };
 
+// The running statistics a training forward also updates, in
+// update_stats_'s formula (update_stats_kernel.cu) with correction =
+// count / (count - 1): [C] contiguous, in the stats dtype.
+struct RunningUpdate {
+  void* mean = nullptr;
+  void* var = nullptr;
+  double momentum = 0, eps = 0, correction = 0;
+};
+
 // mean, invstd of x. scratch: scratch_bytes(plan, dtype, Reduction::kStats).
 cudaError_t launch_stats(DType dtype, const Plan& plan, const void* x, void* mean, void* invstd,
                          double eps, void* scratch, cudaStream_t stream);
 
 // y = (x - mean) * invstd * weight + bias with the batch statistics of x,
-// which are also stored. scratch: as launch_stats.
+// which are also stored, and, given `running`, the running statistics'
+// update in the same launches. scratch: as launch_stats.
 cudaError_t launch_forward(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
-                           void* mean, void* invstd, double eps, void* scratch, cudaStream_t stream);
+                           void* mean, void* invstd, double eps, void* scratch, cudaStream_t stream,
+                           const RunningUpdate* running = nullptr);
 
 // y = (x - mean) * invstd * weight + bias with given statistics.
 cudaError_t launch_elemt(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
@@ -57,7 +68,7 @@ cudaError_t launch_elemt(DType dtype, const Plan& plan, const void* x, void* y, 
 // (of relu(x) for pre_relu), y = act(BN(x) + residual) in the same passes.
 cudaError_t launch_forward_act(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
                                void* mean, void* invstd, double eps, const ActFusion& fusion, void* scratch,
-                               cudaStream_t stream);
+                               cudaStream_t stream, const RunningUpdate* running = nullptr);
 cudaError_t launch_elemt_act(DType dtype, const Plan& plan, const void* x, void* y, Param weight, Param bias,
                              const void* mean, const void* invstd, const ActFusion& fusion, cudaStream_t stream);
 

@@ -93,5 +93,10 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 // A launcher's result as a torch error (CUDA errors raise RuntimeError).
 inline void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
 
+// update_stats_ without its checks (update_stats.cpp), also the training
+// forwards' running-statistics update.
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                          const at::Tensor& invstd, double momentum, double eps, int64_t count);
+
 }  // namespace cuda
 }  // namespace bnfast
