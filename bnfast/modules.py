@@ -17,6 +17,17 @@ from torch import Tensor
 from bnfast.functional import _act_repr, _batch_norm, _check_act
 
 
+_MISSING = object()
+
+
+def _tensor_attribute(module: torch.nn.Module, table: dict, name: str) -> Optional[Tensor]:
+    """module.<name> for a parameter or buffer: read from its table, without
+    Module.__getattr__'s search (the bulk of a small layer's Python time),
+    unless it is not registered there (a parametrization's property, say)."""
+    value = table.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
+
+
 class _BatchNormForward:
     # The fused activation (BatchNormAct*d); None for plain batch norm.
     act: Optional[str] = None
@@ -26,22 +37,28 @@ class _BatchNormForward:
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         # Same control flow as torch.nn.modules.batchnorm._BatchNorm.forward.
         self._check_input_dim(input)
+        buffers = self._buffers
+        running_mean = _tensor_attribute(self, buffers, "running_mean")
+        running_var = _tensor_attribute(self, buffers, "running_var")
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        if self.training and self.track_running_stats:
+            num_batches_tracked = _tensor_attribute(self, buffers, "num_batches_tracked")
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    exponential_average_factor = 1.0 / float(num_batches_tracked)
         # Batch statistics in training, and in eval when there are no buffers.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        bn_training = self.training or (running_mean is None and running_var is None)
         # Buffers are passed only when they are updated (training and tracked)
         # or used (eval).
         track = not self.training or self.track_running_stats
+        params = self._parameters
         return _batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
+            running_mean if track else None,
+            running_var if track else None,
+            _tensor_attribute(self, params, "weight"),
+            _tensor_attribute(self, params, "bias"),
             bn_training,
             exponential_average_factor,
             self.eps,

@@ -161,6 +161,33 @@ def test_module_train_eval_matches_torch(ours, theirs, shape, device):
     torch.testing.assert_close(a(x), b(x))
 
 
+class _Positive(nn.Module):
+    def forward(self, w):
+        return w.abs() + 0.5
+
+
+def test_parametrized_and_replaced_tensors_are_read_as_torch_reads_them(device):
+    """The modules read their parameters and buffers from the module's tables
+    (fast), so a parametrized weight (a property, no longer a parameter) and a
+    buffer set to None must still be read as torch's BN reads them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, device=device, requires_grad=True)
+    results = []
+    for cls in (bnfast.BatchNorm2d, nn.BatchNorm2d):
+        m = cls(3, device=device)
+        torch.nn.utils.parametrize.register_parametrization(m, "weight", _Positive())
+        with torch.no_grad():
+            m.parametrizations.weight.original.copy_(torch.tensor([-2.0, 0.5, 3.0]))
+        y = m(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, m.parametrizations.weight.original])
+        m.running_var = None  # torch then uses batch statistics in eval too
+        m.running_mean = None
+        m.eval()
+        results.append((y, *grads, m(x.detach())))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
 def test_empty_batch_module(device):
     """Empty batch as torch: output empty, running stats unchanged,
     num_batches_tracked incremented, weight/bias grads zero."""
