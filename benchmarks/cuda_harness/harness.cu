@@ -523,6 +523,15 @@ const Op kOps[] = {
      [](const Run& r, cudaStream_t s) {
        return launch_forward(r.dtype, r.plan, r.x, r.y, r.weight, r.bias, r.mean, r.invstd, kEps, r.scratch, s);
      }},
+    // The training forward as the op runs it with a module's float32
+    // buffers: the running statistics updated in the elementwise kernel (the
+    // backward sums' [C] buffers, in the stats dtype, stand in for them).
+    {"forward_running", "fwd+running", Kind::kForward, kUsesReduce | kUsesElementwise,
+     [](const Run& r, cudaStream_t s) {
+       const RunningUpdate running{r.sum_dy, r.sum_dy_xmu, 0.1, kEps, 1.0};
+       return launch_forward(r.dtype, r.plan, r.x, r.y, r.weight, r.bias, r.mean, r.invstd, kEps, r.scratch, s,
+                             &running);
+     }},
     {"elemt", "elemt", Kind::kElemt, kUsesElementwise,
      [](const Run& r, cudaStream_t s) {
        return launch_elemt(r.dtype, r.plan, r.x, r.y, r.weight, r.bias, r.mean, r.invstd, s);
