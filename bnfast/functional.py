@@ -4,6 +4,8 @@ bnfast.batch_norm_act: the same fused with an activation (and a residual)."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import warnings
 from typing import Optional
 
@@ -195,15 +197,28 @@ def _output_invertible(act: str, slope: float) -> bool:
     return act in ("identity", "pre_relu") or (act == "leaky_relu" and slope > 0)
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(path) + os.sep for path in (torch.__file__, __file__))
+
+
+def _warn_at_user_code(message: str) -> None:
+    """warnings.warn attributed to the first caller outside bnfast and torch
+    (the user's functional or module call, not Module.__call__), so it is
+    shown once per place in the user's code (Python 3.12's
+    skip_file_prefixes, by hand)."""
+    frame, stacklevel = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, stacklevel=stacklevel)
+
+
 def _memory_saving_possible(act: str, slope: float, memory_efficient: bool) -> bool:
     """memory_efficient, unless act is not invertible: then False, with a
-    warning at the call three frames up (bnfast.batch_norm_act's caller; for
-    a module, torch's Module.__call__)."""
+    warning at the user's call."""
     if memory_efficient and not _output_invertible(act, slope):
-        warnings.warn(f"bnfast: memory_efficient=True keeps the batch norm input for backward (saves no "
-                      f"memory) with act={act!r}: it is not invertible, so the output does not determine "
-                      f"the normalized input (identity, pre_relu and leaky_relu with a positive "
-                      f"negative_slope are)", stacklevel=4)
+        _warn_at_user_code(f"bnfast: memory_efficient=True keeps the batch norm input for backward (saves no "
+                           f"memory) with act={act!r}: it is not invertible, so the output does not determine "
+                           f"the normalized input (identity, pre_relu and leaky_relu with a positive "
+                           f"negative_slope are)")
         return False
     return memory_efficient
 

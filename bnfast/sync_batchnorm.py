@@ -46,7 +46,6 @@ torch.compile(fullgraph=True), collectives included.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -58,7 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfast import ops
 from bnfast.functional import (_UNFUSED_ACTS, _act_repr, _batch_norm, _check_act, _check_residual,
-                               _fusable_residual, _memory_saving_possible)
+                               _fusable_residual, _memory_saving_possible, _warn_at_user_code)
 
 
 def _all_gather_stats(packed: Tensor, group, world_size: int) -> Tensor:
@@ -111,7 +110,7 @@ def _weight_invertible(weight: Optional[Tensor], input_dtype: torch.dtype) -> bo
     weight^2 neither flushes to 0 nor overflows; zero, NaN and inf fall
     outside. Reads weight on the host (one sync on a GPU, as the local mode);
     under torch.compile, where it cannot be read, False. Called from
-    SyncBatchNorm._forward, it warns where _memory_saving_possible does."""
+    SyncBatchNorm._forward, it warns at the user's call."""
     if weight is None:
         return True
     if torch.compiler.is_compiling():
@@ -119,10 +118,10 @@ def _weight_invertible(weight: Optional[Tensor], input_dtype: torch.dtype) -> bo
     info = torch.finfo(ops.stats_dtype(input_dtype))
     magnitude = weight.abs()
     if not bool(((magnitude >= info.tiny ** 0.5) & (magnitude <= info.max ** 0.5)).all()):
-        warnings.warn("bnfast: memory_efficient=True keeps the batch norm input for backward (saves no memory) "
-                      "where the weight has a zero, non-finite or extreme element (|w| outside the square root of "
-                      "the stats dtype's range), so the output does not determine the normalized input",
-                      stacklevel=4)
+        _warn_at_user_code("bnfast: memory_efficient=True keeps the batch norm input for backward (saves no "
+                           "memory) where the weight has a zero, non-finite or extreme element (|w| outside the "
+                           "square root of the stats dtype's range), so the output does not determine the "
+                           "normalized input")
         return False
     return True
 

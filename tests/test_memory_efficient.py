@@ -132,6 +132,19 @@ def test_not_invertible_keeps_the_input_and_warns(act, device):
     torch.testing.assert_close(torch.autograd.grad(y, x, g), torch.autograd.grad(expected, x, g), rtol=0, atol=0)
 
 
+def test_warning_points_at_the_users_call(device):
+    """The fallback warning is attributed to the caller's line, through a
+    module call (Module.__call__ and bnfast's frames skipped) and a
+    functional one, so it shows once per place in the user's code."""
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    module = bnfast.BatchNormAct1d(3, act="silu", memory_efficient=True, device=device)
+    for call in (lambda: module(x),
+                 lambda: bnfast.batch_norm_act(x, None, None, act="gelu", training=True, memory_efficient=True)):
+        with pytest.warns(UserWarning, match="not invertible") as record:
+            call()
+        assert [w.filename for w in record] == [__file__], [(w.filename, w.lineno) for w in record]
+
+
 # Weight elements the output cannot be inverted through exactly: 0 (blind to
 # xhat), NaN, and magnitudes whose square flushes to 0 or overflows in
 # float32 (outside [1.1e-19, 1.8e19]): each gave wrong gradients from the output.
