@@ -79,14 +79,24 @@ def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[
             buffer.copy_(updated.view(buffer.shape))
 
 
+def _count_step(num_batches_tracked: Optional[Tensor]) -> None:
+    """The step count of a vmapped training forward, first, as the modules
+    count it: one step for the whole batch when unbatched, one per sample's
+    counter when batched."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+
+
 def _count(x: Tensor) -> int:
     """Elements per channel of (N, B * C, *): the statistics' count."""
     return x.numel() // x.size(1) if x.size(1) else 0
 
 
 @torch.library.register_vmap("bnfast::forward")
-def _forward_vmap(info, in_dims, input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
+def _forward_vmap(info, in_dims, input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1,
+                  num_batches_tracked=None):
     b = info.batch_size
+    _count_step(num_batches_tracked)
     x = _input(input, in_dims[0], b)
     y, mean, invstd = _ops.forward(x, _channels(weight, in_dims[1], b), _channels(bias, in_dims[2], b), eps)
     _update_running_stats(running_mean, running_var, in_dims[4:6], mean, invstd, momentum, eps, _count(x))
@@ -167,8 +177,9 @@ def _residual(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[
 
 @torch.library.register_vmap("bnfast::forward_act")
 def _forward_act_vmap(info, in_dims, input, weight, bias, residual, eps, act, slope, memory_efficient=False,
-                      running_mean=None, running_var=None, momentum=0.1):
+                      running_mean=None, running_var=None, momentum=0.1, num_batches_tracked=None):
     b = info.batch_size
+    _count_step(num_batches_tracked)
     x = _input(input, in_dims[0], b)
     y, mean, invstd = _ops.forward_act(x, _channels(weight, in_dims[1], b), _channels(bias, in_dims[2], b),
                                        _residual(residual, in_dims[3], b), eps, act, slope, memory_efficient)

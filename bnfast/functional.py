@@ -140,27 +140,28 @@ _UNFUSED_ACTS = {"identity": lambda y, slope: y, "relu": lambda y, slope: F.relu
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                 act: Optional[str], slope: float, residual: Optional[Tensor],
-                memory_efficient: bool = False) -> Tensor:
-    """batch_norm (act None) and batch_norm_act: torch.nn.functional.batch_norm's checks, in its order."""
+                memory_efficient: bool = False, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """batch_norm (act None) and batch_norm_act: torch.nn.functional.batch_norm's
+    checks, in its order, then bnfast's ops. num_batches_tracked: a module's
+    step count (training with tracked statistics), += 1 in the op's call
+    when it runs, otherwise here, even when a check fails, as the module
+    counts the step before F.batch_norm checks its arguments."""
     if residual is not None and act != "pre_relu" and not _fusable_residual(input, residual):
         output = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, slope,
-                             None)
+                             None, num_batches_tracked=num_batches_tracked)
         return _UNFUSED_ACTS[act](output + residual, slope)
-    if training:
-        _verify_batch_size(input.size())
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    try:
+        _check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
+    except Exception:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        raise
     if input.numel() == 0:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         # torch.batch_norm's own shortcut, taken before it looks at any
         # statistic: the (empty) input, scaled and shifted by the first weight
-        # and bias, so the graph still reaches them. (torch's IndexError for an
-        # empty weight or bias, with the reason.)
-        for t in (weight, bias):
-            if t is not None and t.numel() == 0:
-                raise IndexError(f"bnfast: input has 0 channels (size of dim 1); batch norm needs at least one, "
-                                 f"got size {list(input.shape)}")
+        # and bias, so the graph still reaches them.
         output = F.relu(input) if act == "pre_relu" else input.clone()
         if weight is not None:
             output = output * weight[0]
@@ -169,25 +170,45 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         if act is not None and act != "pre_relu":
             output = _UNFUSED_ACTS[act](output if residual is None else output + residual, slope)
         return output
-    _check_running_stats(input, running_mean, running_var, training)
 
     if training:
-        if input.dim() == 1 and running_mean is None:
-            # torch.batch_norm reads the channel count, size(1), first here.
-            raise IndexError(f"batch_norm: input of shape {tuple(input.shape)} has no channel dimension "
-                             "(dimension 1 out of range); expected (N, C, *)")
-        # The op also updates the running statistics, when given.
+        # The op also updates the running statistics and the step count, when given.
         if act is None:
-            return _ops.forward(input, weight, bias, eps, running_mean, running_var, momentum)[0]
+            return _ops.forward(input, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked)[0]
         memory_efficient = _memory_saving_possible(act, slope, memory_efficient)
         return _ops.forward_act(input, weight, bias, residual, eps, act, slope, memory_efficient, running_mean,
-                                running_var, momentum)[0]
+                                running_var, momentum, num_batches_tracked)[0]
 
     if act is None:
         return _ops.elemt_running(input, weight, bias, running_mean, running_var, eps)
     stats = ops.stats_dtype(input.dtype)
     mean, invstd = running_mean.to(stats), (running_var.to(stats) + eps).rsqrt_()
     return _ops.elemt_act(input, weight, bias, mean, invstd, residual, act, slope)
+
+
+def _check_batch_norm(input, running_mean, running_var, weight, bias, training, eps) -> None:
+    """The checks torch.nn.functional.batch_norm and torch.batch_norm make
+    before computing anything, in their order and with their exception types
+    (the input's own dims are the kernels' check)."""
+    if training:
+        _verify_batch_size(input.size())
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.numel() == 0:
+        # The empty-input shortcut reads the first weight and bias element
+        # (torch's IndexError for an empty one, with the reason), and nothing else.
+        for t in (weight, bias):
+            if t is not None and t.numel() == 0:
+                raise IndexError(f"bnfast: input has 0 channels (size of dim 1); batch norm needs at least one, "
+                                 f"got size {list(input.shape)}")
+        return
+    _check_running_stats(input, running_mean, running_var, training)
+    if training and input.dim() == 1 and running_mean is None:
+        # torch.batch_norm reads the channel count, size(1), first here.
+        raise IndexError(f"batch_norm: input of shape {tuple(input.shape)} has no channel dimension "
+                         "(dimension 1 out of range); expected (N, C, *)")
 
 
 def _output_invertible(act: str, slope: float) -> bool:

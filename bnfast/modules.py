@@ -41,12 +41,18 @@ class _BatchNormForward:
         running_mean = _tensor_attribute(self, buffers, "running_mean")
         running_var = _tensor_attribute(self, buffers, "running_var")
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        # The step count, incremented by the training forward op (or, where
+        # that is not reached, by _batch_norm) unless the cumulative average
+        # needs its new value first.
+        step_count = None
         if self.training and self.track_running_stats:
             num_batches_tracked = _tensor_attribute(self, buffers, "num_batches_tracked")
             if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
                 if self.momentum is None:  # cumulative moving average
+                    num_batches_tracked.add_(1)
                     exponential_average_factor = 1.0 / float(num_batches_tracked)
+                else:
+                    step_count = num_batches_tracked
         # Batch statistics in training, and in eval when there are no buffers.
         bn_training = self.training or (running_mean is None and running_var is None)
         # Buffers are passed only when they are updated (training and tracked)
@@ -66,6 +72,7 @@ class _BatchNormForward:
             self.negative_slope,
             residual,
             self.memory_efficient,
+            step_count,
         )
 
 

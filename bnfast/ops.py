@@ -167,16 +167,21 @@ def _backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy
 
 def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
             running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-            momentum: float = 0.1) -> Tuple[Tensor, Tensor, Tensor]:
+            momentum: float = 0.1, num_batches_tracked: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Training forward: (y, mean, invstd) with batch statistics of x (N, C, *);
     given running_mean and running_var ([C]), also update_stats_ of them with
-    those statistics (count = N * prod(*)), in the same call."""
-    return _ops.forward(input, weight, bias, eps, running_mean, running_var, momentum)
+    those statistics (count = N * prod(*)), and given num_batches_tracked (one
+    int64 element), += 1, also when the arguments fail their checks (as a
+    module counts the step before checking them): a module's training step
+    in one call."""
+    return _ops.forward(input, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked)
 
 
 @torch.library.register_fake("bnfast::forward")
-def _forward_fake(input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
-    _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+def _forward_fake(input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1,
+                  num_batches_tracked=None):
+    _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked)
     return _empty_output_like(input), _stats_like(input), _stats_like(input)
 
 
@@ -200,21 +205,21 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "p
 def forward_act(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 eps: float, act: str, slope: float, memory_efficient: bool = False,
                 running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                momentum: float = 0.1) -> Tuple[Tensor, Tensor, Tensor]:
+                momentum: float = 0.1, num_batches_tracked: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Training forward fused with an activation: (y, mean, invstd) with
     y = act(BN(x) + residual), or y = BN(relu(x)) for act="pre_relu".
     memory_efficient: autograd keeps y instead of x where x's normalized value
     can be recovered from y exactly (see bnfast.batch_norm_act). Running
-    statistics, when given, are updated as forward's."""
+    statistics and num_batches_tracked, when given, are updated as forward's."""
     return _ops.forward_act(input, weight, bias, residual, eps, act, slope, memory_efficient, running_mean,
-                            running_var, momentum)
+                            running_var, momentum, num_batches_tracked)
 
 
 @torch.library.register_fake("bnfast::forward_act")
 def _forward_act_fake(input, weight, bias, residual, eps, act, slope, memory_efficient=False, running_mean=None,
-                      running_var=None, momentum=0.1):
+                      running_var=None, momentum=0.1, num_batches_tracked=None):
     _check_devices(input, weight=weight, bias=bias, residual=residual, running_mean=running_mean,
-                   running_var=running_var)
+                   running_var=running_var, num_batches_tracked=num_batches_tracked)
     return _empty_output_like(input), _stats_like(input), _stats_like(input)
 
 

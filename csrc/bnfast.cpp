@@ -13,9 +13,10 @@
 //     for float64 input.
 //   * weight / bias are [C], in the input dtype or float32 (mixed precision).
 //   * Differentiable ops are functional in their differentiable arguments;
-//     the running statistics are the only arguments any op mutates
-//     (update_stats_, and the training forwards when given them), and the
-//     schemas say so with (a!) annotations.
+//     the running statistics (and the step count num_batches_tracked) are
+//     the only arguments any op mutates (update_stats_, and the training
+//     forwards when given them), and the schemas say so with (a!)
+//     annotations.
 // Kernels are registered per backend in csrc/cpu/*_kernel.cpp and
 // csrc/cuda/*_kernel.cu; fakes and autograd live in bnfast/ops.py.
 
@@ -69,10 +70,14 @@ TORCH_LIBRARY(bnfast, m) {
   // Fused training forward: stats + elemt in one call, and when running_mean
   // and running_var are given, update_stats_ of them with the batch's
   // statistics and momentum (count = numel / C), as torch's training forward
-  // does: one call per training step.
+  // does; num_batches_tracked (a one-element int64 tensor), when given, is
+  // incremented, also when the call fails its checks (a module counts the
+  // step before its batch norm checks its arguments). One call per training
+  // step of a module.
   m.def(
       "forward(Tensor input, Tensor? weight, Tensor? bias, float eps, Tensor(a!)? running_mean=None,"
-      " Tensor(b!)? running_var=None, float momentum=0.1) -> (Tensor output, Tensor mean, Tensor invstd)");
+      " Tensor(b!)? running_var=None, float momentum=0.1, Tensor(c!)? num_batches_tracked=None)"
+      " -> (Tensor output, Tensor mean, Tensor invstd)");
   // Fused training backward: backward_reduce + backward_elemt with
   // count = numel / C. grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy
   // are returned in the stats dtype; the caller casts them to weight's dtype.
@@ -85,14 +90,14 @@ TORCH_LIBRARY(bnfast, m) {
   //   y = BN(relu(x))             act = "pre_relu" (no residual)
   // The training forward, as forward: (y, mean, invstd) with the statistics
   // of the batch (of relu(x) for pre_relu), and the running statistics'
-  // update when they are given. memory_efficient only changes
+  // update and step count when they are given. memory_efficient only changes
   // what autograd keeps for backward: the output (and for pre_relu the sign
   // of x, one byte an element) instead of the input, where the normalized
   // input can be recovered from it exactly (csrc/autograd/fused_autograd.cpp).
   m.def(
       "forward_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act,"
       " float slope, bool memory_efficient=False, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None,"
-      " float momentum=0.1) -> (Tensor output, Tensor mean, Tensor invstd)");
+      " float momentum=0.1, Tensor(c!)? num_batches_tracked=None) -> (Tensor output, Tensor mean, Tensor invstd)");
   // With given statistics, as elemt (the eval forward).
   m.def(
       "elemt_act(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? residual,"

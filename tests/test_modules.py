@@ -161,6 +161,56 @@ def test_module_train_eval_matches_torch(ours, theirs, shape, device):
     torch.testing.assert_close(a(x), b(x))
 
 
+def _one_value_per_channel(m):
+    return m, torch.randn(1, 3)
+
+
+def _zero_eps(m):
+    m.eps = 0.0
+    return m, torch.randn(4, 3)
+
+
+def _wrong_running_mean(m):
+    m.running_mean = torch.zeros(4)
+    return m, torch.randn(4, 3)
+
+
+def _wrong_weight(m):
+    m.weight = nn.Parameter(torch.ones(4))
+    return m, torch.randn(4, 3)
+
+
+def _wrong_dims(m):
+    return m, torch.randn(4, 3, 2, 2)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("make", [_one_value_per_channel, _zero_eps, _wrong_running_mean, _wrong_weight, _wrong_dims])
+def test_step_count_after_an_error_is_torchs(make, momentum):
+    """torch's module counts the step (num_batches_tracked += 1) after checking
+    the input's dims and before F.batch_norm checks its arguments; bnfast's op
+    counts it in its own call, so every path must agree on the count when a
+    check fails, with the same exception type."""
+    counts, errors = [], []
+    for cls in (bnfast.BatchNorm1d, nn.BatchNorm1d):
+        m, x = make(cls(3, momentum=momentum))
+        with pytest.raises(Exception) as info:
+            m(x)
+        counts.append(int(m.num_batches_tracked))
+        errors.append(info.type)
+    assert counts[0] == counts[1] and errors[0] is errors[1], (counts, errors)
+
+
+def test_step_count_with_an_unfused_residual(device):
+    """A residual that only broadcasts is added unfused, after the plain op,
+    which counts the step once."""
+    m = bnfast.BatchNormAct2d(3, act="relu", device=device)
+    x = torch.randn(4, 3, 2, 2, device=device)
+    m(x, torch.ones(3, 1, 1, device=device))
+    m(x)
+    assert int(m.num_batches_tracked) == 2
+
+
 class _Positive(nn.Module):
     def forward(self, w):
         return w.abs() + 0.5

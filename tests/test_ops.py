@@ -176,6 +176,38 @@ def test_training_forward_updates_running_stats(shape, memory_format, op, runnin
     assert rm._version > versions[0] and rv._version > versions[1]
 
 
+@pytest.mark.gpu_smoke
+@pytest.mark.parametrize("op", ["forward", "forward_act"])
+@pytest.mark.parametrize("running", ["float32", "bfloat16", "none"])
+@pytest.mark.parametrize("batch", [6, 0], ids=["batch", "empty_batch"])
+def test_training_forward_counts_the_step(batch, running, op, device):
+    """num_batches_tracked += 1 per call, with or without running statistics
+    (CUDA counts it in the kernel that updates float32 ones), on an empty
+    batch too; and also when the call fails its checks (as a module counts the
+    step first), but not when num_batches_tracked itself is invalid."""
+    x = torch.randn(batch, 3, 4, device=device)
+    stats = () if running == "none" else (torch.zeros(3, device=device, dtype=getattr(torch, running)),
+                                          torch.ones(3, device=device, dtype=getattr(torch, running)))
+
+    def call(input, *running_stats, steps):
+        if op == "forward":
+            return OPS.forward(input, None, None, EPS, *running_stats, num_batches_tracked=steps)
+        return OPS.forward_act(input, None, None, None, EPS, "relu", 0.0, False, *running_stats,
+                               num_batches_tracked=steps)
+
+    steps = torch.tensor(41, device=device)
+    call(x, *stats, steps=steps)
+    call(x, *stats, steps=steps)
+    assert steps.item() == 43
+    with pytest.raises(RuntimeError, match="should contain 3 elements not 4"):
+        call(x, torch.zeros(4, device=device), torch.ones(4, device=device), steps=steps)
+    assert steps.item() == 44
+    wrong = torch.tensor(1.0, device=device)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be one int64 element"):
+        call(x, *stats, steps=wrong)
+    assert wrong.item() == 1.0
+
+
 def test_training_forward_running_stats_errors(device):
     x = torch.randn(4, 3, 2, device=device)
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)

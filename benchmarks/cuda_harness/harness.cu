@@ -528,7 +528,7 @@ const Op kOps[] = {
     // backward sums' [C] buffers, in the stats dtype, stand in for them).
     {"forward_running", "fwd+running", Kind::kForward, kUsesReduce | kUsesElementwise,
      [](const Run& r, cudaStream_t s) {
-       const RunningUpdate running{r.sum_dy, r.sum_dy_xmu, 0.1, kEps, 1.0};
+       const RunningUpdate running{r.sum_dy, r.sum_dy_xmu, nullptr, 0.1, kEps, 1.0};
        return launch_forward(r.dtype, r.plan, r.x, r.y, r.weight, r.bias, r.mean, r.invstd, kEps, r.scratch, s,
                              &running);
      }},

@@ -20,10 +20,11 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
 
 inline Triple call_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                            double eps, const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                           double momentum) {
-  static const auto op = op_handle<Triple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double,
-                                          const OptionalTensor&, const OptionalTensor&, double)>("bnfast::forward");
-  return op.call(input, weight, bias, eps, running_mean, running_var, momentum);
+                           double momentum, const OptionalTensor& num_batches_tracked) {
+  static const auto op =
+      op_handle<Triple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double, const OptionalTensor&,
+                       const OptionalTensor&, double, const OptionalTensor&)>("bnfast::forward");
+  return op.call(input, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked);
 }
 
 inline void call_update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
@@ -33,14 +34,16 @@ inline void call_update_stats(at::Tensor& running_mean, at::Tensor& running_var,
   op.call(running_mean, running_var, mean, invstd, momentum, eps, c10::SymInt(count));
 }
 
-// A training forward's running-statistics update as the op update_stats_,
-// where the forward runs as its composite (under torch.func).
+// A training forward's running-statistics update (the op update_stats_) and
+// step count, where the forward runs as its composite (under torch.func).
 inline void call_update_stats(const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                              const at::Tensor& mean, const at::Tensor& invstd, double momentum, double eps,
-                              const at::Tensor& input) {
-  if (!running_mean.has_value() || !running_mean->defined()) return;
-  at::Tensor rm = *running_mean, rv = *running_var;
-  call_update_stats(rm, rv, mean, invstd, momentum, eps, per_channel_count(input));
+                              const OptionalTensor& num_batches_tracked, const at::Tensor& mean,
+                              const at::Tensor& invstd, double momentum, double eps, const at::Tensor& input) {
+  if (running_mean.has_value() && running_mean->defined()) {
+    at::Tensor rm = *running_mean, rv = *running_var;
+    call_update_stats(rm, rv, mean, invstd, momentum, eps, per_channel_count(input));
+  }
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) num_batches_tracked->add_(1);
 }
 
 inline Triple call_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
@@ -76,13 +79,14 @@ inline Pair call_backward_reduce(const at::Tensor& grad_out, const at::Tensor& i
 inline Triple call_forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                const OptionalTensor& residual, double eps, c10::string_view act, double slope,
                                bool memory_efficient, const OptionalTensor& running_mean,
-                               const OptionalTensor& running_var, double momentum) {
+                               const OptionalTensor& running_var, double momentum,
+                               const OptionalTensor& num_batches_tracked) {
   static const auto op =
       op_handle<Triple(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double,
-                       c10::string_view, double, bool, const OptionalTensor&, const OptionalTensor&, double)>(
-          "bnfast::forward_act");
+                       c10::string_view, double, bool, const OptionalTensor&, const OptionalTensor&, double,
+                       const OptionalTensor&)>("bnfast::forward_act");
   return op.call(input, weight, bias, residual, eps, act, slope, memory_efficient, running_mean, running_var,
-                 momentum);
+                 momentum, num_batches_tracked);
 }
 
 inline at::Tensor call_elemt_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,

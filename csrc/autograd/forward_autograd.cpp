@@ -49,16 +49,16 @@ struct ForwardBackward : public NodeWithSaved<kSaved> {
 
 Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, const OptionalTensor& bias_,
                         double eps, const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                        double momentum) {
+                        double momentum, const OptionalTensor& num_batches_tracked) {
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
   if (functorch_active()) {
     const auto out = forward_composite({input, weight, bias}, eps);
-    call_update_stats(running_mean, running_var, out[1], out[2], momentum, eps, input);
+    call_update_stats(running_mean, running_var, num_batches_tracked, out[1], out[2], momentum, eps, input);
     return {out[0], out[1], out[2]};
   }
   auto [y, mean, invstd] = [&] {
     at::AutoDispatchBelowAutograd below_autograd;
-    return call_forward(input, weight_, bias_, eps, running_mean, running_var, momentum);
+    return call_forward(input, weight_, bias_, eps, running_mean, running_var, momentum, num_batches_tracked);
   }();
   if (requires_grad({&input, &weight, &bias})) {
     auto node = make_node<ForwardBackward>();
@@ -81,12 +81,14 @@ Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, 
 }
 
 Triple forward_inplace(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps,
-                       const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
+                       const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum,
+                       const OptionalTensor& num_batches_tracked) {
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below_inplace;
-    return call_forward(input, weight, bias, eps, running_mean, running_var, momentum);
+    return call_forward(input, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked);
   }();
-  bump_versions({running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor())});
+  bump_versions({running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()),
+                 num_batches_tracked.value_or(at::Tensor())});
   return result;
 }
 

@@ -282,19 +282,20 @@ const char* output_not_invertible(const Activation& a, double slope, const at::T
 Triple forward_act_autograd(const at::Tensor& input, const OptionalTensor& weight_, const OptionalTensor& bias_,
                             const OptionalTensor& residual_, double eps, c10::string_view act, double slope,
                             bool memory_efficient, const OptionalTensor& running_mean,
-                            const OptionalTensor& running_var, double momentum) {
+                            const OptionalTensor& running_var, double momentum,
+                            const OptionalTensor& num_batches_tracked) {
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
   const at::Tensor residual = residual_.value_or(at::Tensor());
   const Activation a = parse_activation(act);
   if (functorch_active()) {
     const auto out = forward_act_composite({input, weight, bias, residual}, eps, a, slope);
-    call_update_stats(running_mean, running_var, out[1], out[2], momentum, eps, input);
+    call_update_stats(running_mean, running_var, num_batches_tracked, out[1], out[2], momentum, eps, input);
     return {out[0], out[1], out[2]};
   }
   auto [y, mean, invstd] = [&] {
     at::AutoDispatchBelowAutograd below_autograd;
     return call_forward_act(input, weight_, bias_, residual_, eps, act, slope, memory_efficient, running_mean,
-                            running_var, momentum);
+                            running_var, momentum, num_batches_tracked);
   }();
   const bool grad = requires_grad({&input, &weight, &bias, &residual});
   const char* not_invertible = grad && memory_efficient ? output_not_invertible(a, slope, input, weight) : nullptr;
@@ -380,13 +381,15 @@ at::Tensor elemt_act_autograd(const at::Tensor& input, const OptionalTensor& wei
 Triple forward_act_inplace(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                            const OptionalTensor& residual, double eps, c10::string_view act, double slope,
                            bool memory_efficient, const OptionalTensor& running_mean,
-                           const OptionalTensor& running_var, double momentum) {
+                           const OptionalTensor& running_var, double momentum,
+                           const OptionalTensor& num_batches_tracked) {
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below_inplace;
     return call_forward_act(input, weight, bias, residual, eps, act, slope, memory_efficient, running_mean,
-                            running_var, momentum);
+                            running_var, momentum, num_batches_tracked);
   }();
-  bump_versions({running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor())});
+  bump_versions({running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()),
+                 num_batches_tracked.value_or(at::Tensor())});
   return result;
 }
 

@@ -129,6 +129,14 @@ void check_running_stats(const at::Tensor& input, const OptionalTensor& running_
   check_channel_vector(*running_var, "running_var", input, Role::kRunningStatistic);
 }
 
+void check_num_batches_tracked(const at::Tensor& input, const OptionalTensor& num_batches_tracked) {
+  if (!num_batches_tracked.has_value() || !num_batches_tracked->defined()) return;
+  const auto& t = *num_batches_tracked;
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1,
+              "bnfast: num_batches_tracked must be one int64 element, got ", t.scalar_type(), " of shape ", t.sizes());
+  check_same_device(t, "num_batches_tracked", input, "input");
+}
+
 void check_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                  const at::Tensor& mean, const at::Tensor& invstd) {
   check_forward(input, weight, bias);

@@ -46,6 +46,9 @@ void check_forward(const at::Tensor& input, const OptionalTensor& weight, const 
 // torch), each C values of a floating dtype on the input's device.
 void check_running_stats(const at::Tensor& input, const OptionalTensor& running_mean,
                          const OptionalTensor& running_var);
+// A training forward's num_batches_tracked: one int64 element on the input's
+// device.
+void check_num_batches_tracked(const at::Tensor& input, const OptionalTensor& num_batches_tracked);
 void check_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                  const at::Tensor& mean, const at::Tensor& invstd);
 void check_elemt_running(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,

@@ -21,11 +21,12 @@ namespace bnfast {
 namespace {
 
 Triple call_forward(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps,
-                    const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
+                    const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum,
+                    const OptionalTensor& num_batches_tracked) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfast::forward", "").typed<Triple(
       const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double, const OptionalTensor&,
-      const OptionalTensor&, double)>();
-  return op.call(input, weight, bias, eps, running_mean, running_var, momentum);
+      const OptionalTensor&, double, const OptionalTensor&)>();
+  return op.call(input, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked);
 }
 
 at::Tensor call_elemt(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
@@ -77,10 +78,10 @@ at::Tensor activate(at::Tensor z, const OptionalTensor& residual, Act act, doubl
 Triple forward_act(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                    const OptionalTensor& residual, double eps, c10::string_view act, double slope,
                    bool /*memory_efficient: autograd's concern*/, const OptionalTensor& running_mean,
-                   const OptionalTensor& running_var, double momentum) {
+                   const OptionalTensor& running_var, double momentum, const OptionalTensor& num_batches_tracked) {
   const auto a = check_forward_act(input, weight, bias, residual, act);
   auto [z, mean, invstd] = call_forward(a.pre_relu ? at::relu(input) : input, weight, bias, eps, running_mean,
-                                        running_var, momentum);
+                                        running_var, momentum, num_batches_tracked);
   return {activate(z, residual, a.act, slope), mean, invstd};
 }
 

@@ -18,37 +18,58 @@
 
 namespace bnfast {
 
-// The running statistics a training forward updates after computing the
-// batch statistics (update_stats_'s update), with its momentum; none when
-// undefined.
+// What a training forward updates after computing the batch statistics: the
+// running statistics (update_stats_'s update, with momentum) and the step
+// count num_batches_tracked (incremented); each none when undefined.
 struct RunningStats {
   at::Tensor mean, var;
   double momentum = 0;
+  at::Tensor num_batches_tracked;
   bool given() const { return mean.defined(); }
 };
 
-inline RunningStats running_stats(const at::Tensor& input, const OptionalTensor& running_mean,
-                                  const OptionalTensor& running_var, double momentum) {
-  check_running_stats(input, running_mean, running_var);
-  return {running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()), momentum};
+// checks(), then the running statistics, checked. A given
+// num_batches_tracked is incremented even when the checks fail, as a module
+// counts the step before its batch norm checks the arguments.
+template <typename Checks>
+auto checked_forward_args(const at::Tensor& input, const OptionalTensor& running_mean,
+                          const OptionalTensor& running_var, double momentum,
+                          const OptionalTensor& num_batches_tracked, Checks&& checks) {
+  check_num_batches_tracked(input, num_batches_tracked);
+  const at::Tensor steps = num_batches_tracked.value_or(at::Tensor());
+  try {
+    auto result = checks();
+    check_running_stats(input, running_mean, running_var);
+    return std::pair{result, RunningStats{running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()),
+                                          momentum, steps}};
+  } catch (...) {
+    if (steps.defined()) steps.add_(1);
+    throw;
+  }
 }
 
 // impl(input, weight, bias, residual, eps, activation, slope, running) -> (output, mean, invstd)
 template <auto impl>
 Triple forward_entry(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps,
-                     const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
-  check_forward(input, weight, bias);
-  const auto running = running_stats(input, running_mean, running_var, momentum);
-  return impl(input, weight, bias, std::nullopt, eps, std::nullopt, 0.0, running);
+                     const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum,
+                     const OptionalTensor& num_batches_tracked) {
+  const auto [activation, running] =
+      checked_forward_args(input, running_mean, running_var, momentum, num_batches_tracked, [&] {
+        check_forward(input, weight, bias);
+        return std::optional<Activation>();
+      });
+  return impl(input, weight, bias, std::nullopt, eps, activation, 0.0, running);
 }
 
 template <auto impl>
 Triple forward_act_entry(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                          const OptionalTensor& residual, double eps, c10::string_view act, double slope,
                          bool /*memory_efficient: autograd's concern*/, const OptionalTensor& running_mean,
-                         const OptionalTensor& running_var, double momentum) {
-  const auto activation = check_forward_act(input, weight, bias, residual, act);
-  const auto running = running_stats(input, running_mean, running_var, momentum);
+                         const OptionalTensor& running_var, double momentum,
+                         const OptionalTensor& num_batches_tracked) {
+  const auto [activation, running] = checked_forward_args(
+      input, running_mean, running_var, momentum, num_batches_tracked,
+      [&] { return std::optional<Activation>(check_forward_act(input, weight, bias, residual, act)); });
   return impl(input, weight, bias, residual, eps, activation, slope, running);
 }
 

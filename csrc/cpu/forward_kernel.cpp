@@ -3,7 +3,8 @@
 // pass reading x and writing y): 3 tensor passes, the streaming bound.
 // bnfast::forward_act, the same with an activation (and residual) applied in
 // the second pass, or with relu(x) read in both (csrc/common/activation.h).
-// Given running statistics, both then update them (update_stats_kernel.cpp).
+// Given running statistics, both then update them (update_stats_kernel.cpp),
+// and count the step in num_batches_tracked when given it.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -52,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
     cpu::update_running_stats(running_mean, running_var, mean, invstd, running.momentum, eps,
                               per_channel_count(input));
   }
+  if (running.num_batches_tracked.defined()) ++*running.num_batches_tracked.mutable_data_ptr<int64_t>();
   return {output, mean, invstd};
 }
 

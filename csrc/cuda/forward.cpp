@@ -29,6 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
   if (input.numel() == 0) {  // as on CPU: statistics of an empty batch are NaN
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     invstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (running.num_batches_tracked.defined()) running.num_batches_tracked.add_(1);
     return {output, mean, invstd};
   }
   const cuda::ParamTensor w(weight), b(bias);
@@ -37,14 +38,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
   const auto dtype = cuda::dtype_of(input.scalar_type());
   const int64_t count = per_channel_count(input);
   // Running statistics in the stats dtype, contiguous (the modules' buffers)
-  // are updated by the forward's own kernel; others by update_stats_'s.
+  // are updated by the forward's own kernel, which then also counts the step;
+  // others by update_stats_'s, and the step by an add.
   const auto stats = stats_dtype(input.scalar_type());
   const bool update_in_kernel = running.given() && running.mean.scalar_type() == stats &&
                                 running.var.scalar_type() == stats && running.mean.is_contiguous() &&
                                 running.var.is_contiguous();
+  const bool count_in_kernel = update_in_kernel && running.num_batches_tracked.defined();
   const cuda::RunningUpdate update{update_in_kernel ? running.mean.mutable_data_ptr() : nullptr,
-                                   update_in_kernel ? running.var.mutable_data_ptr() : nullptr, running.momentum,
-                                   eps, static_cast<double>(count) / static_cast<double>(count - 1)};
+                                   update_in_kernel ? running.var.mutable_data_ptr() : nullptr,
+                                   count_in_kernel ? running.num_batches_tracked.mutable_data_ptr<int64_t>() : nullptr,
+                                   running.momentum, eps, static_cast<double>(count) / static_cast<double>(count - 1)};
   if (activation) {
     cuda::check_launch(cuda::launch_forward_act(dtype, plan, input.const_data_ptr(), output.mutable_data_ptr(),
                                                 w.param(), b.param(), mean.mutable_data_ptr(),
@@ -61,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
     auto running_mean = running.mean, running_var = running.var;
     cuda::update_running_stats(running_mean, running_var, mean, invstd, running.momentum, eps, count);
   }
+  if (running.num_batches_tracked.defined() && !count_in_kernel) running.num_batches_tracked.add_(1);
   return {output, mean, invstd};
 }
 

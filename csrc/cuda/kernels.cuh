@@ -313,7 +313,7 @@ struct ForwardElem {
   acc eps = 0;
   acc* mean_out = nullptr;
   acc* invstd_out = nullptr;
-  RunningUpdate running;  // forward: running statistics (acc) to update, when running.mean != nullptr
+  RunningUpdate running;  // forward: what to update (running.mean != nullptr), running statistics in acc
   ActFields<scalar_t> f;
 
   __device__ Coef make(int64_t c, acc mu, acc is) const {
@@ -329,6 +329,7 @@ struct ForwardElem {
       if (running.mean != nullptr) {
         update_running(static_cast<acc*>(running.mean)[c], static_cast<acc*>(running.var)[c],
                        static_cast<double>(s.mean), static_cast<double>(is), running);
+        if (c == 0 && running.num_batches_tracked != nullptr) ++*running.num_batches_tracked;
       }
     }
     return make(c, s.mean, is);

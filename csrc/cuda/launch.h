@@ -42,10 +42,12 @@ struct ActFusion {
 
 // The running statistics a training forward also updates, in
 // update_stats_'s formula (update_stats_kernel.cu) with correction =
-// count / (count - 1): [C] contiguous, in the stats dtype.
+// count / (count - 1): [C] contiguous, in the stats dtype; and the step
+// count it increments, when not null.
 struct RunningUpdate {
   void* mean = nullptr;
   void* var = nullptr;
+  int64_t* num_batches_tracked = nullptr;
   double momentum = 0, eps = 0, correction = 0;
 };
 

@@ -35,7 +35,7 @@ cudaError_t launch_update_stats(DType stats_dtype, int64_t C, void* running_mean
             <<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
                 static_cast<rm_t*>(running_mean), static_cast<rv_t*>(running_var),
                 static_cast<const stat_t*>(mean), static_cast<const stat_t*>(invstd),
-                RunningUpdate{nullptr, nullptr, momentum, eps, correction}, C, mean_stride, var_stride);
+                RunningUpdate{nullptr, nullptr, nullptr, momentum, eps, correction}, C, mean_stride, var_stride);
         return cudaGetLastError();
       });
     });
