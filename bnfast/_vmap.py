@@ -61,6 +61,8 @@ def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[
                           invstd: Tensor, momentum: float, eps: float, count: int) -> None:
     """update_stats_ of B buffers each (batched at stat_dims) from [B * C]
     statistics; nothing without buffers."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bnfast: running_mean and running_var must either both be None or neither be None")
     if running_mean is None:
         return
     if stat_dims[0] is None or stat_dims[1] is None:

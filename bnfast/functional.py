@@ -225,7 +225,10 @@ def _warn_at_user_code(message: str) -> None:
     """warnings.warn attributed to the first caller outside bnfast and torch
     (the user's functional or module call, not Module.__call__), so it is
     shown once per place in the user's code (Python 3.12's
-    skip_file_prefixes, by hand)."""
+    skip_file_prefixes, by hand). Not under torch.compile, which cannot trace
+    a warning (fullgraph=True would fail): an eager call shows it."""
+    if torch.compiler.is_compiling():
+        return
     frame, stacklevel = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         frame, stacklevel = frame.f_back, stacklevel + 1

@@ -28,6 +28,17 @@ def _tensor_attribute(module: torch.nn.Module, table: dict, name: str) -> Option
     return getattr(module, name) if value is _MISSING else value
 
 
+def _op_can_count(num_batches_tracked: Tensor, input: Tensor) -> bool:
+    """Whether the forward op can count the step: the counter torch creates
+    (one int64 element) on the input's device, outside torch.func transforms.
+    Otherwise it is counted here, with torch's module's own add_: a counter
+    of another dtype or device (say one a checkpoint without it left on the
+    CPU) counts, and a transform refuses a captured counter as it refuses
+    torch's."""
+    return (num_batches_tracked.dtype == torch.int64 and num_batches_tracked.device == input.device
+            and num_batches_tracked.numel() == 1 and not torch._C._are_functorch_transforms_active())
+
+
 class _BatchNormForward:
     # The fused activation (BatchNormAct*d); None for plain batch norm.
     act: Optional[str] = None
@@ -48,11 +59,12 @@ class _BatchNormForward:
         if self.training and self.track_running_stats:
             num_batches_tracked = _tensor_attribute(self, buffers, "num_batches_tracked")
             if num_batches_tracked is not None:
-                if self.momentum is None:  # cumulative moving average
-                    num_batches_tracked.add_(1)
-                    exponential_average_factor = 1.0 / float(num_batches_tracked)
-                else:
+                if self.momentum is not None and _op_can_count(num_batches_tracked, input):
                     step_count = num_batches_tracked
+                else:
+                    num_batches_tracked.add_(1)
+                    if self.momentum is None:  # cumulative moving average
+                        exponential_average_factor = 1.0 / float(num_batches_tracked)
         # Batch statistics in training, and in eval when there are no buffers.
         bn_training = self.training or (running_mean is None and running_var is None)
         # Buffers are passed only when they are updated (training and tracked)

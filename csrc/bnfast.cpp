@@ -18,7 +18,8 @@
 //     forwards when given them), and the schemas say so with (a!)
 //     annotations.
 // Kernels are registered per backend in csrc/cpu/*_kernel.cpp and
-// csrc/cuda/*_kernel.cu; fakes and autograd live in bnfast/ops.py.
+// csrc/cuda/*.cpp (kernels in csrc/cuda/*_kernel.cu); autograd in
+// csrc/autograd; fakes in bnfast/ops.py, batching rules in bnfast/_vmap.py.
 
 #include <Python.h>
 #include <torch/library.h>

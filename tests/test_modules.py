@@ -201,6 +201,18 @@ def test_step_count_after_an_error_is_torchs(make, momentum):
     assert counts[0] == counts[1] and errors[0] is errors[1], (counts, errors)
 
 
+def test_a_counter_the_op_cannot_take_is_counted_as_torch_does():
+    """torch's module only adds 1 to num_batches_tracked: a float one (or one
+    on another device) still counts, outside the op."""
+    counts = []
+    for cls in (bnfast.BatchNorm1d, nn.BatchNorm1d):
+        m = cls(3)
+        m.num_batches_tracked = torch.tensor(2.0)
+        m(torch.randn(4, 3))
+        counts.append(m.num_batches_tracked)
+    assert counts[0].dtype == counts[1].dtype and torch.equal(counts[0], counts[1])
+
+
 def test_step_count_with_an_unfused_residual(device):
     """A residual that only broadcasts is added unfused, after the plain op,
     which counts the step once."""

@@ -85,13 +85,13 @@ def test_opcheck_elemt_running(case, device, with_weight):
 def test_opcheck_forward(case, device, with_weight):
     x, w, b, _, _ = _inputs(case, device, with_weight)
     _opcheck(OPS.forward.default, (x, w, b, EPS))
-    # With the running statistics it updates in place (their dtype need not
-    # be the input's): the schema's mutation annotations, the fake and AOT
-    # dispatch (auto_functionalized).
+    # With the running statistics and step count it updates in place (the
+    # statistics' dtype need not be the input's): the schema's mutation
+    # annotations, the fake and AOT dispatch (auto_functionalized).
     running = torch.float32 if with_weight else case.dtype
     rm = torch.randn(case.channels, dtype=running, device=device)
     rv = torch.rand(case.channels, dtype=running, device=device) + 0.5
-    _opcheck(OPS.forward.default, (x, w, b, EPS, rm, rv, 0.3))
+    _opcheck(OPS.forward.default, (x, w, b, EPS, rm, rv, 0.3, torch.tensor(5, device=device)))
 
 
 @pytest.mark.parametrize(**WEIGHTED)

@@ -145,26 +145,28 @@ def test_update_stats_count_one_is_inf_or_nan(device):
 @pytest.mark.parametrize("op", ["forward", "forward_act"])
 @pytest.mark.parametrize(("shape", "memory_format"), [((6, 5, 3, 2), torch.contiguous_format),
                                                       ((6, 5, 3, 2), torch.channels_last),
+                                                      ((6, 16, 3, 2), torch.channels_last),
                                                       ((0, 5, 3, 2), torch.contiguous_format)],
-                         ids=["batch", "batch_channels_last", "empty_batch"])
+                         ids=["batch", "batch_channels_last", "vectors_channels_last", "empty_batch"])
 def test_training_forward_updates_running_stats(shape, memory_format, op, running_dtype, device):
     """Given running statistics, a training forward updates them as
     update_stats_ does with its batch statistics (count = N * H * W; none for
     an empty batch), in the same call, with the same outputs, and bumps their
     version counters (buffers outside the graph)."""
     x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
-    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    C = shape[1]  # 16: CUDA's channels-last kernels then take whole vectors of channels
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
 
     def run(*running):
         if op == "forward":
             return OPS.forward(x, w, b, EPS, *running)
         return OPS.forward_act(x, w, b, None, EPS, "pre_relu", 0.0, False, *running)
 
-    rm = torch.randn(5, device=device, dtype=running_dtype)
-    rv = torch.rand(5, device=device, dtype=running_dtype) + 0.5
+    rm = torch.randn(C, device=device, dtype=running_dtype)
+    rv = torch.rand(C, device=device, dtype=running_dtype) + 0.5
     expected_rm, expected_rv = rm.clone(), rv.clone()
     y, mean, invstd = run()
-    OPS.update_stats_(expected_rm, expected_rv, mean, invstd, 0.3, EPS, x.numel() // 5)
+    OPS.update_stats_(expected_rm, expected_rv, mean, invstd, 0.3, EPS, x.numel() // C)
     versions = rm._version, rv._version
     out = run(rm, rv, 0.3)
     for got, want in zip(out, (y, mean, invstd)):

@@ -168,6 +168,20 @@ def test_vmap_training_with_batched_running_stats(device, data):
         _close(b, a)
 
 
+def test_vmap_fused_training_with_batched_running_stats(device, data):
+    """forward_act's batching rule updates each problem's running statistics,
+    as the op does sample by sample."""
+    def step(x, m, v):
+        return bnfast.batch_norm_act(x, m, v, data["w"], data["b"], training=True, momentum=0.3, act="pre_relu")
+    rm, rv = data["rm"].repeat(2, 1), data["rv"].repeat(2, 1)
+    y = vmap(step)(data["xb"], rm, rv)
+    for i in range(2):
+        m, v = data["rm"].clone(), data["rv"].clone()
+        _close(y[i], step(data["xb"][i], m, v))
+        _close(rm[i], m)
+        _close(rv[i], v)
+
+
 def test_restrictions_match_torch(device, data):
     """Where torch's batch norm fails under torch.func, bnfast fails with the same exception type."""
     def errors(fn):
@@ -179,7 +193,13 @@ def test_restrictions_match_torch(device, data):
         assert type(caught[1]) is type(caught[0]), (caught[1], caught[0])
         return caught[1]
     x = data["x"]
-    # A module in training with tracked statistics: its num_batches_tracked update.
+    # A module in training with tracked statistics: its step count, a captured
+    # tensor updated in place (bnfast's op counts it outside transforms only).
+    modules = {cls: cls(3).to(device, F64) for cls in (torch.nn.BatchNorm1d, bnfast.BatchNorm1d)}
+    err = errors(lambda cls, _: grad(lambda x: modules[cls](x).sum())(x))
+    assert "in-place operation" in str(err)
+    assert [int(m.num_batches_tracked) for m in modules.values()] == [0, 0]
+    # One built inside the transform: its initialization's .data writes.
     errors(lambda cls, _: grad(lambda x: cls(3).to(device, F64)(x).sum())(x))
     # Unbatched running statistics cannot take a vmapped batch's updates.
     err = errors(lambda _, impl: vmap(lambda x: impl.batch_norm(x, data["rm"], data["rv"], training=True))(data["xb"]))

@@ -34,16 +34,23 @@ inline void call_update_stats(at::Tensor& running_mean, at::Tensor& running_var,
   op.call(running_mean, running_var, mean, invstd, momentum, eps, c10::SymInt(count));
 }
 
-// A training forward's running-statistics update (the op update_stats_) and
-// step count, where the forward runs as its composite (under torch.func).
-inline void call_update_stats(const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                              const OptionalTensor& num_batches_tracked, const at::Tensor& mean,
-                              const at::Tensor& invstd, double momentum, double eps, const at::Tensor& input) {
-  if (running_mean.has_value() && running_mean->defined()) {
-    at::Tensor rm = *running_mean, rv = *running_var;
-    call_update_stats(rm, rv, mean, invstd, momentum, eps, per_channel_count(input));
-  }
+// Where a training forward runs as its composite (under torch.func): before
+// it, what the op's entry does first (op_entries.h), the step counted (also
+// when the running statistics then fail their checks) and the running
+// statistics checked; after it, their update by the op update_stats_.
+inline void begin_composite_forward(const at::Tensor& input, const OptionalTensor& running_mean,
+                                    const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked) {
+  check_num_batches_tracked(input, num_batches_tracked);
   if (num_batches_tracked.has_value() && num_batches_tracked->defined()) num_batches_tracked->add_(1);
+  check_running_stats(input, running_mean, running_var);
+}
+
+inline void call_update_stats(const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                              const at::Tensor& mean, const at::Tensor& invstd, double momentum, double eps,
+                              const at::Tensor& input) {
+  if (!running_mean.has_value() || !running_mean->defined()) return;
+  at::Tensor rm = *running_mean, rv = *running_var;
+  call_update_stats(rm, rv, mean, invstd, momentum, eps, per_channel_count(input));
 }
 
 inline Triple call_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,

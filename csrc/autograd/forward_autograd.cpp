@@ -52,8 +52,9 @@ Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, 
                         double momentum, const OptionalTensor& num_batches_tracked) {
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
   if (functorch_active()) {
+    begin_composite_forward(input, running_mean, running_var, num_batches_tracked);
     const auto out = forward_composite({input, weight, bias}, eps);
-    call_update_stats(running_mean, running_var, num_batches_tracked, out[1], out[2], momentum, eps, input);
+    call_update_stats(running_mean, running_var, out[1], out[2], momentum, eps, input);
     return {out[0], out[1], out[2]};
   }
   auto [y, mean, invstd] = [&] {

@@ -286,17 +286,19 @@ Triple forward_act_autograd(const at::Tensor& input, const OptionalTensor& weigh
                             const OptionalTensor& num_batches_tracked) {
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
   const at::Tensor residual = residual_.value_or(at::Tensor());
-  const Activation a = parse_activation(act);
   if (functorch_active()) {
-    const auto out = forward_act_composite({input, weight, bias, residual}, eps, a, slope);
-    call_update_stats(running_mean, running_var, num_batches_tracked, out[1], out[2], momentum, eps, input);
+    begin_composite_forward(input, running_mean, running_var, num_batches_tracked);
+    const auto out = forward_act_composite({input, weight, bias, residual}, eps, parse_activation(act), slope);
+    call_update_stats(running_mean, running_var, out[1], out[2], momentum, eps, input);
     return {out[0], out[1], out[2]};
   }
+  // (The op checks act, and counts the step if it is wrong.)
   auto [y, mean, invstd] = [&] {
     at::AutoDispatchBelowAutograd below_autograd;
     return call_forward_act(input, weight_, bias_, residual_, eps, act, slope, memory_efficient, running_mean,
                             running_var, momentum, num_batches_tracked);
   }();
+  const Activation a = parse_activation(act);
   const bool grad = requires_grad({&input, &weight, &bias, &residual});
   const char* not_invertible = grad && memory_efficient ? output_not_invertible(a, slope, input, weight) : nullptr;
   if (not_invertible && !values_unknown(input)) {

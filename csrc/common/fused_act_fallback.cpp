@@ -16,6 +16,7 @@
 #include "activation_aten.h"
 #include "checks.h"
 #include "layout.h"
+#include "op_entries.h"
 
 namespace bnfast {
 namespace {
@@ -79,7 +80,10 @@ Triple forward_act(const at::Tensor& input, const OptionalTensor& weight, const 
                    const OptionalTensor& residual, double eps, c10::string_view act, double slope,
                    bool /*memory_efficient: autograd's concern*/, const OptionalTensor& running_mean,
                    const OptionalTensor& running_var, double momentum, const OptionalTensor& num_batches_tracked) {
-  const auto a = check_forward_act(input, weight, bias, residual, act);
+  // (Checked as the fused kernels' entries check it: the step counts when a check fails.)
+  const auto a = checked_forward_args(input, running_mean, running_var, momentum, num_batches_tracked, [&] {
+                   return check_forward_act(input, weight, bias, residual, act);
+                 }).first;
   auto [z, mean, invstd] = call_forward(a.pre_relu ? at::relu(input) : input, weight, bias, eps, running_mean,
                                         running_var, momentum, num_batches_tracked);
   return {activate(z, residual, a.act, slope), mean, invstd};
