@@ -362,23 +362,38 @@ inline void accumulate_span(const Terms<scalar_t, kHasDy, kVariant>& t, int64_t 
   int64_t s = 0;
   while (s < len) {
     // Up to the next fold, in steps of kChains vectors, then single vectors.
+    // The chains are named locals in the loops, so they stay in registers
+    // (as acc's arrays, GCC kept them on the stack: a store-to-load
+    // round trip on every vector's dependency chain).
     const int64_t block_end = s + min64((len - s) / L, kFlushSteps - acc.steps) * L;
+    Vec a0 = acc.s1[0], a1 = acc.s1[1], a2 = acc.s1[2], a3 = acc.s1[3];
+    Vec b0 = acc.s2[0], b1 = acc.s2[1], b2 = acc.s2[2], b3 = acc.s2[3];
+    static_assert(kChains == 4, "the chains below are written out");
+    const int64_t steps_before = s;
     for (; s + kChains * L <= block_end; s += kChains * L) {
-      for (int64_t i = 0; i < kChains; ++i) {
-        Vec a, d;
-        t.reduce(full, base + s + i * L, k, a, d);
-        acc.s1[i] = acc.s1[i] + a;
-        acc.s2[i] = at::vec::fmadd(a, d, acc.s2[i]);
-      }
-      acc.steps += kChains;
+      Vec a, d;
+      t.reduce(full, base + s, k, a, d);
+      a0 = a0 + a;
+      b0 = at::vec::fmadd(a, d, b0);
+      t.reduce(full, base + s + L, k, a, d);
+      a1 = a1 + a;
+      b1 = at::vec::fmadd(a, d, b1);
+      t.reduce(full, base + s + 2 * L, k, a, d);
+      a2 = a2 + a;
+      b2 = at::vec::fmadd(a, d, b2);
+      t.reduce(full, base + s + 3 * L, k, a, d);
+      a3 = a3 + a;
+      b3 = at::vec::fmadd(a, d, b3);
     }
     for (; s < block_end; s += L) {
       Vec a, d;
       t.reduce(full, base + s, k, a, d);
-      acc.s1[0] = acc.s1[0] + a;
-      acc.s2[0] = at::vec::fmadd(a, d, acc.s2[0]);
-      ++acc.steps;
+      a0 = a0 + a;
+      b0 = at::vec::fmadd(a, d, b0);
     }
+    acc.s1[0] = a0, acc.s1[1] = a1, acc.s1[2] = a2, acc.s1[3] = a3;
+    acc.s2[0] = b0, acc.s2[1] = b1, acc.s2[2] = b2, acc.s2[3] = b3;
+    acc.steps += (s - steps_before) / L;
     if (acc.steps >= kFlushSteps) acc.fold();
   }
 }
