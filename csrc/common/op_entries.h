@@ -73,6 +73,15 @@ Triple forward_act_entry(const at::Tensor& input, const OptionalTensor& weight, 
   return impl(input, weight, bias, residual, eps, activation, slope, running);
 }
 
+// impl(running_mean, running_var, mean, invstd, momentum, eps, count): the
+// update itself, also the training forwards' (their impls call it).
+template <auto impl>
+void update_stats_entry(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                        const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  check_update_stats(running_mean, running_var, mean, invstd, count);
+  impl(running_mean, running_var, mean, invstd, momentum, eps, count);
+}
+
 // impl(grad_out, input, mean, invstd, weight, bias, residual, activation, slope)
 //   -> (grad_input, grad_weight, grad_bias, grad_residual)
 template <auto impl>

@@ -11,7 +11,7 @@
 
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/op_entries.h"
 #include "update_stats.h"
 
 namespace bnfast {
@@ -49,16 +49,6 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
 
 }  // namespace cpu
 
-namespace {
-
-void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                      const at::Tensor& invstd, double momentum, double eps, int64_t count) {
-  check_update_stats(running_mean, running_var, mean, invstd, count);
-  cpu::update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("update_stats_", &update_stats_cpu); }
+TORCH_LIBRARY_IMPL(bnfast, CPU, m) { m.impl("update_stats_", &update_stats_entry<cpu::update_running_stats>); }
 
 }  // namespace bnfast

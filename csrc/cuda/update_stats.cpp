@@ -4,6 +4,7 @@
 // unchanged, as on CPU.
 #include <torch/library.h>
 
+#include "../common/op_entries.h"
 #include "ops.h"
 
 namespace bnfast {
@@ -26,16 +27,6 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
 
 }  // namespace cuda
 
-namespace {
-
-void update_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                       const at::Tensor& invstd, double momentum, double eps, int64_t count) {
-  check_update_stats(running_mean, running_var, mean, invstd, count);
-  cuda::update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(bnfast, CUDA, m) { m.impl("update_stats_", &update_stats_cuda); }
+TORCH_LIBRARY_IMPL(bnfast, CUDA, m) { m.impl("update_stats_", &update_stats_entry<cuda::update_running_stats>); }
 
 }  // namespace bnfast
