@@ -57,10 +57,9 @@ Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, 
     call_update_stats(running_mean, running_var, out[1], out[2], momentum, eps, input);
     return {out[0], out[1], out[2]};
   }
-  auto [y, mean, invstd] = [&] {
-    at::AutoDispatchBelowAutograd below_autograd;
+  auto [y, mean, invstd] = call_below_autograd({running_mean, running_var, num_batches_tracked}, [&] {
     return call_forward(input, weight_, bias_, eps, running_mean, running_var, momentum, num_batches_tracked);
-  }();
+  });
   if (requires_grad({&input, &weight, &bias})) {
     auto node = make_node<ForwardBackward>();
     record(node, {&input, &weight, &bias}, {&y, &mean, &invstd});
@@ -84,13 +83,9 @@ Triple forward_autograd(const at::Tensor& input, const OptionalTensor& weight_, 
 Triple forward_inplace(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps,
                        const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum,
                        const OptionalTensor& num_batches_tracked) {
-  auto result = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_inplace;
+  return call_then_bump_versions({running_mean, running_var, num_batches_tracked}, [&] {
     return call_forward(input, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked);
-  }();
-  bump_versions({running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()),
-                 num_batches_tracked.value_or(at::Tensor())});
-  return result;
+  });
 }
 
 }  // namespace

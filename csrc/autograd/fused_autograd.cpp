@@ -293,11 +293,10 @@ Triple forward_act_autograd(const at::Tensor& input, const OptionalTensor& weigh
     return {out[0], out[1], out[2]};
   }
   // (The op checks act, and counts the step if it is wrong.)
-  auto [y, mean, invstd] = [&] {
-    at::AutoDispatchBelowAutograd below_autograd;
+  auto [y, mean, invstd] = call_below_autograd({running_mean, running_var, num_batches_tracked}, [&] {
     return call_forward_act(input, weight_, bias_, residual_, eps, act, slope, memory_efficient, running_mean,
                             running_var, momentum, num_batches_tracked);
-  }();
+  });
   const Activation a = parse_activation(act);
   const bool grad = requires_grad({&input, &weight, &bias, &residual});
   const char* not_invertible = grad && memory_efficient ? output_not_invertible(a, slope, input, weight) : nullptr;
@@ -385,14 +384,10 @@ Triple forward_act_inplace(const at::Tensor& input, const OptionalTensor& weight
                            bool memory_efficient, const OptionalTensor& running_mean,
                            const OptionalTensor& running_var, double momentum,
                            const OptionalTensor& num_batches_tracked) {
-  auto result = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_inplace;
+  return call_then_bump_versions({running_mean, running_var, num_batches_tracked}, [&] {
     return call_forward_act(input, weight, bias, residual, eps, act, slope, memory_efficient, running_mean,
                             running_var, momentum, num_batches_tracked);
-  }();
-  bump_versions({running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()),
-                 num_batches_tracked.value_or(at::Tensor())});
-  return result;
+  });
 }
 
 }  // namespace

@@ -49,6 +49,7 @@
 #include <array>
 #include <initializer_list>
 #include <mutex>
+#include <optional>
 #include <memory>
 #include <type_traits>
 
@@ -153,6 +154,44 @@ inline void bump_versions(std::initializer_list<at::Tensor> written) {
   for (const at::Tensor& t : written) {
     if (t.defined()) torch::autograd::impl::bump_version(t);
   }
+}
+
+// A training forward's buffers (running statistics, step count): what it
+// writes in place when given.
+struct Buffers {
+  const std::optional<at::Tensor>&running_mean, &running_var, &num_batches_tracked;
+  bool given() const {
+    for (const auto* t : {&running_mean, &running_var, &num_batches_tracked}) {
+      if (t->has_value() && (*t)->defined()) return true;
+    }
+    return false;
+  }
+};
+
+// The op below Autograd: through its ADInplaceOrView kernel when it writes
+// buffers (that kernel bumps their versions), past it otherwise (one
+// dispatch fewer on the plain path).
+template <typename Call>
+auto call_below_autograd(const Buffers& buffers, Call&& call) {
+  if (buffers.given()) {
+    at::AutoDispatchBelowAutograd below_autograd;
+    return call();
+  }
+  at::AutoDispatchBelowADInplaceOrView below_inplace;
+  return call();
+}
+
+// The ADInplaceOrView kernel of a training forward: the op below this key,
+// then the written buffers' versions bumped.
+template <typename Call>
+auto call_then_bump_versions(const Buffers& buffers, Call&& call) {
+  auto result = [&] {
+    at::AutoDispatchBelowADInplaceOrView below_inplace;
+    return call();
+  }();
+  bump_versions({buffers.running_mean.value_or(at::Tensor()), buffers.running_var.value_or(at::Tensor()),
+                 buffers.num_batches_tracked.value_or(at::Tensor())});
+  return result;
 }
 
 }  // namespace autograd
