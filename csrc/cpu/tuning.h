@@ -52,5 +52,13 @@ constexpr int64_t kMinSplitElements = 8192;
 // --cases r50_s3 r50_s4 seed_bn2 --formats nchw --phases fwd_train bwd).
 constexpr int64_t kMinRunPlanes = 4;
 
+// A channels-last affine task (affine_cl, loops.h) streaming at most
+// kCacheResidentBytes (x, out and dy) takes several rows per pass over a
+// row's channel vectors, so each coefficient vector loaded serves them all;
+// larger ones walk rows in memory order, which the hardware prefetchers
+// follow (python -m benchmarks.kernels --cases seed_bn3 r18_s2 r18_s4 r50_s2
+// r50_s3 --phases fwd_eval bwd). One core's L2 on the machines measured.
+constexpr int64_t kCacheResidentBytes = 1 << 20;
+
 }  // namespace cpu
 }  // namespace bnfast

@@ -30,6 +30,7 @@
 #include <c10/macros/Macros.h>
 
 #include "../loops.h"
+#include "../tuning.h"
 
 #ifndef CPU_CAPABILITY
 #error "compile csrc/cpu/isa/loops.cpp with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
@@ -515,6 +516,14 @@ constexpr int64_t kRowsPerStep = 4;
 // The widest block of columns of affine_cl, in bytes of one coefficient.
 constexpr int64_t kAffineBlockBytes = 4096;
 constexpr int64_t kWide = 4;
+// Channel vectors of a row whose three affine coefficients (m, p, q) fit in
+// the vector registers, with room for the loop's own (affine_cl).
+// (tests/samples.py reads the last definition, AVX-512's.)
+#if !defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kRowVectors = 4;  // 12 of 16 ymm registers
+#else
+constexpr int64_t kRowVectors = 8;  // 24 of 32 zmm registers
+#endif
 
 template <typename scalar_t, bool kHasDy, Variant kVariant>
 void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
@@ -681,9 +690,54 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   }
 }
 
-// Channels-last: several rows per pass over the channel vectors, so each
-// coefficient vector loaded serves several rows (the per-channel m, p, q, r
-// loads would otherwise outnumber the data loads).
+// Channels-last, a row's coefficients in registers (kVectors channel vectors
+// at most; `vectors` of them used): rows are walked in memory order and no
+// coefficient is reloaded. Sized to the row (each halving of kVectors is an
+// instantiation of its own): unused slots still take registers, and the
+// spills slowed half-precision rows, whose conversions need registers too.
+template <int64_t kVectors, typename scalar_t, bool kHasDy, Variant kVariant>
+void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, scalar_t* out, int64_t C,
+                              int64_t row_stride, int64_t m_begin, int64_t m_end, int64_t vectors,
+                              const at::opmath_type<scalar_t>* m, const at::opmath_type<scalar_t>* p,
+                              const at::opmath_type<scalar_t>* q, const at::opmath_type<scalar_t>* r) {
+  if constexpr (kVectors > 1) {
+    if (vectors <= kVectors / 2) {
+      return affine_rows_in_registers<kVectors / 2>(t, out, C, row_stride, m_begin, m_end, vectors, m, p, q, r);
+    }
+  }
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t last = C - (vectors - 1) * L;  // lanes of the last vector
+  Vec mv[kVectors], pv[kVectors], qv[kVectors], rv[kVectors];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVectors; ++v) {
+    if (v < vectors) {
+      const int64_t n = v + 1 == vectors ? last : L;
+      mv[v] = Vec::loadu(m + v * L, n), pv[v] = Vec::loadu(p + v * L, n), qv[v] = Vec::loadu(q + v * L, n);
+      rv[v] = kHasDy ? Vec::loadu(r + v * L, n) : Vec(0);
+    }
+  }
+  for (int64_t row = m_begin; row < m_end; ++row) {
+    const int64_t base = row * row_stride;
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVectors; ++v) {
+      if (v < vectors) {
+        const Lanes<scalar_t> part{v + 1 == vectors ? last : L};
+        part.store(out + base + v * L, t.affine(part, base + v * L, mv[v], pv[v], qv[v], rv[v]));
+      }
+    }
+  }
+}
+
+// Channels-last: rows of channel vectors with per-channel coefficients.
+// Rows short enough keep their coefficients in registers. Longer ones are
+// walked several rows at a time, channel vector by channel vector, so each
+// coefficient vector loaded serves several rows (the m, p, q, r loads would
+// otherwise outnumber the data loads), while the task stays in cache; beyond
+// kCacheResidentBytes that order makes each row a run of a few cache lines,
+// too short for the hardware prefetchers, and the loop waited on memory:
+// there rows are walked one at a time, in memory order.
 template <typename scalar_t, bool kHasDy, Variant kVariant>
 void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
@@ -691,8 +745,20 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
                     const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
+  using T = Terms<scalar_t, kHasDy, kVariant>;
   constexpr int64_t L = IO::kLanes;
-  Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
+  T t(x, dy, fusion);
+  // A fused backward's z coefficients live in Terms, one channel vector's at
+  // a time; every other loop's coefficients are m, p, q (and r with dy).
+  // Half-precision rows get half the registers (see affine_rows_in_registers).
+  if constexpr (!(kHasDy && T::kActive)) {
+    constexpr int64_t kReduced = at::vec::is_reduced_floating_point_v<scalar_t> ? 2 : 1;
+    constexpr int64_t kVectors = kRowVectors * 3 / (kHasDy ? 4 : 3) / kReduced;
+    if (C <= kVectors * L) {
+      affine_rows_in_registers<kVectors>(t, out, C, row_stride, m_begin, m_end, (C + L - 1) / L, m, p, q, r);
+      return;
+    }
+  }
   auto step = [&](int64_t row0, int64_t rows, int64_t i_begin, int64_t i_end) {
     for (int64_t i = i_begin; i < i_end; i += L) {
       const Lanes<scalar_t> part{min64(L, i_end - i)};
@@ -706,19 +772,21 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
       }
     }
   };
-  // With dy, a row has three streams (x, dy, out): two rows per step, as
-  // four (twelve lines in flight, all in one L1 set when the row stride is a
-  // multiple of 4 KiB) ran slower on the short-plane backward blocks
-  // (python -m benchmarks.kernels --cases seed_bn3 r18_s4 --phases bwd).
+  const int64_t streams = kHasDy ? 3 : 2;
+  const bool cache_resident =
+      (m_end - m_begin) * C * static_cast<int64_t>(sizeof(scalar_t)) * streams <= kCacheResidentBytes;
+  // In cache, with dy, a row has three streams (x, dy, out): two rows per
+  // step, as four (twelve lines in flight, all in one L1 set when the row
+  // stride is a multiple of 4 KiB) ran slower on the short-plane backward
+  // blocks (python -m benchmarks.kernels --cases seed_bn3 r18_s4 --phases bwd).
   // A fused forward also takes two: with four, its per-row x, out and
   // residual pointers no longer fit in registers and spill in the inner loop
   // (--cases seed_bn3 --fusions relu add_relu pre_relu --phases fwd_train).
   // The plain forward takes kRowsPerStep rows, but two when rows of float32
   // or float64 lie a multiple of 4 KiB apart: then every row's lines fall in
   // the same L1 set, and four rows' x and out lines next to m, p, q evict
-  // each other (fp32 channels-last rows of 1024 channels: --cases r50_s3
-  // --formats channels_last --phases fwd_eval fwd_train). A half-precision
-  // vector reads half a line, and four rows measured faster there.
+  // each other. A half-precision vector reads half a line, and four rows
+  // measured faster there.
   const bool rows_share_sets = sizeof(scalar_t) >= sizeof(float) &&
                                row_stride * static_cast<int64_t>(sizeof(scalar_t)) % 4096 == 0;
   // Rows wider than kAffineBlockBytes of one coefficient run in equal blocks
@@ -730,13 +798,18 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   const int64_t block = ((C + blocks - 1) / blocks + L - 1) / L * L;
   for (int64_t i0 = 0; i0 < C; i0 += block) {
     const int64_t i1 = min64(C, i0 + block);
+    // Constant row counts, so that step's row loop is unrolled.
     int64_t row = m_begin;
-    if constexpr (!kHasDy && kVariant == Variant::kPlain) {
-      if (!rows_share_sets) {
-        for (; row + kRowsPerStep <= m_end; row += kRowsPerStep) step(row, kRowsPerStep, i0, i1);
+    if (!cache_resident) {
+      for (; row < m_end; ++row) step(row, 1, i0, i1);
+    } else {
+      if constexpr (!kHasDy && kVariant == Variant::kPlain) {
+        if (!rows_share_sets) {
+          for (; row + kRowsPerStep <= m_end; row += kRowsPerStep) step(row, kRowsPerStep, i0, i1);
+        }
       }
+      for (; row + 2 <= m_end; row += 2) step(row, 2, i0, i1);
     }
-    for (; row + 2 <= m_end; row += 2) step(row, 2, i0, i1);
     if (row < m_end) step(row, m_end - row, i0, i1);
   }
 }
