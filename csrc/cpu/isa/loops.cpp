@@ -525,6 +525,70 @@ constexpr int64_t kRowVectors = 4;  // 12 of 16 ymm registers
 constexpr int64_t kRowVectors = 8;  // 24 of 32 zmm registers
 #endif
 
+// Channels-last float sums: each lane sums its rows in row order, from zero
+// after each fold into the double totals, kRowsPerFold rows at most (a
+// shorter run than the channels-first chains', as one sequential sum is less
+// accurate: tests/test_robust.py). Both channels-last loops below add in this
+// order, so a column's sums never depend on the row's width (a band's, which
+// follows the thread count) nor on the loop that summed it.
+constexpr int64_t kRowsPerFold = 16;
+
+// Channels-last, a row's sums in registers (kVectors channel vectors at
+// most; `vectors` of them used): rows are summed in memory order. Sized to
+// the row as affine_rows_in_registers is.
+template <int64_t kVectors, typename scalar_t, bool kHasDy, Variant kVariant>
+void reduce_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, int64_t C, int64_t row_stride,
+                              int64_t m_begin, int64_t m_end, int64_t vectors,
+                              const at::opmath_type<scalar_t>* shift, double* s1, double* s2) {
+  if constexpr (kVectors > 1) {
+    if (vectors <= kVectors / 2) {
+      return reduce_rows_in_registers<kVectors / 2>(t, C, row_stride, m_begin, m_end, vectors, shift, s1, s2);
+    }
+  }
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using opmath_t = typename IO::opmath_t;
+  constexpr int64_t L = IO::kLanes;
+  const int64_t last = C - (vectors - 1) * L;  // lanes of the last vector
+  Vec k[kVectors], a_sum[kVectors], ad_sum[kVectors];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVectors; ++v) {
+    if (v < vectors) {
+      k[v] = Vec::loadu(shift + v * L, v + 1 == vectors ? last : L);
+      a_sum[v] = ad_sum[v] = Vec(0);
+    }
+  }
+  for (int64_t row = m_begin; row < m_end;) {
+    const int64_t fold_end = min64(m_end, row + kRowsPerFold);
+    for (; row < fold_end; ++row) {
+      const int64_t base = row * row_stride;
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < kVectors; ++v) {
+        if (v < vectors) {
+          const Lanes<scalar_t> part{v + 1 == vectors ? last : L};
+          Vec a, d;
+          t.reduce(part, base + v * L, k[v], a, d);
+          a_sum[v] = a_sum[v] + a;
+          ad_sum[v] = at::vec::fmadd(a, d, ad_sum[v]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVectors; ++v) {
+      if (v < vectors) {
+        opmath_t a[L], ad[L];
+        a_sum[v].store(a);
+        ad_sum[v].store(ad);
+        for (int64_t lane = 0; lane < (v + 1 == vectors ? last : L); ++lane) {
+          s1[v * L + lane] += a[lane];
+          s2[v * L + lane] += ad[lane];
+        }
+        a_sum[v] = ad_sum[v] = Vec(0);
+      }
+    }
+  }
+}
+
 template <typename scalar_t, bool kHasDy, Variant kVariant>
 void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
@@ -540,22 +604,37 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   // rounding error is kept in res1/res2 and added back at the fold.
   // float/half runs are short enough not to need it.
   constexpr bool kCompensated = std::is_same<opmath_t, double>::value;
+  // Rows whose sums fit in registers are summed in memory order (see
+  // affine_cl_impl). Not in float64, whose sums are compensated below; nor
+  // for a fused backward, whose z coefficients live in Terms, one channel
+  // vector's at a time.
+  if constexpr (!kCompensated && !(kHasDy && Terms<scalar_t, kHasDy, kVariant>::kActive)) {
+    if (C <= kRowVectors * L) {
+      const Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
+      reduce_rows_in_registers<kRowVectors>(t, C, row_stride, m_begin, m_end, (C + L - 1) / L, shift, s1, s2);
+      return;
+    }
+  }
   const int64_t scratch_size = (kCompensated ? 4 : 2) * Cp;
   opmath_t* acc1 = scratch;
   opmath_t* acc2 = scratch + Cp;
   opmath_t* res1 = scratch + 2 * Cp;
   opmath_t* res2 = scratch + 3 * Cp;
   zero_fill(scratch, scratch_size);
-  // acc[i..i+L) += v, compensated for float64.
-  auto accumulate = [&](opmath_t* acc, opmath_t* res, int64_t i, const Vec& v) {
-    const Vec total = Vec::loadu(acc + i);
-    const Vec sum = total + v;
+  // A step's sums: float ones continue the run in acc (see kRowsPerFold);
+  // float64 ones start from zero and are added to acc with compensation.
+  auto start = [&](const opmath_t* acc, int64_t i) { return kCompensated ? Vec(0) : Vec::loadu(acc + i); };
+  auto finish = [&](opmath_t* acc, opmath_t* res, int64_t i, const Vec& v) {
     if constexpr (kCompensated) {
+      const Vec total = Vec::loadu(acc + i);
+      const Vec sum = total + v;
       const Vec total_is_larger = total.abs() >= v.abs();
       const Vec error = Vec::blendv((v - sum) + total, (total - sum) + v, total_is_larger);
       (Vec::loadu(res + i) + error).store(res + i);
+      sum.store(acc + i);
+    } else {
+      v.store(acc + i);
     }
-    sum.store(acc + i);
   };
   // One Terms per channel vector of a wide step (each has its own z coefficients).
   Terms<scalar_t, kHasDy, kVariant> terms[kWide] = {{x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}, {x, dy, fusion}};
@@ -572,7 +651,8 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
       for (int64_t j = 0; j < kWide; ++j) {
         k[j] = Vec::loadu(shift + i + j * L);
         if constexpr (kVariant != Variant::kPlain) terms[j].set_z(fusion->zp, fusion->zq, i + j * L, L, /*broadcast=*/false);
-        a_sum[j] = ad_sum[j] = Vec(0);
+        a_sum[j] = start(acc1, i + j * L);
+        ad_sum[j] = start(acc2, i + j * L);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (m0 + r) * row_stride + i;
@@ -584,23 +664,23 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
         }
       }
       for (int64_t j = 0; j < kWide; ++j) {
-        accumulate(acc1, res1, i + j * L, a_sum[j]);
-        accumulate(acc2, res2, i + j * L, ad_sum[j]);
+        finish(acc1, res1, i + j * L, a_sum[j]);
+        finish(acc2, res2, i + j * L, ad_sum[j]);
       }
     }
     for (; i < C; i += L) {
       const Lanes<scalar_t> part{min64(L, C - i)};
       const Vec k = part.n == L ? Vec::loadu(shift + i) : Vec::loadu(shift + i, part.n);
       if constexpr (kVariant != Variant::kPlain) terms[0].set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
-      Vec a_sum(0), ad_sum(0);
+      Vec a_sum = start(acc1, i), ad_sum = start(acc2, i);
       for (int64_t r = 0; r < rows; ++r) {
         Vec a, d;
         terms[0].reduce(part, (m0 + r) * row_stride + i, k, a, d);
         a_sum = a_sum + a;
         ad_sum = at::vec::fmadd(a, d, ad_sum);
       }
-      accumulate(acc1, res1, i, a_sum);
-      accumulate(acc2, res2, i, ad_sum);
+      finish(acc1, res1, i, a_sum);
+      finish(acc2, res2, i, ad_sum);
     }
   };
   int64_t rows_since_fold = 0;
@@ -616,7 +696,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   for (; m + kRowsPerStep <= m_end; m += kRowsPerStep) {
     step(m, kRowsPerStep);
     rows_since_fold += kRowsPerStep;
-    if (rows_since_fold >= kFlushSteps / kChains) fold();
+    if (rows_since_fold >= (kCompensated ? kFlushSteps / kChains : kRowsPerFold)) fold();
   }
   if (m < m_end) step(m, m_end - m);
   fold();
