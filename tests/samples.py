@@ -46,7 +46,9 @@ def cpu_constants() -> dict:
 
 
 CPU = cpu_constants()
-_FOLD_ROWS = CPU["kFlushSteps"] // CPU["kChains"]  # rows summed in opmath before a fold into double
+# rows summed in opmath before a fold into double (channels-last float sums fold every
+# kRowsPerFold rows)
+_FOLD_ROWS = CPU["kFlushSteps"] // CPU["kChains"]
 
 # Code-path shapes (see csrc/cpu/parallel.h):
 # two channels-last row chunks (kReduceGrain / 512 rows each), the second partial
@@ -54,6 +56,10 @@ ROW_CHUNKS = (CPU["kReduceGrain"] // 512 * 3 // 2, 512)
 # channels-last rows one channel wider than the affine pass keeps in registers on AVX-512
 # (kRowVectors float32 vectors): the pass over blocks of columns, with a one-lane tail
 WIDE_ROWS = (3, CPU["kRowVectors"] * 16 + 1, 2, 3)
+# channels-last rows of 200 float32 channels (too wide for registers), as many as make the
+# forward's affine pass stream more than kCacheResidentBytes as one task (one thread) but
+# not as two: rows walked one at a time against several per step
+STREAMING_ROWS = (CPU["kCacheResidentBytes"] * 3 // 2 // (200 * 4 * 2) // 4, 200, 2, 2)
 # more than kGrain elements per channel: several work chunks per channel in both layouts;
 # a channel too long for a block of kMinRunPlanes, so training keeps two separate passes
 LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)

@@ -141,7 +141,8 @@ def test_nan_inf_backward(kind, value, where, layout, training, device):
 
 # ----------------------------------------------------------------- determinism
 
-DET_CASES = [samples.Case(s, l, d) for s in ((3, 2, 128, 128), (128, 1024), (64, 8, 16, 16), (130, 24, 3, 3))
+DET_CASES = [samples.Case(s, l, d)
+             for s in ((3, 2, 128, 128), (128, 1024), (64, 8, 16, 16), (130, 24, 3, 3), samples.STREAMING_ROWS)
              for l in samples.layouts_for(s) if l != "strided" for d in (torch.float32, torch.bfloat16)]
 
 

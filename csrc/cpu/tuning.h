@@ -53,7 +53,8 @@ constexpr int64_t kMinSplitElements = 8192;
 constexpr int64_t kMinRunPlanes = 4;
 
 // A channels-last affine task (affine_cl, loops.h) streaming at most
-// kCacheResidentBytes (x, out and dy) takes several rows per pass over a
+// kCacheResidentBytes (counting x, out and dy; a fusion's residual streams
+// are not counted) takes several rows per pass over a
 // row's channel vectors, so each coefficient vector loaded serves them all;
 // larger ones walk rows in memory order, which the hardware prefetchers
 // follow (python -m benchmarks.kernels --cases seed_bn3 r18_s2 r18_s4 r50_s2

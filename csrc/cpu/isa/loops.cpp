@@ -16,7 +16,8 @@
 // the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std.
 //
 // Performance assumption: every loop is memory-bound once the add latency is
-// hidden by independent accumulator chains (4 per sum), and the per-element
+// hidden by independent accumulator chains (4 per sum, or one per channel
+// vector of a channels-last row summed in registers), and the per-element
 // helpers (BNFAST_ELEMENT) are inlined: with every variant of every loop in
 // one file, GCC's inlining budget otherwise runs out and leaves some of them
 // as calls per vector.
@@ -516,8 +517,9 @@ constexpr int64_t kRowsPerStep = 4;
 // The widest block of columns of affine_cl, in bytes of one coefficient.
 constexpr int64_t kAffineBlockBytes = 4096;
 constexpr int64_t kWide = 4;
-// Channel vectors of a row whose three affine coefficients (m, p, q) fit in
-// the vector registers, with room for the loop's own (affine_cl).
+// Channel vectors of a row whose three affine coefficients (m, p, q), or
+// whose shift and two sums (reduce_cl), fit in the vector registers, with
+// room for the loop's own.
 // (tests/samples.py reads the last definition, AVX-512's.)
 #if !defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kRowVectors = 4;  // 12 of 16 ymm registers
@@ -532,6 +534,7 @@ constexpr int64_t kRowVectors = 8;  // 24 of 32 zmm registers
 // order, so a column's sums never depend on the row's width (a band's, which
 // follows the thread count) nor on the loop that summed it.
 constexpr int64_t kRowsPerFold = 16;
+static_assert(kRowsPerFold % kRowsPerStep == 0, "reduce_cl_impl folds after whole steps");
 
 // Channels-last, a row's sums in registers (kVectors channel vectors at
 // most; `vectors` of them used): rows are summed in memory order. Sized to
@@ -817,7 +820,8 @@ void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, scalar
 // otherwise outnumber the data loads), while the task stays in cache; beyond
 // kCacheResidentBytes that order makes each row a run of a few cache lines,
 // too short for the hardware prefetchers, and the loop waited on memory:
-// there rows are walked one at a time, in memory order.
+// there rows are walked one at a time (in memory order, or block of columns
+// by block for rows wider than kAffineBlockBytes).
 template <typename scalar_t, bool kHasDy, Variant kVariant>
 void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
