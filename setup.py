@@ -95,7 +95,13 @@ def make_extension():
     # -fno-math-errno, as torch builds ATen: std::sqrt in the per-channel
     # loops (invstd from the running variance) inlines and vectorizes; the
     # results are the same, only errno goes unset.
-    cxx = opt + ["-fopenmp", "-fno-math-errno"] + [f"-DBNFAST_HAVE_{isa}" for isa in isas if isa != "DEFAULT"]
+    # -ffp-contract=off: by default GCC fuses a * b + c into one FMA wherever
+    # the inlined code allows it, so two inlined copies of one formula (an
+    # activation's derivative in two loops) could round differently, and a
+    # result would depend on the loop, i.e. on the shape or thread count, that
+    # computed it. The kernels' explicit fmadd calls stay FMAs (AVX2, AVX-512).
+    cxx = opt + ["-fopenmp", "-fno-math-errno", "-ffp-contract=off"] + [
+        f"-DBNFAST_HAVE_{isa}" for isa in isas if isa != "DEFAULT"]
     extra = {"cxx": cxx}
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -53,8 +53,9 @@ _FOLD_ROWS = CPU["kFlushSteps"] // CPU["kChains"]
 # Code-path shapes (see csrc/cpu/parallel.h):
 # two channels-last row chunks (kReduceGrain / 512 rows each), the second partial
 ROW_CHUNKS = (CPU["kReduceGrain"] // 512 * 3 // 2, 512)
-# channels-last rows one channel wider than the affine pass keeps in registers on AVX-512
-# (kRowVectors float32 vectors): the pass over blocks of columns, with a one-lane tail
+# channels-last rows one channel wider than the loops keep in registers on AVX-512
+# (kRowVectors float32 vectors): the reductions in two blocks of columns over tiles of
+# kRowsPerFold rows (the last tile partial), the affine pass by steps, a one-lane tail
 WIDE_ROWS = (3, CPU["kRowVectors"] * 16 + 1, 2, 3)
 # channels-last rows of 200 float32 channels (too wide for registers), as many as make the
 # forward's affine pass stream more than kCacheResidentBytes as one task (one thread) but
@@ -113,7 +114,7 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((7, 13), "sizes not a multiple of 8 or 16"),
     ((3, 13, 7, 5), "odd sizes, 4-D"),
     ((2, 1000, 3), "large C"),
-    (WIDE_ROWS, "channels-last rows one channel too wide for the affine coefficients in registers"),
+    (WIDE_ROWS, "channels-last rows one channel too wide for registers: blocks of columns, a tail"),
     (LONG_CHANNELS, "more than kGrain elements per channel: several work chunks per channel"),
     (PLANE_LOOPS, "the channels-first plane loops of every pass, with a vector tail"),
     (SHORT_PLANES, "short planes as rows in 3 chunks; fused channel blocks (backward: a partial last one)"),

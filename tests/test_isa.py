@@ -14,7 +14,8 @@ CHECK = r"""
 import torch, bnfast
 torch.manual_seed(0)
 worst = 0.0
-for shape in [(2, 3), (5, 7, 13), (4, 3, 7, 9), (3, 17, 4, 4), (2, 5, 3, 4, 6), (64, 40)]:
+# (9, 30) .. (7, 128): rows of 30 to 128 channels, the register loops' vector counts with and without a tail
+for shape in [(2, 3), (5, 7, 13), (4, 3, 7, 9), (3, 17, 4, 4), (2, 5, 3, 4, 6), (64, 40), (9, 30), (5, 84), (7, 100), (7, 128)]:
     for dtype, tol in [(torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)]:
         for channels_last in [False, True]:
             x = torch.randn(shape, dtype=torch.float64) * 3 + 2

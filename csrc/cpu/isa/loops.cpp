@@ -22,13 +22,24 @@
 // one file, GCC's inlining budget otherwise runs out and leaves some of them
 // as calls per vector.
 //
-// NB: nothing from the C++ standard library is instantiated here: an inline
-// template compiled with -mavx512f could be the copy the linker keeps for the
+// NB: no function of the C++ standard library is instantiated here (its
+// types, such as std::integer_sequence, emit no code): an inline template
+// compiled with -mavx512f could be the copy the linker keeps for the
 // baseline objects too.
+
+// GCC 12 reports the undefined pass-through operands of the AVX-512
+// conversion intrinsics as "may be used uninitialized" in every inlined copy:
+// thousands of false positives that would hide a real warning.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
+
+#include <type_traits>
+#include <utility>
 
 #include "../loops.h"
 #include "../tuning.h"
@@ -45,6 +56,12 @@ namespace {
 using at::vec::Vectorized;
 
 #define BNFAST_ELEMENT C10_ALWAYS_INLINE
+// The same for the lambdas of unrolled().
+#if defined(__GNUC__)
+#define BNFAST_LAMBDA_ELEMENT __attribute__((always_inline))
+#else
+#define BNFAST_LAMBDA_ELEMENT
+#endif
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -114,12 +131,68 @@ struct VecIO<scalar_t, true> {
   }
 };
 
+// f(std::integral_constant<int64_t, i>{}) for i = 0 .. kCount - 1, unrolled
+// in the source: arrays of vectors indexed by those constants are split into
+// registers by GCC's early scalar replacement, which runs before `#pragma GCC
+// unroll` would make a loop's indices constant (with the pragma, the sums of
+// reduce_rows_in_registers were stored to the stack every row).
+// (std::integer_sequence is a type only; nothing of it is emitted.)
+template <typename F, int64_t... kIndex>
+BNFAST_ELEMENT void unrolled_over(F& f, std::integer_sequence<int64_t, kIndex...>) {
+  (f(std::integral_constant<int64_t, kIndex>{}), ...);
+}
+template <int64_t kCount, typename F>
+BNFAST_ELEMENT void unrolled(F&& f) {
+  unrolled_over(f, std::make_integer_sequence<int64_t, kCount>{});
+}
+
+// f(std::integral_constant<int64_t, count>{}) for a run-time count in
+// [1, kMax]: one instantiation per count, so that a loop over count vectors
+// has no run-time test per vector (with tests in the row loop, GCC stored
+// register sums to the stack every row).
+template <int64_t kMax, typename F>
+BNFAST_ELEMENT void with_count(int64_t count, F&& f) {
+  if constexpr (kMax > 1) {
+    if (count < kMax) return with_count<kMax - 1>(count, f);
+  }
+  f(std::integral_constant<int64_t, kMax>{});
+}
+
 // Vector steps before the vector partial sums are folded into the double
 // totals. They are spread over kChains independent accumulator chains (to hide
 // the add latency), so each lane of each chain sums at most
 // kFlushSteps / kChains = 64 values in opmath precision.
 constexpr int64_t kChains = 4;
 constexpr int64_t kFlushSteps = 256;
+
+// total[i] += v[i] for the first n lanes, in double: the fold of float run
+// sums into their totals. Whole vectors convert with vector instructions:
+// GCC left the lane loop scalar in some instantiations, and the fold then
+// cost as much as the rows between folds. Exact either way.
+BNFAST_ELEMENT void add_to_totals(const Vectorized<float>& v, double* total, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == Vectorized<float>::size()) {
+    const __m512 f = v;
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
+    _mm512_storeu_pd(total, _mm512_add_pd(_mm512_loadu_pd(total), lo));
+    _mm512_storeu_pd(total + 8, _mm512_add_pd(_mm512_loadu_pd(total + 8), hi));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (n == Vectorized<float>::size()) {
+    const __m256 f = v;
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+    _mm256_storeu_pd(total, _mm256_add_pd(_mm256_loadu_pd(total), lo));
+    _mm256_storeu_pd(total + 4, _mm256_add_pd(_mm256_loadu_pd(total + 4), hi));
+    return;
+  }
+#endif
+  float lanes[Vectorized<float>::size()];
+  v.store(lanes);
+  for (int64_t i = 0; i < n; ++i) total[i] += lanes[i];
+}
 
 template <typename Vec>
 double horizontal_sum(const Vec& v) {
@@ -237,6 +310,13 @@ struct Lanes {
   int64_t n;  // lanes used; IO::kLanes for a full vector
   BNFAST_ELEMENT Vec load(const scalar_t* p) const { return n == IO::kLanes ? IO::load(p) : IO::load(p, n); }
   BNFAST_ELEMENT void store(scalar_t* p, const Vec& v) const { n == IO::kLanes ? IO::store(p, v) : IO::store(p, v, n); }
+  // v with the lanes from n on zeroed. A compare and blend, not Vec::set:
+  // its switch on n made GCC keep the register-resident row sums of
+  // reduce_rows_in_registers in memory, stored every row.
+  BNFAST_ELEMENT Vec zero_past_tail(const Vec& v) const {
+    using opmath_t = typename IO::opmath_t;
+    return Vec::blendv(Vec(0), v, Vec::arange(0, 1) < Vec(static_cast<opmath_t>(n)));
+  }
 };
 
 // The per-element terms of every loop, for the channel (channels-first
@@ -328,7 +408,7 @@ struct Terms {
   // Lanes past n are zeroed in d (a masked load of dy is 0 there already).
   BNFAST_ELEMENT void reduce(const Lanes<scalar_t>& l, int64_t o, const Vec& k, Vec& a, Vec& d) const {
     d = input(l, o) - k;
-    if (l.n < IO::kLanes) d = Vec::set(Vec(0), d, l.n);
+    if (l.n < IO::kLanes) d = l.zero_past_tail(d);
     if (kHasDy) {
       a = dz(l, o, d);
       if (kReuseGrad && grad_residual) l.store(grad_residual + o, a);
@@ -510,7 +590,8 @@ void reduce_cf_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S,
   });
 }
 
-// Channels-last: the channel vectors of a row are independent chains already;
+// Channels-last sums in scratch (float64, and a fused backward with an
+// activation): the channel vectors of a row are independent chains already;
 // kRowsPerStep rows are summed in registers before each update of the
 // per-channel partial sums in scratch, which amortizes their loads and stores.
 constexpr int64_t kRowsPerStep = 4;
@@ -519,7 +600,11 @@ constexpr int64_t kAffineBlockBytes = 4096;
 constexpr int64_t kWide = 4;
 // Channel vectors of a row whose three affine coefficients (m, p, q), or
 // whose shift and two sums (reduce_cl), fit in the vector registers, with
-// room for the loop's own.
+// room for the loop's own. The affine pass with dy (a fourth coefficient, r)
+// and half-precision rows (conversions) take as many: the few coefficients
+// GCC then reloads from the stack every row cost less than affine_cl_impl's
+// steps over the row (backward_elemt and bfloat16 elemt at 96-128 channels;
+// the figures are in the commit message).
 // (tests/samples.py reads the last definition, AVX-512's.)
 #if !defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kRowVectors = 4;  // 12 of 16 ymm registers
@@ -536,59 +621,47 @@ constexpr int64_t kRowVectors = 8;  // 24 of 32 zmm registers
 constexpr int64_t kRowsPerFold = 16;
 static_assert(kRowsPerFold % kRowsPerStep == 0, "reduce_cl_impl folds after whole steps");
 
-// Channels-last, a row's sums in registers (kVectors channel vectors at
-// most; `vectors` of them used): rows are summed in memory order. Sized to
-// the row as affine_rows_in_registers is.
-template <int64_t kVectors, typename scalar_t, bool kHasDy, Variant kVariant>
-void reduce_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, int64_t C, int64_t row_stride,
-                              int64_t m_begin, int64_t m_end, int64_t vectors,
+// Channels-last, the sums of columns [c0, c0 + width) of rows [m_begin,
+// m_end) in registers (kVectors channel vectors, kTail: the last one
+// partial), added into s1[c0 + i], s2[c0 + i]: rows are summed in memory
+// order.
+template <int64_t kVectors, bool kTail, typename scalar_t, bool kHasDy, Variant kVariant>
+void reduce_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, int64_t c0, int64_t width,
+                              int64_t row_stride, int64_t m_begin, int64_t m_end,
                               const at::opmath_type<scalar_t>* shift, double* s1, double* s2) {
-  if constexpr (kVectors > 1) {
-    if (vectors <= kVectors / 2) {
-      return reduce_rows_in_registers<kVectors / 2>(t, C, row_stride, m_begin, m_end, vectors, shift, s1, s2);
-    }
-  }
   using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;  // float lanes: float64 sums are compensated elsewhere
   constexpr int64_t L = IO::kLanes;
-  const int64_t last = C - (vectors - 1) * L;  // lanes of the last vector
+  const int64_t last = kTail ? width - (kVectors - 1) * L : L;  // lanes of the last vector
+  shift += c0;
+  s1 += c0;
+  s2 += c0;
   Vec k[kVectors], a_sum[kVectors], ad_sum[kVectors];
-#pragma GCC unroll 8
-  for (int64_t v = 0; v < kVectors; ++v) {
-    if (v < vectors) {
-      k[v] = Vec::loadu(shift + v * L, v + 1 == vectors ? last : L);
-      a_sum[v] = ad_sum[v] = Vec(0);
-    }
-  }
+  unrolled<kVectors>([&](auto index) BNFAST_LAMBDA_ELEMENT {
+    constexpr int64_t v = decltype(index)::value;
+    k[v] = Vec::loadu(shift + v * L, v + 1 == kVectors ? last : L);
+    a_sum[v] = ad_sum[v] = Vec(0);
+  });
   for (int64_t row = m_begin; row < m_end;) {
     const int64_t fold_end = min64(m_end, row + kRowsPerFold);
     for (; row < fold_end; ++row) {
-      const int64_t base = row * row_stride;
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < kVectors; ++v) {
-        if (v < vectors) {
-          const Lanes<scalar_t> part{v + 1 == vectors ? last : L};
-          Vec a, d;
-          t.reduce(part, base + v * L, k[v], a, d);
-          a_sum[v] = a_sum[v] + a;
-          ad_sum[v] = at::vec::fmadd(a, d, ad_sum[v]);
-        }
-      }
+      const int64_t base = row * row_stride + c0;
+      unrolled<kVectors>([&](auto index) BNFAST_LAMBDA_ELEMENT {
+        constexpr int64_t v = decltype(index)::value;
+        const Lanes<scalar_t> part{v + 1 == kVectors ? last : L};
+        Vec a, d;
+        t.reduce(part, base + v * L, k[v], a, d);
+        a_sum[v] = a_sum[v] + a;
+        ad_sum[v] = at::vec::fmadd(a, d, ad_sum[v]);
+      });
     }
-#pragma GCC unroll 8
-    for (int64_t v = 0; v < kVectors; ++v) {
-      if (v < vectors) {
-        opmath_t a[L], ad[L];
-        a_sum[v].store(a);
-        ad_sum[v].store(ad);
-        for (int64_t lane = 0; lane < (v + 1 == vectors ? last : L); ++lane) {
-          s1[v * L + lane] += a[lane];
-          s2[v * L + lane] += ad[lane];
-        }
-        a_sum[v] = ad_sum[v] = Vec(0);
-      }
-    }
+    unrolled<kVectors>([&](auto index) BNFAST_LAMBDA_ELEMENT {
+      constexpr int64_t v = decltype(index)::value;
+      const int64_t n = v + 1 == kVectors ? last : L;
+      add_to_totals(a_sum[v], s1 + v * L, n);
+      add_to_totals(ad_sum[v], s2 + v * L, n);
+      a_sum[v] = ad_sum[v] = Vec(0);
+    });
   }
 }
 
@@ -607,16 +680,36 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   // rounding error is kept in res1/res2 and added back at the fold.
   // float/half runs are short enough not to need it.
   constexpr bool kCompensated = std::is_same<opmath_t, double>::value;
-  // Rows whose sums fit in registers are summed in memory order (see
-  // affine_cl_impl). Not in float64, whose sums are compensated below; nor
-  // for a fused backward, whose z coefficients live in Terms, one channel
-  // vector's at a time.
+  if (C <= 0) return;
+  // Sums in registers (reduce_rows_in_registers). Not in float64, whose sums
+  // are compensated below; nor for a fused backward, whose z coefficients
+  // live in Terms, one channel vector's at a time.
   if constexpr (!kCompensated && !(kHasDy && Terms<scalar_t, kHasDy, kVariant>::kActive)) {
-    if (C <= kRowVectors * L) {
-      const Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
-      reduce_rows_in_registers<kRowVectors>(t, C, row_stride, m_begin, m_end, (C + L - 1) / L, shift, s1, s2);
-      return;
+    const Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
+    // Rows that fit are summed whole, in memory order. Wider ones are cut
+    // into blocks of columns (of one width, but the last) and summed in
+    // tiles of kRowsPerFold rows, block by block: a tile is one run of every
+    // column between two folds, so the sums are added in the same order
+    // whatever the width. Faster than the scratch loop below, whose steps
+    // load and store the partial sums (figures in the commit message).
+    const int64_t blocks = (C + kRowVectors * L - 1) / (kRowVectors * L);
+    const int64_t block = ((C + blocks - 1) / blocks + L - 1) / L * L;
+    const int64_t tile = blocks == 1 ? m_end - m_begin : kRowsPerFold;
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += tile) {
+      const int64_t m1 = min64(m_end, m0 + tile);
+      for (int64_t c0 = 0; c0 < C; c0 += block) {
+        const int64_t width = min64(block, C - c0);
+        with_count<kRowVectors>((width + L - 1) / L, [&](auto vectors) BNFAST_LAMBDA_ELEMENT {
+          constexpr int64_t kVectors = decltype(vectors)::value;
+          if (width % L == 0) {
+            reduce_rows_in_registers<kVectors, false>(t, c0, width, row_stride, m0, m1, shift, s1, s2);
+          } else {
+            reduce_rows_in_registers<kVectors, true>(t, c0, width, row_stride, m0, m1, shift, s1, s2);
+          }
+        });
+      }
     }
+    return;
   }
   const int64_t scratch_size = (kCompensated ? 4 : 2) * Cp;
   opmath_t* acc1 = scratch;
@@ -773,43 +866,32 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   }
 }
 
-// Channels-last, a row's coefficients in registers (kVectors channel vectors
-// at most; `vectors` of them used): rows are walked in memory order and no
-// coefficient is reloaded. Sized to the row (each halving of kVectors is an
-// instantiation of its own): unused slots still take registers, and the
-// spills slowed half-precision rows, whose conversions need registers too.
-template <int64_t kVectors, typename scalar_t, bool kHasDy, Variant kVariant>
+// Channels-last, a row's coefficients in registers (rows of kVectors
+// channel vectors, C channels; kTail: the last one partial): rows are walked
+// in memory order and no coefficient is reloaded.
+template <int64_t kVectors, bool kTail, typename scalar_t, bool kHasDy, Variant kVariant>
 void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, scalar_t* out, int64_t C,
-                              int64_t row_stride, int64_t m_begin, int64_t m_end, int64_t vectors,
+                              int64_t row_stride, int64_t m_begin, int64_t m_end,
                               const at::opmath_type<scalar_t>* m, const at::opmath_type<scalar_t>* p,
                               const at::opmath_type<scalar_t>* q, const at::opmath_type<scalar_t>* r) {
-  if constexpr (kVectors > 1) {
-    if (vectors <= kVectors / 2) {
-      return affine_rows_in_registers<kVectors / 2>(t, out, C, row_stride, m_begin, m_end, vectors, m, p, q, r);
-    }
-  }
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
-  const int64_t last = C - (vectors - 1) * L;  // lanes of the last vector
+  const int64_t last = kTail ? C - (kVectors - 1) * L : L;  // lanes of the last vector
   Vec mv[kVectors], pv[kVectors], qv[kVectors], rv[kVectors];
-#pragma GCC unroll 8
-  for (int64_t v = 0; v < kVectors; ++v) {
-    if (v < vectors) {
-      const int64_t n = v + 1 == vectors ? last : L;
-      mv[v] = Vec::loadu(m + v * L, n), pv[v] = Vec::loadu(p + v * L, n), qv[v] = Vec::loadu(q + v * L, n);
-      rv[v] = kHasDy ? Vec::loadu(r + v * L, n) : Vec(0);
-    }
-  }
+  unrolled<kVectors>([&](auto index) BNFAST_LAMBDA_ELEMENT {
+    constexpr int64_t v = decltype(index)::value;
+    const int64_t n = v + 1 == kVectors ? last : L;
+    mv[v] = Vec::loadu(m + v * L, n), pv[v] = Vec::loadu(p + v * L, n), qv[v] = Vec::loadu(q + v * L, n);
+    rv[v] = kHasDy ? Vec::loadu(r + v * L, n) : Vec(0);
+  });
   for (int64_t row = m_begin; row < m_end; ++row) {
     const int64_t base = row * row_stride;
-#pragma GCC unroll 8
-    for (int64_t v = 0; v < kVectors; ++v) {
-      if (v < vectors) {
-        const Lanes<scalar_t> part{v + 1 == vectors ? last : L};
-        part.store(out + base + v * L, t.affine(part, base + v * L, mv[v], pv[v], qv[v], rv[v]));
-      }
-    }
+    unrolled<kVectors>([&](auto index) BNFAST_LAMBDA_ELEMENT {
+      constexpr int64_t v = decltype(index)::value;
+      const Lanes<scalar_t> part{v + 1 == kVectors ? last : L};
+      part.store(out + base + v * L, t.affine(part, base + v * L, mv[v], pv[v], qv[v], rv[v]));
+    });
   }
 }
 
@@ -831,15 +913,20 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
   using Vec = typename IO::Vec;
   using T = Terms<scalar_t, kHasDy, kVariant>;
   constexpr int64_t L = IO::kLanes;
+  if (C <= 0) return;
   T t(x, dy, fusion);
   // A fused backward's z coefficients live in Terms, one channel vector's at
   // a time; every other loop's coefficients are m, p, q (and r with dy).
-  // Half-precision rows get half the registers (see affine_rows_in_registers).
   if constexpr (!(kHasDy && T::kActive)) {
-    constexpr int64_t kReduced = at::vec::is_reduced_floating_point_v<scalar_t> ? 2 : 1;
-    constexpr int64_t kVectors = kRowVectors * 3 / (kHasDy ? 4 : 3) / kReduced;
-    if (C <= kVectors * L) {
-      affine_rows_in_registers<kVectors>(t, out, C, row_stride, m_begin, m_end, (C + L - 1) / L, m, p, q, r);
+    if (C <= kRowVectors * L) {
+      with_count<kRowVectors>((C + L - 1) / L, [&](auto vectors) BNFAST_LAMBDA_ELEMENT {
+        constexpr int64_t kCount = decltype(vectors)::value;
+        if (C % L == 0) {
+          affine_rows_in_registers<kCount, false>(t, out, C, row_stride, m_begin, m_end, m, p, q, r);
+        } else {
+          affine_rows_in_registers<kCount, true>(t, out, C, row_stride, m_begin, m_end, m, p, q, r);
+        }
+      });
       return;
     }
   }
