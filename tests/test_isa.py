@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from tests import samples
+
 CHECK = r"""
 import torch, bnfast
 torch.manual_seed(0)
@@ -31,6 +33,20 @@ for shape in [(2, 3), (5, 7, 13), (4, 3, 7, 9), (3, 17, 4, 4), (2, 5, 3, 4, 6), 
             err = max((y.double() - yr).abs().max().item(), (dx.double() - dxr).abs().max().item())
             assert err <= tol * max(1.0, dxr.abs().max().item()), (shape, dtype, channels_last, err)
             worst = max(worst, err)
+# Affine passes beyond kStreamingBytes (non-temporal stores, where this build has them):
+# each sample's output equals the op over that sample alone, which does not stream.
+for dtype in (torch.float32, torch.bfloat16):
+    n = STREAMING_BYTES // (2 * dtype.itemsize * 64 * 11 * 11) + 1
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(n, 64, 11, 11).to(dtype).contiguous(memory_format=memory_format)
+        dy = torch.randn(n, 64, 11, 11).to(dtype).contiguous(memory_format=memory_format)
+        mean, invstd = torch.ops.bnfast.stats(x, 1e-5)
+        terms = (mean, invstd, None, torch.full_like(mean, 0.1), torch.full_like(mean, 0.2))
+        y = torch.ops.bnfast.elemt(x, None, None, mean, invstd)
+        dx = torch.ops.bnfast.backward_elemt(dy, x, *terms)
+        for i in (0, n // 2, n - 1):
+            assert torch.equal(y[i:i + 1], torch.ops.bnfast.elemt(x[i:i + 1], None, None, mean, invstd)), (dtype, i)
+            assert torch.equal(dx[i:i + 1], torch.ops.bnfast.backward_elemt(dy[i:i + 1], x[i:i + 1], *terms)), (dtype, i)
 print(torch.backends.cpu.get_cpu_capability(), worst)
 """
 
@@ -47,7 +63,8 @@ def test_isa_build(capability):
     if capability not in _supported():
         pytest.skip(f"this CPU (or torch build) does not run {capability}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True)
+    check = f"STREAMING_BYTES = {samples.CPU['kStreamingBytes']}\n" + CHECK
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
     used, _ = out.stdout.split()
     assert used == capability

@@ -10,6 +10,8 @@ scale (see reference.ulp_floor for why a floor is needed).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,3 +215,60 @@ def test_reduced_precision_rounding(dtype, memory_format, device):
     assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(expected))
     finite_or_inf = ~expected.isnan()  # a NaN's sign carries nothing
     assert torch.equal(y.signbit()[finite_or_inf], expected.signbit()[finite_or_inf])
+
+
+# ------------------------------------------------------------ outputs beyond the caches
+# An affine pass that moves more than kStreamingBytes (x and out, and dy in the
+# backward) writes its output with non-temporal stores (csrc/cpu/parallel.h,
+# streams_past_cache); one moving less, with plain ones. Each case streams as a
+# whole while two of its samples do not, and spans the affine loops: channels-first
+# planes of whole vectors, planes ending mid-vector (the forward's run of vectors),
+# short planes read as rows; channels-last rows in registers and rows too wide
+# for them, with a tail.
+_STREAMING_BYTES = samples.CPU["kStreamingBytes"]
+
+
+def _streamed(per_sample, layout, dtype):
+    """A case of per_sample's (C, *spatial) with just enough samples that its
+    forward affine pass streams (two values an element: x and out)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = _STREAMING_BYTES // (2 * itemsize * math.prod(per_sample)) + 1
+    return samples.Case((n,) + per_sample, layout, dtype)
+
+
+STREAMED = [_streamed(s, layout, dtype) for s, layout, dtype in (
+    ((32, 8, 8), "contiguous", torch.float32),
+    ((32, 8, 8), "contiguous", torch.bfloat16),
+    ((32, 8, 8), "contiguous", torch.float64),
+    ((64, 7, 7), "contiguous", torch.float32),
+    ((24, 4, 4), "contiguous", torch.float32),
+    ((64, 7, 7), "channels_last", torch.float32),
+    ((64, 7, 7), "channels_last", torch.bfloat16),
+    ((200, 4, 4), "channels_last", torch.float32),
+)]
+
+
+@pytest.mark.parametrize("case", **samples.by_id(STREAMED))
+def test_streamed_outputs_equal_unstreamed(case):
+    """elemt and backward_elemt are elementwise given the per-channel terms, so
+    each sample of a streamed output must equal, bit for bit, the same op over
+    that sample alone (too small to stream): every value reaches memory,
+    aligned or not, whole vectors and tails."""
+    x, dy = case.input(), case.grad_out()
+    w, b = case.params()
+    mean, invstd = torch.ops.bnfast.stats(x, EPS)
+    mean_dy, mean_dy_xmu = (t / case.count for t in torch.ops.bnfast.backward_reduce(dy, x, mean, invstd))
+    y = torch.ops.bnfast.elemt(x, w, b, mean, invstd)
+    dx = torch.ops.bnfast.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xmu)
+    for n in (0, case.shape[0] // 2, case.shape[0] - 1):
+        xs, dys = x[n:n + 1], dy[n:n + 1]
+        assert torch.equal(y[n:n + 1], torch.ops.bnfast.elemt(xs, w, b, mean, invstd)), f"output, sample {n}"
+        assert torch.equal(dx[n:n + 1], torch.ops.bnfast.backward_elemt(dys, xs, mean, invstd, w, mean_dy,
+                                                                         mean_dy_xmu)), f"grad_input, sample {n}"
+
+
+def test_streamed_training_step_against_torch():
+    """A streamed training step whose two forward passes run fused, block by
+    block of channels (the affine pass of each block streams), against torch
+    and the float64 reference."""
+    _compare(STREAMED[0], "cpu", True, True, None)

@@ -69,6 +69,9 @@ struct Loops {
                     opmath_t* scratch, const Fusion<scalar_t>* fusion);
   // Per-channel affine map, centred:
   //   out = (x - m[c]) * p[c] + q[c] (+ dy * r[c] when dy given)
+  // streaming: the op's data is far larger than the caches (streams_past_cache,
+  // parallel.h), so out is written with non-temporal stores where aligned; it
+  // would be evicted before it is read anyway. Results are the same bits.
   // NB: centring before scaling keeps y exact when |mean| >> std; the
   // uncentred x * scale + (bias - mean * scale) loses the low bits of y in
   // the rounding of the large shift.
@@ -78,12 +81,13 @@ struct Loops {
   // channels' coefficients).
   void (*affine_cf)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* m, const opmath_t* p,
-                    const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion);
+                    const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion, bool streaming);
   // Channels-last: rows [m_begin, m_end) of C values, row_stride apart (in
   // x, dy and out alike).
   void (*affine_cl)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const opmath_t* m,
-                    const opmath_t* p, const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion);
+                    const opmath_t* p, const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion,
+                    bool streaming);
 };
 
 struct LoopTable {

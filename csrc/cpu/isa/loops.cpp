@@ -80,6 +80,20 @@ struct VecIO {
   BNFAST_ELEMENT static Vec load(const scalar_t* p, int64_t n) { return Vec::loadu(p, n); }
   BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v) { v.store(p); }
   BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v, int64_t n) { v.store(p, n); }
+  // Non-temporal store of a full vector, at an address aligned to its size.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static constexpr bool kCanStream = true;
+  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same<scalar_t, float>::value) _mm512_stream_ps(p, v); else _mm512_stream_pd(p, v);
+#else
+    if constexpr (std::is_same<scalar_t, float>::value) _mm256_stream_ps(p, v); else _mm256_stream_pd(p, v);
+#endif
+  }
+#else
+  static constexpr bool kCanStream = false;
+  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) { v.store(p); }
+#endif
 };
 
 template <typename scalar_t>
@@ -129,6 +143,15 @@ struct VecIO<scalar_t, true> {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
 #endif
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kCanStream = true;
+  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed(v));
+  }
+#else
+  static constexpr bool kCanStream = false;
+  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) { store(p, v); }
+#endif
 };
 
 // f(std::integral_constant<int64_t, i>{}) for i = 0 .. kCount - 1, unrolled
@@ -316,6 +339,35 @@ struct Lanes {
   BNFAST_ELEMENT Vec zero_past_tail(const Vec& v) const {
     using opmath_t = typename IO::opmath_t;
     return Vec::blendv(Vec(0), v, Vec::arange(0, 1) < Vec(static_cast<opmath_t>(n)));
+  }
+};
+
+// Where an affine loop writes. Streaming (loops.h): full vectors at
+// addresses aligned to their size are stored non-temporally, past the
+// caches and without first reading the line they overwrite; the rest, and
+// everything when not streaming, are plain stores. Such stores are weakly
+// ordered: finish() fences them before the loop returns to its caller.
+template <typename scalar_t>
+struct Output {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  static constexpr uintptr_t kVectorBytes = IO::kLanes * sizeof(scalar_t);
+  scalar_t* data;
+  bool streaming;
+  BNFAST_ELEMENT void store(const Lanes<scalar_t>& part, int64_t offset, const Vec& v) const {
+    scalar_t* p = data + offset;
+    if constexpr (IO::kCanStream) {
+      if (streaming && part.n == IO::kLanes && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
+        IO::stream(p, v);
+        return;
+      }
+    }
+    part.store(p, v);
+  }
+  void finish() const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (streaming) _mm_sfence();
+#endif
   }
 };
 
@@ -799,7 +851,7 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
 }
 
 template <typename scalar_t, bool kHasDy, Variant kVariant>
-void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
+void affine_cf_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
                     const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
                     const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
@@ -828,17 +880,17 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
       while (o < end) {
         // Full vectors strictly inside plane c: no boundary, no tail.
         const int64_t inside = std::min((left - 1) / L, (end - o) / L);
-        for (int64_t k = 0; k < inside; ++k, o += L) IO::store(out + o, t.affine(lanes, o, mv, pv, qv, Vec(0)));
+        for (int64_t k = 0; k < inside; ++k, o += L) out.store(lanes, o, t.affine(lanes, o, mv, pv, qv, Vec(0)));
         left -= inside * L;
         if (o >= end) break;
         // The vector where plane c ends (or the last, partial one of the run).
         const Lanes<scalar_t> l{min64(L, end - o)};
         if (left >= l.n) {
-          l.store(out + o, t.affine(l, o, mv, pv, qv, Vec(0)));
+          out.store(l, o, t.affine(l, o, mv, pv, qv, Vec(0)));
         } else {
           const Vec in_plane = lane < Vec(static_cast<opmath_t>(left));
-          l.store(out + o, t.affine(l, o, Vec::blendv(mn, mv, in_plane), Vec::blendv(pn, pv, in_plane),
-                                    Vec::blendv(qn, qv, in_plane), Vec(0)));
+          out.store(l, o, t.affine(l, o, Vec::blendv(mn, mv, in_plane), Vec::blendv(pn, pv, in_plane),
+                                  Vec::blendv(qn, qv, in_plane), Vec(0)));
         }
         o += l.n;
         left -= l.n;
@@ -858,10 +910,10 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
     if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
     const int64_t base = plane * S;
     int64_t s = 0;
-    for (; s + L <= S; s += L) IO::store(out + base + s, t.affine(lanes, base + s, mv, pv, qv, rv));
+    for (; s + L <= S; s += L) out.store(lanes, base + s, t.affine(lanes, base + s, mv, pv, qv, rv));
     if (s < S) {
       const Lanes<scalar_t> tail{S - s};
-      tail.store(out + base + s, t.affine(tail, base + s, mv, pv, qv, rv));
+      out.store(tail, base + s, t.affine(tail, base + s, mv, pv, qv, rv));
     }
   }
 }
@@ -870,7 +922,7 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
 // channel vectors, C channels; kTail: the last one partial): rows are walked
 // in memory order and no coefficient is reloaded.
 template <int64_t kVectors, bool kTail, typename scalar_t, bool kHasDy, Variant kVariant>
-void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, scalar_t* out, int64_t C,
+void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, Output<scalar_t> out, int64_t C,
                               int64_t row_stride, int64_t m_begin, int64_t m_end,
                               const at::opmath_type<scalar_t>* m, const at::opmath_type<scalar_t>* p,
                               const at::opmath_type<scalar_t>* q, const at::opmath_type<scalar_t>* r) {
@@ -890,7 +942,7 @@ void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, scalar
     unrolled<kVectors>([&](auto index) BNFAST_LAMBDA_ELEMENT {
       constexpr int64_t v = decltype(index)::value;
       const Lanes<scalar_t> part{v + 1 == kVectors ? last : L};
-      part.store(out + base + v * L, t.affine(part, base + v * L, mv[v], pv[v], qv[v], rv[v]));
+      out.store(part, base + v * L, t.affine(part, base + v * L, mv[v], pv[v], qv[v], rv[v]));
     });
   }
 }
@@ -905,7 +957,7 @@ void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, scalar
 // there rows are walked one at a time (in memory order, or block of columns
 // by block for rows wider than kAffineBlockBytes).
 template <typename scalar_t, bool kHasDy, Variant kVariant>
-void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
+void affine_cl_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
                     const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
                     const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
@@ -939,7 +991,7 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_
       if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, i, part.n, /*broadcast=*/false);
       for (int64_t k = 0; k < rows; ++k) {
         const int64_t offset = (row0 + k) * row_stride + i;
-        part.store(out + offset, t.affine(part, offset, mv, pv, qv, rv));
+        out.store(part, offset, t.affine(part, offset, mv, pv, qv, rv));
       }
     }
   };
@@ -1040,16 +1092,20 @@ template <typename scalar_t>
 void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
                const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
-  BNFAST_DISPATCH_LOOP(affine_cf_impl, x, dy, out, C, S, plane_begin, plane_end, m, p, q, r, fusion)
+               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion, bool streaming) {
+  const Output<scalar_t> sink{out, streaming};
+  BNFAST_DISPATCH_LOOP(affine_cf_impl, x, dy, sink, C, S, plane_begin, plane_end, m, p, q, r, fusion)
+  sink.finish();
 }
 
 template <typename scalar_t>
 void affine_cl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t row_stride,
                int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
                const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion) {
-  BNFAST_DISPATCH_LOOP(affine_cl_impl, x, dy, out, C, row_stride, m_begin, m_end, m, p, q, r, fusion)
+               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion, bool streaming) {
+  const Output<scalar_t> sink{out, streaming};
+  BNFAST_DISPATCH_LOOP(affine_cl_impl, x, dy, sink, C, row_stride, m_begin, m_end, m, p, q, r, fusion)
+  sink.finish();
 }
 
 #undef BNFAST_DISPATCH_LOOP
