@@ -2,7 +2,7 @@
 background build, shared by the suite's conftest (which starts it at
 collection) and tests/test_cuda_compile.py (which checks the results).
 
-* The kernels (csrc/cuda/*.cu) are compiled by nvcc for sm_90 with no torch
+* The kernels (csrc/cuda/*.cu) are compiled by nvcc for compute_90 with no torch
   include path at all: they must stay torch-free (csrc/cuda/launch.h says
   why), and this is what keeps them so.
 * The CUDA op files (csrc/cuda/*.cpp: checks, allocation, launches) are
@@ -11,7 +11,8 @@ collection) and tests/test_cuda_compile.py (which checks the results).
   header, c10/cuda/impl/cuda_cmake_macros.h; tests/cuda_shim provides it
   (test-only).
 * The standalone timing harness (benchmarks/cuda_harness) links the kernel
-  objects compiled here.
+  objects compiled here. They carry PTX, not sm_90 machine code
+  (kernel_command says why).
 
 Everything compiles once, in parallel (one process per core), at the lowest
 CPU priority: started at collection, the compilers fill the cores the other
@@ -61,9 +62,13 @@ NVCC_FLAGS = getattr(cpp_extension, "COMMON_NVCC_FLAGS", [
 
 
 def kernel_command(source, output):
-    """nvcc for a kernel file: csrc only on the include path (no torch)."""
+    """nvcc for a kernel file: csrc only on the include path (no torch). The
+    object carries compute_90 PTX, which is all the checks here need (the
+    front end, cicc, the harness's link and its --plan run): ptxas's sm_90
+    machine code, more than half of the compile time, matters only where a
+    GPU runs it, and the GPU machine's builds (setup.py, build.sh) make it."""
     return [NVCC, "-c", str(source), "-o", str(output), f"-I{CSRC}", f"-std={cxx_standard()}",
-            "-gencode", "arch=compute_90,code=sm_90", *NVCC_FLAGS, "-O3", "-Xcompiler", "-fPIC"]
+            "-gencode", "arch=compute_90,code=compute_90", *NVCC_FLAGS, "-O3", "-Xcompiler", "-fPIC"]
 
 
 def op_file_command(source, output, header=None, precompile=False):

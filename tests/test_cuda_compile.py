@@ -1,6 +1,6 @@
 """Compile every CUDA source without a GPU, and check what can be checked on
 the host: the commands and the background build are in tests/cuda_build.py
-(kernels torch-free for sm_90, op files against the CPU wheel's torch
+(kernels torch-free for compute_90, op files against the CPU wheel's torch
 headers, the timing harness from the kernel objects).
 
 * The kernels' 32-bit index divider (csrc/cuda/divider.h) is host-callable:
@@ -73,7 +73,7 @@ def test_harness_builds(harness):
 
 
 def test_harness_build_uses_the_ci_flags():
-    # build.sh compiles the kernels as kernel_command does (sm_90 by default), without importing torch.
+    # build.sh compiles the kernels with kernel_command's flags (to sm_90 machine code by default), without importing torch.
     script = HARNESS_BUILD.read_text()
     for flag in [*NVCC_FLAGS, f"-std={cuda_build.cxx_standard()}", "-O3", "ARCH=90"]:
         assert flag in script, f"{HARNESS_BUILD.name} lacks {flag}"
