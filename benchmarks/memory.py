@@ -21,6 +21,7 @@ since the buffers it keeps idle for reuse count in the resident set.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
@@ -183,16 +184,21 @@ def main(argv=None) -> list[dict]:
     if options.variant:
         print(json.dumps(measure(options)))
         return []
-    rows = []
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     caches = options.cpu_caches if options.device == "cpu" else ("default",)
-    for cache in caches:
-        for variant in options.variants:
-            # A fresh process per variant: CPU peak RSS is a process-wide high-water mark.
-            env = _measuring_env(cpu_cache_off=cache == "off")
-            out = subprocess.run([sys.executable, "-m", "benchmarks.memory", *forwarded, "--variant", variant],
-                                 check=True, capture_output=True, text=True, env=env).stdout
-            rows.append({**json.loads(out.strip().splitlines()[-1]), "cpu_cache": cache})
+
+    def run(cache, variant):
+        # A fresh process per variant: CPU peak RSS is a process-wide
+        # high-water mark (as the CUDA allocator's peak is per process), so
+        # the processes may run side by side; nothing here is timed.
+        env = _measuring_env(cpu_cache_off=cache == "off")
+        out = subprocess.run([sys.executable, "-m", "benchmarks.memory", *forwarded, "--variant", variant],
+                             check=True, capture_output=True, text=True, env=env).stdout
+        return {**json.loads(out.strip().splitlines()[-1]), "cpu_cache": cache}
+
+    jobs = [(cache, variant) for cache in caches for variant in options.variants]
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        rows = list(pool.map(lambda job: run(*job), jobs))
     print(f"{options.model} ({options.act}, {options.dtype}{', channels_last' if options.channels_last else ''}, "
           f"batch {options.batch_size}) on {rows[0]['device']}: peak memory of a training step")
     for row in rows:

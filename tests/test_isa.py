@@ -33,9 +33,10 @@ for shape in [(2, 3), (5, 7, 13), (4, 3, 7, 9), (3, 17, 4, 4), (2, 5, 3, 4, 6), 
             err = max((y.double() - yr).abs().max().item(), (dx.double() - dxr).abs().max().item())
             assert err <= tol * max(1.0, dxr.abs().max().item()), (shape, dtype, channels_last, err)
             worst = max(worst, err)
-# Affine passes beyond kStreamingBytes (non-temporal stores, where this build has them):
-# each sample's output equals the op over that sample alone, which does not stream.
-for dtype in (torch.float32, torch.bfloat16):
+# Affine passes beyond kStreamingBytes (float32 non-temporal stores, where this build has
+# them; tests/test_numerics.py covers the other dtypes): each sample's output equals the op
+# over that sample alone, which does not stream.
+for dtype in (torch.float32,):
     n = STREAMING_BYTES // (2 * dtype.itemsize * 64 * 11 * 11) + 1
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(n, 64, 11, 11).to(dtype).contiguous(memory_format=memory_format)
