@@ -189,15 +189,20 @@ def main(argv=None) -> list[dict]:
 
     def run(cache, variant):
         # A fresh process per variant: CPU peak RSS is a process-wide
-        # high-water mark (as the CUDA allocator's peak is per process), so
-        # the processes may run side by side; nothing here is timed.
+        # high-water mark. Nothing here is timed, so on the CPU they may run
+        # side by side.
         env = _measuring_env(cpu_cache_off=cache == "off")
-        out = subprocess.run([sys.executable, "-m", "benchmarks.memory", *forwarded, "--variant", variant],
-                             check=True, capture_output=True, text=True, env=env).stdout
-        return {**json.loads(out.strip().splitlines()[-1]), "cpu_cache": cache}
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", *forwarded, "--variant", variant],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory variant {variant} (cache {cache}) failed:\n{proc.stderr[-4000:]}")
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "cpu_cache": cache}
 
     jobs = [(cache, variant) for cache in caches for variant in options.variants]
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    # On CUDA one at a time: processes sharing the GPU would change what each
+    # can allocate (and cuDNN's choice of algorithms with it).
+    workers = 1 if options.device == "cuda" else min(len(jobs), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         rows = list(pool.map(lambda job: run(*job), jobs))
     print(f"{options.model} ({options.act}, {options.dtype}{', channels_last' if options.channels_last else ''}, "
           f"batch {options.batch_size}) on {rows[0]['device']}: peak memory of a training step")

@@ -63,10 +63,11 @@ NVCC_FLAGS = getattr(cpp_extension, "COMMON_NVCC_FLAGS", [
 
 def kernel_command(source, output):
     """nvcc for a kernel file: csrc only on the include path (no torch). The
-    object carries compute_90 PTX, which is all the checks here need (the
-    front end, cicc, the harness's link and its --plan run): ptxas's sm_90
-    machine code, more than half of the compile time, matters only where a
-    GPU runs it, and the GPU machine's builds (setup.py, build.sh) make it."""
+    object carries compute_90 PTX, all that the checks here need (the
+    compile itself, the harness's link and its --plan run). ptxas, which
+    turns PTX into sm_90 machine code, costs more than compiling to PTX and
+    runs in the GPU machine's builds (setup.py, build.sh): what only it
+    reports (shared memory or registers past a limit) surfaces there."""
     return [NVCC, "-c", str(source), "-o", str(output), f"-I{CSRC}", f"-std={cxx_standard()}",
             "-gencode", "arch=compute_90,code=compute_90", *NVCC_FLAGS, "-O3", "-Xcompiler", "-fPIC"]
 

@@ -73,7 +73,7 @@ def test_harness_builds(harness):
 
 
 def test_harness_build_uses_the_ci_flags():
-    # build.sh compiles the kernels with kernel_command's flags (to sm_90 machine code by default), without importing torch.
+    # build.sh compiles the kernels with kernel_command's NVCC_FLAGS, -std and -O3 (then to sm_90 machine code), without torch.
     script = HARNESS_BUILD.read_text()
     for flag in [*NVCC_FLAGS, f"-std={cuda_build.cxx_standard()}", "-O3", "ARCH=90"]:
         assert flag in script, f"{HARNESS_BUILD.name} lacks {flag}"

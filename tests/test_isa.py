@@ -33,14 +33,14 @@ for shape in [(2, 3), (5, 7, 13), (4, 3, 7, 9), (3, 17, 4, 4), (2, 5, 3, 4, 6), 
             err = max((y.double() - yr).abs().max().item(), (dx.double() - dxr).abs().max().item())
             assert err <= tol * max(1.0, dxr.abs().max().item()), (shape, dtype, channels_last, err)
             worst = max(worst, err)
-# Affine passes beyond kStreamingBytes (float32 non-temporal stores, where this build has
-# them; tests/test_numerics.py covers the other dtypes): each sample's output equals the op
-# over that sample alone, which does not stream.
-for dtype in (torch.float32,):
-    n = STREAMING_BYTES // (2 * dtype.itemsize * 64 * 11 * 11) + 1
+# Affine passes past kNonTemporalBytes (this build's non-temporal stores, where it has
+# them; tests/test_numerics.py covers half precision, whose are AVX-512's): each sample's
+# output equals the op over that sample alone, which stores plainly.
+for dtype in (torch.float32, torch.float64):
+    n = NON_TEMPORAL_BYTES // (2 * dtype.itemsize * 64 * 11 * 11) + 1
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(n, 64, 11, 11).to(dtype).contiguous(memory_format=memory_format)
-        dy = torch.randn(n, 64, 11, 11).to(dtype).contiguous(memory_format=memory_format)
+        x = torch.randn(n, 64, 11, 11, dtype=dtype).contiguous(memory_format=memory_format)
+        dy = torch.randn(n, 64, 11, 11, dtype=dtype).contiguous(memory_format=memory_format)
         mean, invstd = torch.ops.bnfast.stats(x, 1e-5)
         terms = (mean, invstd, None, torch.full_like(mean, 0.1), torch.full_like(mean, 0.2))
         y = torch.ops.bnfast.elemt(x, None, None, mean, invstd)
@@ -64,7 +64,7 @@ def test_isa_build(capability):
     if capability not in _supported():
         pytest.skip(f"this CPU (or torch build) does not run {capability}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
-    check = f"STREAMING_BYTES = {samples.CPU['kStreamingBytes']}\n" + CHECK
+    check = f"NON_TEMPORAL_BYTES = {samples.CPU['kNonTemporalBytes']}\n" + CHECK
     out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
     used, _ = out.stdout.split()

@@ -218,25 +218,27 @@ def test_reduced_precision_rounding(dtype, memory_format, device):
 
 
 # ------------------------------------------------------------ outputs beyond the caches
-# An affine pass that moves more than kStreamingBytes (x and out, and dy in the
+# An affine pass that moves more than kNonTemporalBytes (x and out, and dy in the
 # backward) writes its output with non-temporal stores (csrc/cpu/parallel.h,
-# streams_past_cache); one moving less, with plain ones. Each case streams as a
-# whole while two of its samples do not, and spans the affine loops: channels-first
-# planes of whole vectors, planes ending mid-vector (the forward's run of vectors),
-# short planes read as rows; channels-last rows in registers and rows too wide
-# for them, with a tail.
-_STREAMING_BYTES = samples.CPU["kStreamingBytes"]
+# writes_past_cache); one moving less, with plain ones. Each case below is past the
+# threshold as a whole and each of its samples far below it. They span the affine
+# loops: channels-first planes of whole vectors, planes ending mid-vector (the
+# forward's run of vectors), short planes (the backward reads them as rows);
+# channels-last rows kept in registers and, on AVX-512, rows too wide for them with
+# a tail. Only full vectors at aligned addresses store non-temporally, so every
+# case mixes both kinds of store.
+_NON_TEMPORAL_BYTES = samples.CPU["kNonTemporalBytes"]
 
 
-def _streamed(per_sample, layout, dtype):
+def _past_cache(per_sample, layout, dtype):
     """A case of per_sample's (C, *spatial) with just enough samples that its
-    forward affine pass streams (two values an element: x and out)."""
+    forward affine pass (two values an element: x and out) is past the threshold."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    n = _STREAMING_BYTES // (2 * itemsize * math.prod(per_sample)) + 1
+    n = _NON_TEMPORAL_BYTES // (2 * itemsize * math.prod(per_sample)) + 1
     return samples.Case((n,) + per_sample, layout, dtype)
 
 
-STREAMED = [_streamed(s, layout, dtype) for s, layout, dtype in (
+PAST_CACHE = [_past_cache(s, layout, dtype) for s, layout, dtype in (
     ((32, 8, 8), "contiguous", torch.float32),
     ((32, 8, 8), "contiguous", torch.bfloat16),
     ((32, 8, 8), "contiguous", torch.float64),
@@ -248,27 +250,45 @@ STREAMED = [_streamed(s, layout, dtype) for s, layout, dtype in (
 )]
 
 
-@pytest.mark.parametrize("case", **samples.by_id(STREAMED))
-def test_streamed_outputs_equal_unstreamed(case):
+def _assert_samples_equal(whole, per_sample, n_samples, what):
+    for n in (0, n_samples // 2, n_samples - 1):
+        assert torch.equal(whole[n:n + 1], per_sample(n)), f"{what}, sample {n}"
+
+
+@pytest.mark.parametrize("case", **samples.by_id(PAST_CACHE))
+def test_non_temporal_outputs_equal_plain(case):
     """elemt and backward_elemt are elementwise given the per-channel terms, so
-    each sample of a streamed output must equal, bit for bit, the same op over
-    that sample alone (too small to stream): every value reaches memory,
-    aligned or not, whole vectors and tails."""
+    each sample of an output written non-temporally must equal, bit for bit,
+    the same op over that sample alone (plain stores)."""
     x, dy = case.input(), case.grad_out()
     w, b = case.params()
     mean, invstd = torch.ops.bnfast.stats(x, EPS)
     mean_dy, mean_dy_xmu = (t / case.count for t in torch.ops.bnfast.backward_reduce(dy, x, mean, invstd))
     y = torch.ops.bnfast.elemt(x, w, b, mean, invstd)
     dx = torch.ops.bnfast.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xmu)
-    for n in (0, case.shape[0] // 2, case.shape[0] - 1):
-        xs, dys = x[n:n + 1], dy[n:n + 1]
-        assert torch.equal(y[n:n + 1], torch.ops.bnfast.elemt(xs, w, b, mean, invstd)), f"output, sample {n}"
-        assert torch.equal(dx[n:n + 1], torch.ops.bnfast.backward_elemt(dys, xs, mean, invstd, w, mean_dy,
-                                                                         mean_dy_xmu)), f"grad_input, sample {n}"
+    _assert_samples_equal(y, lambda n: torch.ops.bnfast.elemt(x[n:n + 1], w, b, mean, invstd), case.shape[0],
+                          "output")
+    _assert_samples_equal(dx, lambda n: torch.ops.bnfast.backward_elemt(dy[n:n + 1], x[n:n + 1], mean, invstd, w,
+                                                                         mean_dy, mean_dy_xmu), case.shape[0],
+                          "grad_input")
 
 
-def test_streamed_training_step_against_torch():
-    """A streamed training step whose two forward passes run fused, block by
-    block of channels (the affine pass of each block streams), against torch
-    and the float64 reference."""
-    _compare(STREAMED[0], "cpu", True, True, None)
+# Training past the threshold with both passes fused block by block of channels
+# (fused_channel_blocks): bands of whole channels (planes of 64), runs of planes (256).
+FUSED_PAST_CACHE = [_past_cache((512, 8, 8), "contiguous", torch.float32),
+                    _past_cache((1024, 16, 16), "contiguous", torch.float32)]
+
+
+@pytest.mark.parametrize("case", **samples.by_id(FUSED_PAST_CACHE))
+def test_non_temporal_fused_training(case):
+    """The fused training forward's output, sample by sample, equals elemt's
+    with its statistics (bitwise); the fused backward's grad_input equals
+    backward_elemt's with backward_reduce's sums (up to their summation order)."""
+    x, dy = case.input(), case.grad_out()
+    w, b = case.params()
+    y, mean, invstd = torch.ops.bnfast.forward(x, w, b, EPS)
+    _assert_samples_equal(y, lambda n: torch.ops.bnfast.elemt(x[n:n + 1], w, b, mean, invstd), case.shape[0],
+                          "output")
+    dx = torch.ops.bnfast.backward(dy, x, mean, invstd, w)[0]
+    mean_dy, mean_dy_xmu = (t / case.count for t in torch.ops.bnfast.backward_reduce(dy, x, mean, invstd))
+    torch.testing.assert_close(dx, torch.ops.bnfast.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xmu))

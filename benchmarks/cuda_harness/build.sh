@@ -9,10 +9,11 @@
 #                                                          tests/cuda_build.py compiled, instead
 #                                                          of compiling csrc/cuda/*.cu again
 #
-# The kernels are compiled as the CI compile check compiles them (its
+# The kernels are compiled with the CI compile check's flags (its
 # NVCC_FLAGS: torch's CUDAExtension defines; csrc alone on the include path),
 # in parallel, for sm_90 machine code (the H100 / H200) unless --arch; NVCC
-# picks the nvcc.
+# picks the nvcc. The check's own objects (--objects) carry compute_90 PTX
+# only, which is what a CPU-only link and --plan run need.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)

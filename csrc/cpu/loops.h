@@ -69,9 +69,10 @@ struct Loops {
                     opmath_t* scratch, const Fusion<scalar_t>* fusion);
   // Per-channel affine map, centred:
   //   out = (x - m[c]) * p[c] + q[c] (+ dy * r[c] when dy given)
-  // streaming: the op's data is far larger than the caches (streams_past_cache,
-  // parallel.h), so out is written with non-temporal stores where aligned; it
-  // would be evicted before it is read anyway. Results are the same bits.
+  // non_temporal: full vectors of out aligned to their size are written with
+  // non-temporal stores (AVX2 and AVX-512 builds; half precision: AVX-512
+  // only), the rest with plain ones; the same bits either way. The callers
+  // set it past the last-level cache (writes_past_cache, parallel.h).
   // NB: centring before scaling keeps y exact when |mean| >> std; the
   // uncentred x * scale + (bias - mean * scale) loses the low bits of y in
   // the rounding of the large shift.
@@ -81,13 +82,13 @@ struct Loops {
   // channels' coefficients).
   void (*affine_cf)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                     int64_t plane_begin, int64_t plane_end, const opmath_t* m, const opmath_t* p,
-                    const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion, bool streaming);
+                    const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion, bool non_temporal);
   // Channels-last: rows [m_begin, m_end) of C values, row_stride apart (in
   // x, dy and out alike).
   void (*affine_cl)(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
                     int64_t row_stride, int64_t m_begin, int64_t m_end, const opmath_t* m,
                     const opmath_t* p, const opmath_t* q, const opmath_t* r, const Fusion<scalar_t>* fusion,
-                    bool streaming);
+                    bool non_temporal);
 };
 
 struct LoopTable {

@@ -53,12 +53,12 @@ inline bool affine_planes_as_rows(Layout layout, const Shape& shape, bool has_dy
   return short_planes_as_rows(layout, shape) && (has_dy || shape.spatial % kMaxLanes != 0);
 }
 
-// Whether an affine pass over the whole shape (x and out, and dy with it)
-// moves more than kStreamingBytes: its output is then written with
-// non-temporal stores (loops.h, affine_cf).
+// Whether an affine pass over the whole shape moves more than
+// kNonTemporalBytes (x and out, and dy with it): its output is then written
+// with non-temporal stores (loops.h, affine_cf).
 template <typename scalar_t>
-bool streams_past_cache(const Shape& shape, bool has_dy) {
-  return shape.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (has_dy ? 3 : 2) > kStreamingBytes;
+bool writes_past_cache(const Shape& shape, bool has_dy) {
+  return shape.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (has_dy ? 3 : 2) > kNonTemporalBytes;
 }
 
 // Channels-first planes shorter than kBandPlane (other than those read as
@@ -182,11 +182,11 @@ class ChannelBand {
   }
   // out = (x - m) * p + q (+ dy * r) over the band (the fusion's activation
   // too), with every channel's set_coefficients.
-  void affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, bool streaming) {
+  void affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, bool non_temporal) {
     const int64_t col0 = c0_ * S_;
     loops<scalar_t>().affine_cl(x + col0, dy ? dy + col0 : nullptr, out + col0, (c1_ - c0_) * S_, C_ * S_, 0, N_,
                                 column(kM, c0_), column(kP, c0_), column(kQ, c0_),
-                                dy ? column(kR, c0_) : nullptr, fusion(), streaming);
+                                dy ? column(kR, c0_) : nullptr, fusion(), non_temporal);
   }
 
  private:
@@ -283,10 +283,10 @@ class PlaneRuns {
   }
   // out = (x - m) * p + q (+ dy * r) over the block (the fusion's activation
   // too), with every channel's set_coefficients.
-  void affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, bool streaming) {
+  void affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, bool non_temporal) {
     for (int64_t n = 0; n < N_; ++n) {
       loops<scalar_t>().affine_cf(x, dy, out, C_, S_, n * C_ + c0_, n * C_ + c1_, m_.data(), p_.data(),
-                                  q_.data(), r_.data(), fusion_, streaming);
+                                  q_.data(), r_.data(), fusion_, non_temporal);
     }
   }
 
@@ -409,11 +409,11 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   const auto& loop = loops<scalar_t>();
   const int64_t C = shape.channels;
   const int64_t S = shape.spatial;
-  const bool streaming = streams_past_cache<scalar_t>(shape, dy != nullptr);
+  const bool non_temporal = writes_past_cache<scalar_t>(shape, dy != nullptr);
   auto rows = [&](int64_t W, int64_t M, const auto* m, const auto* p, const auto* q, const auto* r,
                   const Fusion<scalar_t>* f) {
     at::parallel_for(0, M, std::max<int64_t>(1, kGrain / W), [&](int64_t begin, int64_t end) {
-      loop.affine_cl(x, dy, out, W, W, begin, end, m, p, q, r, f, streaming);
+      loop.affine_cl(x, dy, out, W, W, begin, end, m, p, q, r, f, non_temporal);
     });
   };
   if (layout == Layout::kChannelsLast) {
@@ -426,7 +426,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1));
     at::parallel_for(0, shape.batch * C, grain, [&](int64_t begin, int64_t end) {
-      loop.affine_cf(x, dy, out, C, S, begin, end, m, p, q, r, fusion, streaming);
+      loop.affine_cf(x, dy, out, C, S, begin, end, m, p, q, r, fusion, non_temporal);
     });
   }
 }
@@ -440,7 +440,7 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
                           const Coefficients& coefficients, const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
-  const bool streaming = streams_past_cache<scalar_t>(shape, dy != nullptr);
+  const bool non_temporal = writes_past_cache<scalar_t>(shape, dy != nullptr);
   auto run_blocks = [&](auto& block, int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       block.select(b * per_block, std::min(C, (b + 1) * per_block), fusion);
@@ -449,7 +449,7 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
         coefficients(c, s1, s2, &m, &p, &q, &r);
         block.set_coefficients(c, m, p, q, r);
       });
-      block.affine(x, dy, out, streaming);
+      block.affine(x, dy, out, non_temporal);
     }
   };
   const bool bands = blocks_in_bands<scalar_t>(Layout::kChannelsFirst, shape);

@@ -60,13 +60,15 @@ constexpr int64_t kMinRunPlanes = 4;
 // follow (python -m benchmarks.kernels --cases seed_bn3 r18_s2 r18_s4 r50_s2
 // r50_s3 --phases fwd_eval bwd). One core's L2 on the machines measured.
 constexpr int64_t kCacheResidentBytes = 1 << 20;
-// An affine pass moving more than kStreamingBytes in all (x and out, and dy
-// in the backward) writes its output with non-temporal stores: the output
-// would leave the last-level cache before anything reads it, and such stores
-// neither read each line before overwriting it nor evict the input (python
-// -m benchmarks.kernels --cases r18_s2 r50_s2 r50_s3 --phases fwd_eval bwd).
-// The last-level cache of the machines measured: 32 MiB.
-constexpr int64_t kStreamingBytes = 32 << 20;
+// An affine pass moving more than kNonTemporalBytes in all (x and out, and
+// dy in the backward; as above, a fusion's residual streams are not counted)
+// writes its output with non-temporal stores: the output would leave the
+// last-level cache before anything reads it, and such stores neither read
+// each line before overwriting it nor evict the input. Below that they cost:
+// the output no longer stays in cache. The last-level cache of the machines
+// measured is 32 MiB (python -m benchmarks.kernels --cases r50_s1 r50_s3
+// --phases fwd_eval bwd, above it; seed_bn1 r18_s4, below).
+constexpr int64_t kNonTemporalBytes = 32 << 20;
 
 }  // namespace cpu
 }  // namespace bnfast

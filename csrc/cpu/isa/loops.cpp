@@ -80,10 +80,10 @@ struct VecIO {
   BNFAST_ELEMENT static Vec load(const scalar_t* p, int64_t n) { return Vec::loadu(p, n); }
   BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v) { v.store(p); }
   BNFAST_ELEMENT static void store(scalar_t* p, const Vec& v, int64_t n) { v.store(p, n); }
-  // Non-temporal store of a full vector, at an address aligned to its size.
+  // A non-temporal store of a full vector; p is aligned to the vector's size.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  static constexpr bool kCanStream = true;
-  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) {
+  static constexpr bool kHasNonTemporalStore = true;
+  BNFAST_ELEMENT static void store_non_temporal(scalar_t* p, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same<scalar_t, float>::value) _mm512_stream_ps(p, v); else _mm512_stream_pd(p, v);
 #else
@@ -91,8 +91,7 @@ struct VecIO {
 #endif
   }
 #else
-  static constexpr bool kCanStream = false;
-  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) { v.store(p); }
+  static constexpr bool kHasNonTemporalStore = false;
 #endif
 };
 
@@ -143,14 +142,14 @@ struct VecIO<scalar_t, true> {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
 #endif
   }
+  // As above: 16 values, 32 bytes, p aligned to 32.
 #if defined(CPU_CAPABILITY_AVX512)
-  static constexpr bool kCanStream = true;
-  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) {
+  static constexpr bool kHasNonTemporalStore = true;
+  BNFAST_ELEMENT static void store_non_temporal(scalar_t* p, const Vec& v) {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed(v));
   }
 #else
-  static constexpr bool kCanStream = false;
-  BNFAST_ELEMENT static void stream(scalar_t* p, const Vec& v) { store(p, v); }
+  static constexpr bool kHasNonTemporalStore = false;
 #endif
 };
 
@@ -342,31 +341,31 @@ struct Lanes {
   }
 };
 
-// Where an affine loop writes. Streaming (loops.h): full vectors at
-// addresses aligned to their size are stored non-temporally, past the
-// caches and without first reading the line they overwrite; the rest, and
-// everything when not streaming, are plain stores. Such stores are weakly
-// ordered: finish() fences them before the loop returns to its caller.
+// Where an affine loop writes. With non_temporal (loops.h), full vectors
+// whose address is aligned to their size bypass the caches, without the read
+// of the line they overwrite; tails, unaligned vectors, builds without such
+// stores and every store without non_temporal are plain. Non-temporal stores
+// are weakly ordered: fence() orders them before what the caller does next.
 template <typename scalar_t>
 struct Output {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   static constexpr uintptr_t kVectorBytes = IO::kLanes * sizeof(scalar_t);
   scalar_t* data;
-  bool streaming;
+  bool non_temporal;
   BNFAST_ELEMENT void store(const Lanes<scalar_t>& part, int64_t offset, const Vec& v) const {
     scalar_t* p = data + offset;
-    if constexpr (IO::kCanStream) {
-      if (streaming && part.n == IO::kLanes && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
-        IO::stream(p, v);
+    if constexpr (IO::kHasNonTemporalStore) {
+      if (non_temporal && part.n == IO::kLanes && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
+        IO::store_non_temporal(p, v);
         return;
       }
     }
     part.store(p, v);
   }
-  void finish() const {
+  void fence() const {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if (streaming) _mm_sfence();
+    if (non_temporal) _mm_sfence();
 #endif
   }
 };
@@ -1092,20 +1091,21 @@ template <typename scalar_t>
 void affine_cf(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t S,
                int64_t plane_begin, int64_t plane_end, const at::opmath_type<scalar_t>* m,
                const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion, bool streaming) {
-  const Output<scalar_t> sink{out, streaming};
-  BNFAST_DISPATCH_LOOP(affine_cf_impl, x, dy, sink, C, S, plane_begin, plane_end, m, p, q, r, fusion)
-  sink.finish();
+               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion, bool non_temporal) {
+  const Output<scalar_t> output{out, non_temporal};
+  // The dispatch returns from its function: a lambda's, so the fence runs.
+  [&] { BNFAST_DISPATCH_LOOP(affine_cf_impl, x, dy, output, C, S, plane_begin, plane_end, m, p, q, r, fusion) }();
+  output.fence();
 }
 
 template <typename scalar_t>
 void affine_cl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t row_stride,
                int64_t m_begin, int64_t m_end, const at::opmath_type<scalar_t>* m,
                const at::opmath_type<scalar_t>* p, const at::opmath_type<scalar_t>* q,
-               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion, bool streaming) {
-  const Output<scalar_t> sink{out, streaming};
-  BNFAST_DISPATCH_LOOP(affine_cl_impl, x, dy, sink, C, row_stride, m_begin, m_end, m, p, q, r, fusion)
-  sink.finish();
+               const at::opmath_type<scalar_t>* r, const Fusion<scalar_t>* fusion, bool non_temporal) {
+  const Output<scalar_t> output{out, non_temporal};
+  [&] { BNFAST_DISPATCH_LOOP(affine_cl_impl, x, dy, output, C, row_stride, m_begin, m_end, m, p, q, r, fusion) }();
+  output.fence();
 }
 
 #undef BNFAST_DISPATCH_LOOP
