@@ -180,6 +180,21 @@ BNFAST_ELEMENT void with_count(int64_t count, F&& f) {
   f(std::integral_constant<int64_t, kMax>{});
 }
 
+// f(vectors, tail) for a row of `width` lanes in vectors of kLanes, at most
+// kMax of them: vectors = its vector count, tail = whether the last one is
+// partial, both compile-time constants (std::integral_constant,
+// std::bool_constant), as the register loops take them.
+template <int64_t kMax, int64_t kLanes, typename F>
+BNFAST_ELEMENT void with_row_shape(int64_t width, F&& f) {
+  with_count<kMax>((width + kLanes - 1) / kLanes, [&](auto vectors) BNFAST_LAMBDA_ELEMENT {
+    if (width % kLanes == 0) {
+      f(vectors, std::false_type{});
+    } else {
+      f(vectors, std::true_type{});
+    }
+  });
+}
+
 // Vector steps before the vector partial sums are folded into the double
 // totals. They are spread over kChains independent accumulator chains (to hide
 // the add latency), so each lane of each chain sums at most
@@ -750,13 +765,9 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
       const int64_t m1 = min64(m_end, m0 + tile);
       for (int64_t c0 = 0; c0 < C; c0 += block) {
         const int64_t width = min64(block, C - c0);
-        with_count<kRowVectors>((width + L - 1) / L, [&](auto vectors) BNFAST_LAMBDA_ELEMENT {
-          constexpr int64_t kVectors = decltype(vectors)::value;
-          if (width % L == 0) {
-            reduce_rows_in_registers<kVectors, false>(t, c0, width, row_stride, m0, m1, shift, s1, s2);
-          } else {
-            reduce_rows_in_registers<kVectors, true>(t, c0, width, row_stride, m0, m1, shift, s1, s2);
-          }
+        with_row_shape<kRowVectors, L>(width, [&](auto vectors, auto tail) BNFAST_LAMBDA_ELEMENT {
+          reduce_rows_in_registers<decltype(vectors)::value, decltype(tail)::value>(t, c0, width, row_stride, m0,
+                                                                                   m1, shift, s1, s2);
         });
       }
     }
@@ -970,13 +981,9 @@ void affine_cl_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out,
   // a time; every other loop's coefficients are m, p, q (and r with dy).
   if constexpr (!(kHasDy && T::kActive)) {
     if (C <= kRowVectors * L) {
-      with_count<kRowVectors>((C + L - 1) / L, [&](auto vectors) BNFAST_LAMBDA_ELEMENT {
-        constexpr int64_t kCount = decltype(vectors)::value;
-        if (C % L == 0) {
-          affine_rows_in_registers<kCount, false>(t, out, C, row_stride, m_begin, m_end, m, p, q, r);
-        } else {
-          affine_rows_in_registers<kCount, true>(t, out, C, row_stride, m_begin, m_end, m, p, q, r);
-        }
+      with_row_shape<kRowVectors, L>(C, [&](auto vectors, auto tail) BNFAST_LAMBDA_ELEMENT {
+        affine_rows_in_registers<decltype(vectors)::value, decltype(tail)::value>(t, out, C, row_stride, m_begin,
+                                                                                 m_end, m, p, q, r);
       });
       return;
     }
