@@ -54,8 +54,9 @@ _FOLD_ROWS = CPU["kFlushSteps"] // CPU["kChains"]
 # two channels-last row chunks (kReduceGrain / 512 rows each), the second partial
 ROW_CHUNKS = (CPU["kReduceGrain"] // 512 * 3 // 2, 512)
 # channels-last rows one channel wider than the loops keep in registers on AVX-512
-# (kRowVectors float32 vectors): the reductions in two blocks of columns over tiles of
-# kRowsPerFold rows (the last tile partial), the affine pass by steps, a one-lane tail
+# (kRowVectors float32 vectors): the reductions in two blocks of columns, each over all
+# the rows (the tiles of rows of larger inputs: test_numerics.py,
+# test_row_block_walks_sum_alike), the affine pass by steps, a one-lane tail
 WIDE_ROWS = (3, CPU["kRowVectors"] * 16 + 1, 2, 3)
 # channels-last rows of 200 float32 channels (too wide for registers), as many as make the
 # forward's affine pass stream more than kCacheResidentBytes as one task (one thread) but

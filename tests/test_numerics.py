@@ -292,3 +292,28 @@ def test_non_temporal_fused_training(case):
     dx = torch.ops.bnfast.backward(dy, x, mean, invstd, w)[0]
     mean_dy, mean_dy_xmu = (t / case.count for t in torch.ops.bnfast.backward_reduce(dy, x, mean, invstd))
     torch.testing.assert_close(dx, torch.ops.bnfast.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xmu))
+
+
+# Channels-last rows two register blocks wide (kRowVectors float32 vectors each), with
+# enough rows that the work chunks hold ceil(rows / kMaxChunks) rows at this width and at
+# half of it alike.
+_TWO_BLOCKS = 2 * samples.CPU["kRowVectors"] * 16
+_BLOCK_ROWS = samples.CPU["kMaxChunks"] * samples.CPU["kReduceGrain"] // (_TWO_BLOCKS // 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32-tiles", "bf16-whole-blocks"])
+def test_row_block_walks_sum_alike(dtype):
+    """The channels-last reduction sums rows wider than its registers block of
+    columns by block, over tiles of rows when the input is larger than
+    kWholeBlockBytes (float32 here) and over all of a chunk's rows otherwise
+    (bfloat16): either way each column's sums must equal, bit for bit, those of
+    its block alone, one block wide."""
+    x = torch.randn(_BLOCK_ROWS // 16, _TWO_BLOCKS, 4, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    tiles = x.numel() * x.element_size() > samples.CPU["kWholeBlockBytes"]
+    assert tiles == (dtype == torch.float32), "the shape no longer takes the walk this case is named for"
+    mean, invstd = torch.ops.bnfast.stats(x, EPS)
+    half = _TWO_BLOCKS // 2
+    for part in (slice(0, half), slice(half, None)):
+        alone = x[:, part].contiguous(memory_format=torch.channels_last)
+        part_mean, part_invstd = torch.ops.bnfast.stats(alone, EPS)
+        assert torch.equal(mean[part], part_mean) and torch.equal(invstd[part], part_invstd), f"columns {part}"

@@ -64,9 +64,13 @@ struct Loops {
   // Channels-last: rows [m_begin, m_end) of C values each, row_stride apart
   // (C for a whole channels-last tensor), shifts K[C]; adds into s1[C], s2[C].
   // scratch holds kReduceClScratch * padded_channels(C) opmath_t.
+  // whole_blocks: rows wider than the loop sums in registers are summed one
+  // block of columns at a time over all the rows, else in short tiles of
+  // rows, every block per tile; the same bits either way. The callers set it
+  // while the op's inputs fit in cache (reads_fit_cache, parallel.h).
   void (*reduce_cl)(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const opmath_t* shift, double* s1, double* s2,
-                    opmath_t* scratch, const Fusion<scalar_t>* fusion);
+                    opmath_t* scratch, const Fusion<scalar_t>* fusion, bool whole_blocks);
   // Per-channel affine map, centred:
   //   out = (x - m[c]) * p[c] + q[c] (+ dy * r[c] when dy given)
   // non_temporal: full vectors of out aligned to their size are written with

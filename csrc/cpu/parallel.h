@@ -61,6 +61,14 @@ bool writes_past_cache(const Shape& shape, bool has_dy) {
   return shape.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (has_dy ? 3 : 2) > kNonTemporalBytes;
 }
 
+// Whether a reduction over the whole shape reads at most kWholeBlockBytes
+// (x, and dy with it): its wide rows are then summed block by block over
+// each task's rows (loops.h, reduce_cl).
+template <typename scalar_t>
+bool reads_fit_cache(const Shape& shape, bool has_dy) {
+  return shape.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (has_dy ? 2 : 1) <= kWholeBlockBytes;
+}
+
 // Channels-first planes shorter than kBandPlane (other than those read as
 // rows) of a half-precision tensor, or of a float32 one when they are a whole
 // number of vectors: the reductions read bands of whole channels, i.e. bands
@@ -149,7 +157,8 @@ class ChannelBand {
       : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
         padded_(padded_channels(max_channels * shape.spatial)),
         scratch_(new opmath_t[kReduceClScratch * padded_]), columns_(new opmath_t[4 * padded_]),
-        sums_(new double[2 * max_channels * shape.spatial]) {}
+        sums_(new double[2 * max_channels * shape.spatial]),
+        whole_blocks_{reads_fit_cache<scalar_t>(shape, false), reads_fit_cache<scalar_t>(shape, true)} {}
 
   // Channels [c0, c1), of an op with this fusion (null: none).
   void select(int64_t c0, int64_t c1, const Fusion<scalar_t>* fusion) {
@@ -166,7 +175,7 @@ class ChannelBand {
     const int64_t width = (c1_ - c0_) * S_, col0 = c0_ * S_;
     std::fill_n(sums_.get(), 2 * width, 0.0);
     loops<scalar_t>().reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, C_ * S_, 0, N_, column(kM, c0_),
-                                sums_.get(), sums_.get() + width, scratch_.get(), fusion());
+                                sums_.get(), sums_.get() + width, scratch_.get(), fusion(), whole_blocks_[dy != nullptr]);
     for (int64_t c = c0_; c < c1_; ++c) {
       const auto* s1 = &sums_[(c - c0_) * S_];
       const auto* s2 = s1 + width;
@@ -199,6 +208,7 @@ class ChannelBand {
   // masked tails) and sums only where they were written.
   std::unique_ptr<opmath_t[]> scratch_, columns_;
   std::unique_ptr<double[]> sums_;
+  bool whole_blocks_[2];  // reduce_cl's, without and with dy
   int64_t c0_ = 0, c1_ = 0;
   std::optional<FusionView<scalar_t>> view_;  // the selected band's
 };
@@ -321,7 +331,8 @@ void block_sums(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t per_bl
 // Sums of reduce over rows [M][W] (channels-last; or short planes with W = C * S).
 template <typename scalar_t>
 void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
-              const at::opmath_type<scalar_t>* shift, double* s1, double* s2, const Fusion<scalar_t>* fusion) {
+              const at::opmath_type<scalar_t>* shift, double* s1, double* s2, const Fusion<scalar_t>* fusion,
+              bool whole_blocks) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto& loop = loops<scalar_t>();
   const int64_t rows_per_chunk =
@@ -334,7 +345,7 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
       const int64_t m0 = chunk * rows_per_chunk;
       const int64_t m1 = std::min(M, m0 + rows_per_chunk);
       double* p = &partial[2 * W * chunk];
-      loop.reduce_cl(x, dy, W, W, m0, m1, shift, p, p + W, scratch.data(), fusion);
+      loop.reduce_cl(x, dy, W, W, m0, m1, shift, p, p + W, scratch.data(), fusion, whole_blocks);
     }
   });
   add_partials(partial, chunks, W, s1, s2);
@@ -348,8 +359,9 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
   const int64_t S = shape.spatial;
+  const bool whole_blocks = reads_fit_cache<scalar_t>(shape, dy != nullptr);
   if (layout == Layout::kChannelsLast) {
-    row_sums<scalar_t>(x, dy, C, shape.per_channel(), shift, s1, s2, fusion);
+    row_sums<scalar_t>(x, dy, C, shape.per_channel(), shift, s1, s2, fusion, whole_blocks);
     return;
   }
   if (short_planes_as_rows(layout, shape)) {
@@ -357,7 +369,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
     std::vector<double> column_s1(C * S), column_s2(C * S);
     const FusionView<scalar_t> columns(fusion, 0, C, S);
     row_sums<scalar_t>(x, dy, C * S, shape.batch, column_shift.data(), column_s1.data(),
-                       column_s2.data(), columns.get());
+                       column_s2.data(), columns.get(), whole_blocks);
     for (int64_t c = 0; c < C; ++c) {
       s1[c] = std::accumulate(&column_s1[c * S], &column_s1[(c + 1) * S], 0.0);
       s2[c] = std::accumulate(&column_s2[c * S], &column_s2[(c + 1) * S], 0.0);

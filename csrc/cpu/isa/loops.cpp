@@ -734,7 +734,7 @@ void reduce_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, int64_
 template <typename scalar_t, bool kHasDy, Variant kVariant>
 void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin,
                     int64_t m_end, const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
-                    at::opmath_type<scalar_t>* scratch, const Fusion<scalar_t>* fusion) {
+                    at::opmath_type<scalar_t>* scratch, const Fusion<scalar_t>* fusion, bool whole_blocks) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using opmath_t = typename IO::opmath_t;
@@ -753,14 +753,15 @@ void reduce_cl_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t ro
   if constexpr (!kCompensated && !(kHasDy && Terms<scalar_t, kHasDy, kVariant>::kActive)) {
     const Terms<scalar_t, kHasDy, kVariant> t(x, dy, fusion);
     // Rows that fit are summed whole, in memory order. Wider ones are cut
-    // into blocks of columns (of one width, but the last) and summed in
-    // tiles of kRowsPerFold rows, block by block: a tile is one run of every
-    // column between two folds, so the sums are added in the same order
-    // whatever the width. Faster than the scratch loop below, whose steps
-    // load and store the partial sums (figures in the commit message).
+    // into blocks of columns (of one width, but the last), each summed over
+    // all the rows (whole_blocks, loops.h) or in tiles of kRowsPerFold rows,
+    // block by block. Either way each column is folded every kRowsPerFold
+    // rows from m_begin, so its sums are added in the same order whatever
+    // the width and the walk. Faster than the scratch loop below, whose
+    // steps load and store the partial sums (figures in the commit message).
     const int64_t blocks = (C + kRowVectors * L - 1) / (kRowVectors * L);
     const int64_t block = ((C + blocks - 1) / blocks + L - 1) / L * L;
-    const int64_t tile = blocks == 1 ? m_end - m_begin : kRowsPerFold;
+    const int64_t tile = blocks == 1 || whole_blocks ? m_end - m_begin : kRowsPerFold;
     for (int64_t m0 = m_begin; m0 < m_end; m0 += tile) {
       const int64_t m1 = min64(m_end, m0 + tile);
       for (int64_t c0 = 0; c0 < C; c0 += block) {
@@ -932,7 +933,7 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out,
 // channel vectors, C channels; kTail: the last one partial): rows are walked
 // in memory order and no coefficient is reloaded.
 template <int64_t kVectors, bool kTail, typename scalar_t, bool kHasDy, Variant kVariant>
-void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, Output<scalar_t> out, int64_t C,
+void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& terms, Output<scalar_t> out, int64_t C,
                               int64_t row_stride, int64_t m_begin, int64_t m_end,
                               const at::opmath_type<scalar_t>* m, const at::opmath_type<scalar_t>* p,
                               const at::opmath_type<scalar_t>* q, const at::opmath_type<scalar_t>* r) {
@@ -940,6 +941,9 @@ void affine_rows_in_registers(const Terms<scalar_t, kHasDy, kVariant>& t, Output
   using Vec = typename IO::Vec;
   constexpr int64_t L = IO::kLanes;
   const int64_t last = kTail ? C - (kVectors - 1) * L : L;  // lanes of the last vector
+  // A local copy: through the reference, GCC reloaded t.x and t.dy after
+  // every store to out (which it cannot prove does not alias *terms).
+  const auto t = terms;
   Vec mv[kVectors], pv[kVectors], qv[kVectors], rv[kVectors];
   unrolled<kVectors>([&](auto index) BNFAST_LAMBDA_ELEMENT {
     constexpr int64_t v = decltype(index)::value;
@@ -1090,8 +1094,9 @@ void reduce_cf(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t S, int6
 template <typename scalar_t>
 void reduce_cl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t row_stride, int64_t m_begin, int64_t m_end,
                const at::opmath_type<scalar_t>* shift, double* s1, double* s2,
-               at::opmath_type<scalar_t>* scratch, const Fusion<scalar_t>* fusion) {
-  BNFAST_DISPATCH_LOOP(reduce_cl_impl, x, dy, C, row_stride, m_begin, m_end, shift, s1, s2, scratch, fusion)
+               at::opmath_type<scalar_t>* scratch, const Fusion<scalar_t>* fusion, bool whole_blocks) {
+  BNFAST_DISPATCH_LOOP(reduce_cl_impl, x, dy, C, row_stride, m_begin, m_end, shift, s1, s2, scratch, fusion,
+                       whole_blocks)
 }
 
 template <typename scalar_t>
