@@ -296,19 +296,22 @@ def test_non_temporal_fused_training(case):
 
 # Channels-last rows two register blocks wide (kRowVectors float32 vectors each), with
 # enough rows that the work chunks hold ceil(rows / kMaxChunks) rows at this width and at
-# half of it alike.
+# half of it alike, and the last chunk ends in a partial tile of kRowsPerFold / 2 rows.
 _TWO_BLOCKS = 2 * samples.CPU["kRowVectors"] * 16
-_BLOCK_ROWS = samples.CPU["kMaxChunks"] * samples.CPU["kReduceGrain"] // (_TWO_BLOCKS // 2)
+_BLOCK_ROWS = (samples.CPU["kMaxChunks"] * samples.CPU["kReduceGrain"] // (_TWO_BLOCKS // 2)
+               - samples.CPU["kRowsPerFold"] // 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32-tiles", "bf16-whole-blocks"])
 def test_row_block_walks_sum_alike(dtype):
-    """The channels-last reduction sums rows wider than its registers block of
-    columns by block, over tiles of rows when the input is larger than
+    """The channels-last reduction sums rows wider than its registers one block
+    of columns at a time, over tiles of rows when the input is larger than
     kWholeBlockBytes (float32 here) and over all of a chunk's rows otherwise
-    (bfloat16): either way each column's sums must equal, bit for bit, those of
+    (bfloat16; which walk a case takes is worked out from the constants, not
+    observed): either way each column's sums must equal, bit for bit, those of
     its block alone, one block wide."""
-    x = torch.randn(_BLOCK_ROWS // 16, _TWO_BLOCKS, 4, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    assert _BLOCK_ROWS % 8 == 0
+    x = torch.randn(_BLOCK_ROWS // 8, _TWO_BLOCKS, 2, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
     tiles = x.numel() * x.element_size() > samples.CPU["kWholeBlockBytes"]
     assert tiles == (dtype == torch.float32), "the shape no longer takes the walk this case is named for"
     mean, invstd = torch.ops.bnfast.stats(x, EPS)

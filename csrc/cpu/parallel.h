@@ -175,7 +175,8 @@ class ChannelBand {
     const int64_t width = (c1_ - c0_) * S_, col0 = c0_ * S_;
     std::fill_n(sums_.get(), 2 * width, 0.0);
     loops<scalar_t>().reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, C_ * S_, 0, N_, column(kM, c0_),
-                                sums_.get(), sums_.get() + width, scratch_.get(), fusion(), whole_blocks_[dy != nullptr]);
+                                sums_.get(), sums_.get() + width, scratch_.get(), fusion(),
+                                whole_blocks_[dy != nullptr]);
     for (int64_t c = c0_; c < c1_; ++c) {
       const auto* s1 = &sums_[(c - c0_) * S_];
       const auto* s2 = s1 + width;

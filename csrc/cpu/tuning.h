@@ -70,10 +70,11 @@ constexpr int64_t kCacheResidentBytes = 1 << 20;
 // --phases fwd_eval bwd, above it; seed_bn1 r18_s4, below).
 constexpr int64_t kNonTemporalBytes = 32 << 20;
 
-// A channels-last reduction (reduce_cl, loops.h; channels-first bands too)
-// reading at most kWholeBlockBytes in all (x, and dy in the backward) sums
-// rows wider than its register block one block of columns at a time over
-// all of a task's rows: fewer restarts of the register sums. Larger ones
+// A channels-last reduction (reduce_cl, loops.h; channels-first short
+// planes read as rows, and bands, too) reading at most kWholeBlockBytes in
+// all (x, and dy in the backward) sums rows wider than its register block
+// one block of columns at a time over all of a task's rows: fewer restarts
+// of the register sums. Larger ones
 // walk tiles of a few whole rows, block by block, whose reads stay close to
 // memory order (python -m benchmarks.kernels --cases r18_s3 r50_s3_mid
 // r50_s2 r50_s3 --phases fwd_train bwd). Half the last-level cache of the
