@@ -53,20 +53,26 @@ inline bool affine_planes_as_rows(Layout layout, const Shape& shape, bool has_dy
   return short_planes_as_rows(layout, shape) && (has_dy || shape.spatial % kMaxLanes != 0);
 }
 
+// Bytes an op moves over `tensors` tensors of numel values each.
+template <typename scalar_t>
+int64_t op_bytes(int64_t numel, int64_t tensors) {
+  return numel * static_cast<int64_t>(sizeof(scalar_t)) * tensors;
+}
+
 // Whether an affine pass over the whole shape moves more than
 // kNonTemporalBytes (x and out, and dy with it): its output is then written
 // with non-temporal stores (loops.h, affine_cf).
 template <typename scalar_t>
 bool writes_past_cache(const Shape& shape, bool has_dy) {
-  return shape.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (has_dy ? 3 : 2) > kNonTemporalBytes;
+  return op_bytes<scalar_t>(shape.numel(), has_dy ? 3 : 2) > kNonTemporalBytes;
 }
 
-// Whether a reduction over the whole shape reads at most kWholeBlockBytes
-// (x, and dy with it): its wide rows are then summed block by block over
-// each task's rows (loops.h, reduce_cl).
+// Whether a reduction over numel values reads at most kWholeBlockBytes (x,
+// and dy with it): its wide rows are then summed block by block over each
+// task's rows (loops.h, reduce_cl).
 template <typename scalar_t>
-bool reads_fit_cache(const Shape& shape, bool has_dy) {
-  return shape.numel() * static_cast<int64_t>(sizeof(scalar_t)) * (has_dy ? 2 : 1) <= kWholeBlockBytes;
+bool reads_fit_cache(int64_t numel, bool has_dy) {
+  return op_bytes<scalar_t>(numel, has_dy ? 2 : 1) <= kWholeBlockBytes;
 }
 
 // Channels-first planes shorter than kBandPlane (other than those read as
@@ -157,8 +163,7 @@ class ChannelBand {
       : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
         padded_(padded_channels(max_channels * shape.spatial)),
         scratch_(new opmath_t[kReduceClScratch * padded_]), columns_(new opmath_t[4 * padded_]),
-        sums_(new double[2 * max_channels * shape.spatial]),
-        whole_blocks_{reads_fit_cache<scalar_t>(shape, false), reads_fit_cache<scalar_t>(shape, true)} {}
+        sums_(new double[2 * max_channels * shape.spatial]) {}
 
   // Channels [c0, c1), of an op with this fusion (null: none).
   void select(int64_t c0, int64_t c1, const Fusion<scalar_t>* fusion) {
@@ -176,7 +181,7 @@ class ChannelBand {
     std::fill_n(sums_.get(), 2 * width, 0.0);
     loops<scalar_t>().reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, C_ * S_, 0, N_, column(kM, c0_),
                                 sums_.get(), sums_.get() + width, scratch_.get(), fusion(),
-                                whole_blocks_[dy != nullptr]);
+                                reads_fit_cache<scalar_t>(N_ * C_ * S_, dy != nullptr));
     for (int64_t c = c0_; c < c1_; ++c) {
       const auto* s1 = &sums_[(c - c0_) * S_];
       const auto* s2 = s1 + width;
@@ -209,7 +214,6 @@ class ChannelBand {
   // masked tails) and sums only where they were written.
   std::unique_ptr<opmath_t[]> scratch_, columns_;
   std::unique_ptr<double[]> sums_;
-  bool whole_blocks_[2];  // reduce_cl's, without and with dy
   int64_t c0_ = 0, c1_ = 0;
   std::optional<FusionView<scalar_t>> view_;  // the selected band's
 };
@@ -360,7 +364,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
   const int64_t S = shape.spatial;
-  const bool whole_blocks = reads_fit_cache<scalar_t>(shape, dy != nullptr);
+  const bool whole_blocks = reads_fit_cache<scalar_t>(shape.numel(), dy != nullptr);
   if (layout == Layout::kChannelsLast) {
     row_sums<scalar_t>(x, dy, C, shape.per_channel(), shift, s1, s2, fusion, whole_blocks);
     return;
