@@ -225,7 +225,9 @@ def test_reduced_precision_rounding(dtype, memory_format, device):
 # loops: channels-first planes of whole vectors, planes ending mid-vector (the
 # forward's run of vectors), short planes (the backward reads them as rows);
 # channels-last rows kept in registers and, on AVX-512, rows too wide for them with
-# a tail. Only full vectors at aligned addresses store non-temporally, so every
+# a tail. Only full vectors at aligned addresses store non-temporally: a float32
+# plane starting mid-vector (7x7) stores a plain head up to its first aligned
+# address, a bfloat16 one (7x7; 4x4, one vector, half a cache line) does not. Every
 # case mixes both kinds of store.
 _NON_TEMPORAL_BYTES = samples.CPU["kNonTemporalBytes"]
 
@@ -243,7 +245,9 @@ PAST_CACHE = [_past_cache(s, layout, dtype) for s, layout, dtype in (
     ((32, 8, 8), "contiguous", torch.bfloat16),
     ((32, 8, 8), "contiguous", torch.float64),
     ((64, 7, 7), "contiguous", torch.float32),
+    ((64, 7, 7), "contiguous", torch.bfloat16),
     ((24, 4, 4), "contiguous", torch.float32),
+    ((24, 4, 4), "contiguous", torch.bfloat16),
     ((64, 7, 7), "channels_last", torch.float32),
     ((64, 7, 7), "channels_last", torch.bfloat16),
     ((200, 4, 4), "channels_last", torch.float32),

@@ -69,6 +69,11 @@ constexpr int64_t kCacheResidentBytes = 1 << 20;
 // measured is 32 MiB (python -m benchmarks.kernels --cases r50_s1 r50_s3
 // --phases fwd_eval bwd, above it; seed_bn1 r18_s4, below).
 constexpr int64_t kNonTemporalBytes = 32 << 20;
+// The cache line of the machines measured. Streaming channels-first planes
+// whose vectors are one line long, an affine pass stores the values before
+// a plane's first aligned address plainly, so that all its full vectors
+// stream (loops.cpp, Output::lanes_to_alignment).
+constexpr int64_t kCacheLineBytes = 64;
 
 // A channels-last reduction (reduce_cl, loops.h; channels-first short
 // planes read as rows, and bands, too) reading at most kWholeBlockBytes in

@@ -378,6 +378,18 @@ struct Output {
     }
     part.store(p, v);
   }
+  // With non-temporal stores of vectors a whole cache line long (float32,
+  // float64): the values from offset to the next aligned address, at most n,
+  // which a run of values from offset stores as a partial vector (plainly)
+  // so that its full vectors all stream. Else 0: half-precision vectors, half
+  // a line, measured no faster with such a head.
+  BNFAST_ELEMENT int64_t lanes_to_alignment(int64_t offset, int64_t n) const {
+    if constexpr (IO::kHasNonTemporalStore && kVectorBytes % kCacheLineBytes == 0) {
+      const uintptr_t past = reinterpret_cast<uintptr_t>(data + offset) % kVectorBytes;
+      if (non_temporal && past != 0) return min64(n, static_cast<int64_t>((kVectorBytes - past) / sizeof(scalar_t)));
+    }
+    return 0;
+  }
   void fence() const {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if (non_temporal) _mm_sfence();
@@ -888,14 +900,9 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out,
       Vec mv(m[c]), pv(p[c]), qv(q[c]), mn(m[next]), pn(p[next]), qn(q[next]);
       int64_t left = S;  // values of plane c from o on
       int64_t o = plane_begin * S;
-      while (o < end) {
-        // Full vectors strictly inside plane c: no boundary, no tail.
-        const int64_t inside = std::min((left - 1) / L, (end - o) / L);
-        for (int64_t k = 0; k < inside; ++k, o += L) out.store(lanes, o, t.affine(lanes, o, mv, pv, qv, Vec(0)));
-        left -= inside * L;
-        if (o >= end) break;
-        // The vector where plane c ends (or the last, partial one of the run).
-        const Lanes<scalar_t> l{min64(L, end - o)};
+      // The l.n values from o: plane c's, or (where c ends in them) its and
+      // the next channel's.
+      auto step = [&](const Lanes<scalar_t>& l) BNFAST_LAMBDA_ELEMENT {
         if (left >= l.n) {
           out.store(l, o, t.affine(l, o, mv, pv, qv, Vec(0)));
         } else {
@@ -911,6 +918,18 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out,
           mv = mn, pv = pn, qv = qn;
           mn = Vec(m[next]), pn = Vec(p[next]), qn = Vec(q[next]);
         }
+      };
+      // Streaming, a head up to the first aligned address (lanes_to_alignment).
+      const int64_t head = out.lanes_to_alignment(o, end - o);
+      if (head > 0) step(Lanes<scalar_t>{head});
+      while (o < end) {
+        // Full vectors strictly inside plane c: no boundary, no tail.
+        const int64_t inside = std::min((left - 1) / L, (end - o) / L);
+        for (int64_t k = 0; k < inside; ++k, o += L) out.store(lanes, o, t.affine(lanes, o, mv, pv, qv, Vec(0)));
+        left -= inside * L;
+        if (o >= end) break;
+        // The vector where plane c ends (or the last, partial one of the run).
+        step(Lanes<scalar_t>{min64(L, end - o)});
       }
       return;
     }
@@ -920,7 +939,11 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out,
     const Vec rv(kHasDy ? r[c] : 0);
     if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
     const int64_t base = plane * S;
-    int64_t s = 0;
+    int64_t s = out.lanes_to_alignment(base, S);  // streaming: a head, as above
+    if (s > 0) {
+      const Lanes<scalar_t> head{s};
+      out.store(head, base, t.affine(head, base, mv, pv, qv, rv));
+    }
     for (; s + L <= S; s += L) out.store(lanes, base + s, t.affine(lanes, base + s, mv, pv, qv, rv));
     if (s < S) {
       const Lanes<scalar_t> tail{S - s};
