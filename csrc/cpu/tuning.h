@@ -69,10 +69,10 @@ constexpr int64_t kCacheResidentBytes = 1 << 20;
 // measured is 32 MiB (python -m benchmarks.kernels --cases r50_s1 r50_s3
 // --phases fwd_eval bwd, above it; seed_bn1 r18_s4, below).
 constexpr int64_t kNonTemporalBytes = 32 << 20;
-// The cache line of the machines measured. Streaming channels-first planes
-// whose vectors are one line long, an affine pass stores the values before
-// a plane's first aligned address plainly, so that all its full vectors
-// stream (loops.cpp, Output::lanes_to_alignment).
+// The cache line of the machines measured. Where a vector is one line long,
+// a streaming affine pass stores the values before a channels-first plane's
+// (or run of planes') first aligned address plainly, so that all its full
+// vectors stream (loops.cpp, Output::lanes_to_alignment).
 constexpr int64_t kCacheLineBytes = 64;
 
 // A channels-last reduction (reduce_cl, loops.h; channels-first short

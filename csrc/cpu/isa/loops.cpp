@@ -359,8 +359,10 @@ struct Lanes {
 // Where an affine loop writes. With non_temporal (loops.h), full vectors
 // whose address is aligned to their size bypass the caches, without the read
 // of the line they overwrite; tails, unaligned vectors, builds without such
-// stores and every store without non_temporal are plain. Non-temporal stores
-// are weakly ordered: fence() orders them before what the caller does next.
+// stores and every store without non_temporal are plain (the loops store a
+// head plainly where that aligns the rest: lanes_to_alignment). Non-temporal
+// stores are weakly ordered: fence() orders them before what the caller does
+// next.
 template <typename scalar_t>
 struct Output {
   using IO = VecIO<scalar_t>;
@@ -368,24 +370,29 @@ struct Output {
   static constexpr uintptr_t kVectorBytes = IO::kLanes * sizeof(scalar_t);
   scalar_t* data;
   bool non_temporal;
+  // Bytes from the last vector-aligned address up to data + offset.
+  BNFAST_ELEMENT uintptr_t past_alignment(int64_t offset) const {
+    return reinterpret_cast<uintptr_t>(data + offset) % kVectorBytes;
+  }
   BNFAST_ELEMENT void store(const Lanes<scalar_t>& part, int64_t offset, const Vec& v) const {
     scalar_t* p = data + offset;
     if constexpr (IO::kHasNonTemporalStore) {
-      if (non_temporal && part.n == IO::kLanes && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
+      if (non_temporal && part.n == IO::kLanes && past_alignment(offset) == 0) {
         IO::store_non_temporal(p, v);
         return;
       }
     }
     part.store(p, v);
   }
-  // With non-temporal stores of vectors a whole cache line long (float32,
-  // float64): the values from offset to the next aligned address, at most n,
-  // which a run of values from offset stores as a partial vector (plainly)
-  // so that its full vectors all stream. Else 0: half-precision vectors, half
-  // a line, measured no faster with such a head.
+  // The head of a run of n values from offset: the values up to the next
+  // vector-aligned address (at most n), which the loops store as one partial
+  // vector, plainly, so that the run's full vectors all stream. Only with
+  // non-temporal stores of vectors a whole cache line long (float32 and
+  // float64 on AVX-512); else 0: already aligned, plain stores, or vectors of
+  // half a line (half precision; AVX2), where no gain was measured.
   BNFAST_ELEMENT int64_t lanes_to_alignment(int64_t offset, int64_t n) const {
     if constexpr (IO::kHasNonTemporalStore && kVectorBytes % kCacheLineBytes == 0) {
-      const uintptr_t past = reinterpret_cast<uintptr_t>(data + offset) % kVectorBytes;
+      const uintptr_t past = past_alignment(offset);
       if (non_temporal && past != 0) return min64(n, static_cast<int64_t>((kVectorBytes - past) / sizeof(scalar_t)));
     }
     return 0;
@@ -919,7 +926,8 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out,
           mn = Vec(m[next]), pn = Vec(p[next]), qn = Vec(q[next]);
         }
       };
-      // Streaming, a head up to the first aligned address (lanes_to_alignment).
+      // Streaming, a head up to the first aligned address (lanes_to_alignment;
+      // shorter than a vector, so inside plane c, as S > L).
       const int64_t head = out.lanes_to_alignment(o, end - o);
       if (head > 0) step(Lanes<scalar_t>{head});
       while (o < end) {
@@ -939,16 +947,15 @@ void affine_cf_impl(const scalar_t* x, const scalar_t* dy, Output<scalar_t> out,
     const Vec rv(kHasDy ? r[c] : 0);
     if constexpr (kVariant != Variant::kPlain) t.set_z(fusion->zp, fusion->zq, c, L, /*broadcast=*/true);
     const int64_t base = plane * S;
+    // The n (< L) values from base + s, as a partial vector.
+    auto partial = [&](int64_t s, int64_t n) BNFAST_LAMBDA_ELEMENT {
+      const Lanes<scalar_t> part{n};
+      out.store(part, base + s, t.affine(part, base + s, mv, pv, qv, rv));
+    };
     int64_t s = out.lanes_to_alignment(base, S);  // streaming: a head, as above
-    if (s > 0) {
-      const Lanes<scalar_t> head{s};
-      out.store(head, base, t.affine(head, base, mv, pv, qv, rv));
-    }
+    if (s > 0) partial(0, s);
     for (; s + L <= S; s += L) out.store(lanes, base + s, t.affine(lanes, base + s, mv, pv, qv, rv));
-    if (s < S) {
-      const Lanes<scalar_t> tail{S - s};
-      out.store(tail, base + s, t.affine(tail, base + s, mv, pv, qv, rv));
-    }
+    if (s < S) partial(s, S - s);
   }
 }
 
