@@ -63,21 +63,24 @@ WIDE_ROWS = (3, CPU["kRowVectors"] * 16 + 1, 2, 3)
 # not as two: rows walked one at a time against several per step
 STREAMING_ROWS = (CPU["kCacheResidentBytes"] * 3 // 2 // (200 * 4 * 2) // 4, 200, 2, 2)
 # more than kGrain elements per channel: several work chunks per channel in both layouts;
-# a channel too long for a block of kMinRunPlanes, so training keeps two separate passes
+# a channel too long for a block of kMinRunPlanes, so the reductions walk planes in memory
+# order
 LONG_CHANNELS = (CPU["kGrain"] // (96 * 128) + 1, 1, 96, 128)
 # planes of 2 * kShortPlane - 1 values, rows wider than kMaxRowWidth: the channels-first
 # plane loops of every pass, with a vector tail
 PLANE_LOOPS = (3, CPU["kMaxRowWidth"] // 63 + 1, 7, (2 * CPU["kShortPlane"] - 1) // 7)
 # planes of a length that is no multiple of the vector width: the reductions' and the
 # backward affine pass's plane loops, the forward's affine pass as one run of vectors
-# (planes ending mid-vector); training's two passes fused in runs of planes of at least
-# kMinRunPlanes channels
+# (planes ending mid-vector); the reductions in runs of planes of at least kMinRunPlanes
+# channels
 FLAT_PLANES = (4, 6, 7, 5)
 # short planes longer than a vector but no multiple of it (rows of 120 values): every pass by rows
 ODD_SHORT_PLANES = (4, 6, 4, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats; elemt takes these planes of
-# whole vectors by plane); fused channel blocks in training (backward: a partial last block)
+# whole vectors by plane); the backward's passes fused in channel blocks, a partial last one
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
+# short planes of float32 filling kCacheResidentBytes: the training forward's passes fused
+FUSED_FORWARD = (CPU["kCacheResidentBytes"] // (32 * 16 * 4), 32, 4, 4)
 # short planes with rows wider than kMaxRowWidth: plane loops instead
 WIDE_SHORT_PLANES = (2, CPU["kMaxRowWidth"] // 8 + 52, 2, 4)
 # short planes whose blocks of whole channels stay under kMinBlockRowBytes per row: the
@@ -87,11 +90,10 @@ FUSED_FALLBACK = (64 * _FOLD_ROWS + 4, 3, 2, 2)
 PARTIAL_FOLD = (17 * _FOLD_ROWS + 12, 3, 1, 2)
 # vector-aligned: planes of 64 and 32 channels, multiples of every vector width
 ALIGNED = (4, 32, 8, 8)
-# planes of whole vectors (float32) and batches of kMinBandRows: bands of whole channels,
-# training's two passes fused, in every dtype but float64
+# planes of whole vectors (float32) and batches of kMinBandRows: the reductions by bands of
+# whole channels, in every dtype but float64
 BANDS = (CPU["kMinBandRows"], 5, 8, 8)
-# as above, one channel narrower than kMinBlockRowBytes: the bands' reduction, then the
-# affine pass by planes
+# as above, one channel: bands of a single plane
 NARROW_BANDS = (CPU["kMinBandRows"], 1, 4, 8)
 # channels-last rows wider than kAffineBlockBytes of float32 coefficients: the affine pass
 # in three blocks of columns (float64: five), the last one partial and with a vector tail
@@ -118,12 +120,12 @@ SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     (WIDE_ROWS, "channels-last rows one channel too wide for registers: blocks of columns, a tail"),
     (LONG_CHANNELS, "more than kGrain elements per channel: several work chunks per channel"),
     (PLANE_LOOPS, "the channels-first plane loops of every pass, with a vector tail"),
-    (SHORT_PLANES, "short planes as rows in 3 chunks; fused channel blocks (backward: a partial last one)"),
+    (SHORT_PLANES, "short planes as rows in 3 chunks; the backward in fused channel blocks, a partial last one"),
     (WIDE_SHORT_PLANES, "short planes too wide to read as rows: plane loops"),
     (ALIGNED, "vector-aligned: planes of 64 and 32 channels, multiples of every vector width"),
     (MANY_CHANNELS, "channels-first reduction tasks of fewer planes than C, one wrapping past the last channel"),
-    (BANDS, "bands of whole channels, training's passes fused (all but float64)"),
-    (NARROW_BANDS, "a band too narrow to fuse training's passes"),
+    (BANDS, "the reductions by bands of whole channels (all but float64)"),
+    (NARROW_BANDS, "bands of a single plane"),
     (FUSED_FALLBACK, "the fused blocks' two-pass fallback; one row chunk of 64 folds, float64 accuracy"),
     (PARTIAL_FOLD, "long short-plane channels ending in a partial fold"),
     ((0, 3, 4, 4), "empty batch"),

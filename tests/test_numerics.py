@@ -29,6 +29,7 @@ PARAM_MODES = (
     [(c, None, True) for c in samples.ALL]
     + [(c, torch.float32, True) for c in samples.ALL if c.low_precision]
     + [(c, None, False) for c in samples.ALL if c.dtype in (torch.float32, torch.bfloat16)]
+    + [(samples.Case(samples.FUSED_FORWARD, "contiguous", torch.float32), None, True)]
 )
 PARAM_IDS = [f"{c}-params_{'same' if p is None else 'f32'}-{'affine' if a else 'no_affine'}"
              for c, p, a in PARAM_MODES]
@@ -281,9 +282,10 @@ def test_non_temporal_outputs_equal_plain(case):
 
 
 # Training past the threshold with both passes fused block by block of channels
-# (fused_channel_blocks): bands of whole channels (planes of 64), runs of planes (256).
-FUSED_PAST_CACHE = [_past_cache((512, 8, 8), "contiguous", torch.float32),
-                    _past_cache((1024, 16, 16), "contiguous", torch.float32)]
+# (fused_channel_blocks, short planes only): planes of whole vectors, and bfloat16 planes
+# of 9 values (rows ending mid-vector).
+FUSED_PAST_CACHE = [_past_cache((512, 4, 4), "contiguous", torch.float32),
+                    _past_cache((100, 3, 3), "contiguous", torch.bfloat16)]
 
 
 @pytest.mark.parametrize("case", **samples.by_id(FUSED_PAST_CACHE))

@@ -61,7 +61,7 @@ void forward_train(const scalar_t* x, scalar_t* out, Layout layout, const Shape&
                    const at::opmath_type<scalar_t>* weight, const at::opmath_type<scalar_t>* bias,
                    const Fusion<scalar_t>* fusion = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t per_block = channels_per_block<scalar_t>(layout, shape, /*tensors=*/1);
+  const int64_t per_block = fused_channels_per_block<scalar_t>(layout, shape, /*has_dy=*/false);
   if (per_block > 0) {
     const int64_t count = shape.per_channel();
     const auto shift = channel_shifts(x, layout, shape, pre_relu(fusion));
@@ -119,7 +119,7 @@ void backward_train(const scalar_t* dy, const scalar_t* x, scalar_t* dx, Layout 
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
   const int64_t count = shape.per_channel();
-  const int64_t per_block = channels_per_block<scalar_t>(layout, shape, /*tensors=*/2);
+  const int64_t per_block = fused_channels_per_block<scalar_t>(layout, shape, /*has_dy=*/true);
   if (per_block > 0) {
     fused_channel_blocks<scalar_t>(
         x, dy, dx, shape, per_block, mean,

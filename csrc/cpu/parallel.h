@@ -78,8 +78,7 @@ bool reads_fit_cache(int64_t numel, bool has_dy) {
 // Channels-first planes shorter than kBandPlane (other than those read as
 // rows) of a half-precision tensor, or of a float32 one when they are a whole
 // number of vectors: the reductions read bands of whole channels, i.e. bands
-// of columns of the [N][C * S] rows, with the row loops, and training's two
-// passes run band by band (fused_channel_blocks). There the plane loops pay
+// of columns of the [N][C * S] rows, with the row loops. There the plane loops pay
 // their per-plane bookkeeping (and in half precision a masked, converted
 // tail) on a few vectors; float32 planes with a tail keep them, as the
 // forward walks those as one run of vectors (affine_cf). A band's per-column
@@ -218,13 +217,11 @@ class ChannelBand {
   std::optional<FusionView<scalar_t>> view_;  // the selected band's
 };
 
-// Short planes (and planes_in_bands), both passes fused: a task owns a block
-// of whole channels, i.e. a band of columns of the [N][C * S] rows
-// (ChannelBand), and runs the reduction and then the affine pass over it, so
-// one parallel region does the work of two and the band is still in that
-// core's cache for the second pass. Longer channels-first planes get the
-// same in runs of planes (PlaneRuns), as torch's backward keeps a
-// channel in cache between its two passes.
+// Blocks of whole channels: bands of columns of the [N][C * S] rows
+// (ChannelBand) for short planes and planes_in_bands, else runs of planes
+// (PlaneRuns). The reductions over channels-first planes walk them block by
+// block, and training over short planes runs both its passes in them
+// (fused_channel_blocks).
 
 // Whether blocks of channels are bands of columns (else runs of planes).
 template <typename scalar_t>
@@ -258,10 +255,10 @@ int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
 }
 
 // A block of whole channels [c0, c1) of a channels-first tensor as, in
-// sample n, the run of planes [n * C + c0, n * C + c1), walked by the plane
-// loops run by run; ChannelBand's interface. A channel's sums are its planes'
-// sums added in sample order, so they do not depend on the channels around it
-// (nor on the thread count).
+// sample n, the run of planes [n * C + c0, n * C + c1), reduced by the plane
+// loops run by run; ChannelBand's reduction interface. A channel's sums are
+// its planes' sums added in sample order, so they do not depend on the
+// channels around it (nor on the thread count).
 template <typename scalar_t>
 class PlaneRuns {
  public:
@@ -269,7 +266,7 @@ class PlaneRuns {
   explicit PlaneRuns(const Shape& shape)
       : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
         scratch_(new opmath_t[2 * C_ * kMaxLanes]), lane_totals_(new double[2 * C_ * kMaxLanes]),
-        s1_(C_), s2_(C_), m_(C_), p_(C_), q_(C_), r_(C_) {}
+        s1_(C_), s2_(C_) {}
 
   // Channels [c0, c1), of an op with this fusion (null: none).
   void select(int64_t c0, int64_t c1, const Fusion<scalar_t>* fusion) {
@@ -289,21 +286,6 @@ class PlaneRuns {
     }
     for (int64_t c = c0_; c < c1_; ++c) per_channel(c, s1_[c], s2_[c]);
   }
-  // Channel c's affine coefficients, for affine().
-  void set_coefficients(int64_t c, opmath_t m, opmath_t p, opmath_t q, opmath_t r) {
-    m_[c] = m;
-    p_[c] = p;
-    q_[c] = q;
-    r_[c] = r;
-  }
-  // out = (x - m) * p + q (+ dy * r) over the block (the fusion's activation
-  // too), with every channel's set_coefficients.
-  void affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, bool non_temporal) {
-    for (int64_t n = 0; n < N_; ++n) {
-      loops<scalar_t>().affine_cf(x, dy, out, C_, S_, n * C_ + c0_, n * C_ + c1_, m_.data(), p_.data(),
-                                  q_.data(), r_.data(), fusion_, non_temporal);
-    }
-  }
 
  private:
   int64_t C_, S_, N_;
@@ -311,7 +293,6 @@ class PlaneRuns {
   std::unique_ptr<opmath_t[]> scratch_;
   std::unique_ptr<double[]> lane_totals_;
   std::vector<double> s1_, s2_;
-  std::vector<opmath_t> m_, p_, q_, r_;
   int64_t c0_ = 0, c1_ = 0;
   const Fusion<scalar_t>* fusion_ = nullptr;
 };
@@ -388,8 +369,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, Layout layout, const Sh
     block_sums(x, dy, C, per_band, [&] { return ChannelBand<scalar_t>(shape, per_band); }, shift, s1, s2, fusion);
     return;
   }
-  // As training's fused passes reduce these planes (PlaneRuns), so
-  // that the separate ops' sums equal the fused ones bitwise.
+  // Blocks of channels, run of planes by run (PlaneRuns).
   if (const int64_t per_block = channels_per_block<scalar_t>(layout, shape, dy ? 2 : 1)) {
     block_sums(x, dy, C, per_block, [&] { return PlaneRuns<scalar_t>(shape); }, shift, s1, s2, fusion);
     return;
@@ -448,9 +428,29 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, scalar_t* out, Layout
   }
 }
 
-// reduce (see loops.h) per channel with shifts K[C], then
-// out = (x - m) * p + q (+ dy * r) with channel c's m, p, q, r from
-// coefficients(c, s1[c], s2[c], &m, &p, &q, &r), block by block.
+// Whether training runs its two passes fused, in blocks of channels_per_block
+// (fused_channel_blocks), or as a reduction then an affine pass: fused over
+// short planes read as rows only, where one parallel region does the work of
+// two and a block is still in its core's cache for the second pass; in the
+// forward, which reads x alone, only when x fills at least one core's cache
+// (kCacheResidentBytes), below which the separate passes find it in cache
+// too. Bands of longer planes and runs of planes were slower fused than as
+// two passes (python -m benchmarks.kernels --cases r18_s3 r50_s3 r50_s3_mid
+// r50_s4 seed_bn3 --formats nchw --phases fwd_train bwd). Returns the
+// channels per block, or 0 for two passes.
+template <typename scalar_t>
+int64_t fused_channels_per_block(Layout layout, const Shape& shape, bool has_dy) {
+  if (!short_planes_as_rows(layout, shape) ||
+      (!has_dy && op_bytes<scalar_t>(shape.numel(), 1) < kCacheResidentBytes)) {
+    return 0;
+  }
+  return channels_per_block<scalar_t>(layout, shape, has_dy ? 2 : 1);
+}
+
+// Short planes, per fused_channels_per_block: reduce (see loops.h) per
+// channel with shifts K[C], then out = (x - m) * p + q (+ dy * r) with
+// channel c's m, p, q, r from coefficients(c, s1[c], s2[c], &m, &p, &q, &r),
+// band by band of per_block channels.
 template <typename scalar_t, typename Coefficients>
 void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Shape& shape,
                           int64_t per_block, const at::opmath_type<scalar_t>* shift,
@@ -458,25 +458,16 @@ void fused_channel_blocks(const scalar_t* x, const scalar_t* dy, scalar_t* out, 
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = shape.channels;
   const bool non_temporal = writes_past_cache<scalar_t>(shape, dy != nullptr);
-  auto run_blocks = [&](auto& block, int64_t begin, int64_t end) {
+  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
+    ChannelBand<scalar_t> band(shape, per_block);
     for (int64_t b = begin; b < end; ++b) {
-      block.select(b * per_block, std::min(C, (b + 1) * per_block), fusion);
-      block.reduce(x, dy, shift, [&](int64_t c, double s1, double s2) {
+      band.select(b * per_block, std::min(C, (b + 1) * per_block), fusion);
+      band.reduce(x, dy, shift, [&](int64_t c, double s1, double s2) {
         opmath_t m, p, q, r;
         coefficients(c, s1, s2, &m, &p, &q, &r);
-        block.set_coefficients(c, m, p, q, r);
+        band.set_coefficients(c, m, p, q, r);
       });
-      block.affine(x, dy, out, non_temporal);
-    }
-  };
-  const bool bands = blocks_in_bands<scalar_t>(Layout::kChannelsFirst, shape);
-  at::parallel_for(0, ceil_div(C, per_block), 1, [&](int64_t begin, int64_t end) {
-    if (bands) {
-      ChannelBand<scalar_t> band(shape, per_block);
-      run_blocks(band, begin, end);
-    } else {
-      PlaneRuns<scalar_t> runs(shape);
-      run_blocks(runs, begin, end);
+      band.affine(x, dy, out, non_temporal);
     }
   });
 }

@@ -37,19 +37,20 @@ constexpr int64_t kMaxRowWidth = 1 << 14;
 constexpr int64_t kBandPlane = 256;
 constexpr int64_t kMinBandRows = 16;
 
-// Short planes (and banded ones), fused passes (fused_channel_blocks, parallel.h): a block of
-// whole channels of at most kChannelBlockBytes per tensor read, and at least
-// kMinBlockRowBytes per row (narrower strided segments waste cache lines);
-// tensors of kMinSplitElements and more are split across every thread.
+// Blocks of whole channels (channels_per_block, parallel.h: the reductions
+// over channels-first planes, and training's fused passes over short planes):
+// at most kChannelBlockBytes per tensor read, and at least kMinBlockRowBytes
+// per row (narrower strided segments waste cache lines); tensors of
+// kMinSplitElements and more are split across every thread.
 constexpr int64_t kChannelBlockBytes = 256 << 10;
 constexpr int64_t kMinBlockRowBytes = 256;
 constexpr int64_t kMinSplitElements = 8192;
-// Training over longer channels-first planes (not in bands) fuses its two
-// passes in blocks of whole channels too, walking a block as one run of
-// planes per sample, when a block holds at least kMinRunPlanes channels:
-// with fewer, each run's fixed cost (zeroing, folding and summing its
-// channels' lane sums) outweighs the cache reuse (python -m benchmarks.kernels
-// --cases r50_s3 r50_s4 seed_bn2 --formats nchw --phases fwd_train bwd).
+// The reductions over longer channels-first planes (not in bands) walk
+// blocks of whole channels too, as one run of planes per sample, when a block
+// holds at least kMinRunPlanes channels: with fewer, each run's fixed cost
+// (zeroing, folding and summing its channels' lane sums) outweighs the cache
+// reuse (python -m benchmarks.kernels --cases r50_s3 r50_s4 seed_bn2
+// --formats nchw --phases fwd_train bwd).
 constexpr int64_t kMinRunPlanes = 4;
 
 // A channels-last affine task (affine_cl, loops.h) streaming at most
@@ -59,6 +60,8 @@ constexpr int64_t kMinRunPlanes = 4;
 // larger ones walk rows in memory order, which the hardware prefetchers
 // follow (python -m benchmarks.kernels --cases seed_bn3 r18_s2 r18_s4 r50_s2
 // r50_s3 --phases fwd_eval bwd). One core's L2 on the machines measured.
+// The training forward over short planes fuses its two passes only from
+// this size of x on (fused_channels_per_block, parallel.h).
 constexpr int64_t kCacheResidentBytes = 1 << 20;
 // An affine pass moving more than kNonTemporalBytes in all (x and out, and
 // dy in the backward; as above, a fusion's residual streams are not counted)
