@@ -78,9 +78,11 @@ FLAT_PLANES = (4, 6, 7, 5)
 ODD_SHORT_PLANES = (4, 6, 4, 5)
 # short planes read as [N][C * S] rows in 3 row chunks (stats; elemt takes these planes of
 # whole vectors by plane); the backward's passes fused in channel blocks, a partial last one
+# (and the float64 forward's: 1 MiB)
 SHORT_PLANES = (2 * (CPU["kReduceGrain"] // (64 * 16)) + 2, 64, 4, 4)
-# short planes of float32 filling kCacheResidentBytes: the training forward's passes fused
-FUSED_FORWARD = (CPU["kCacheResidentBytes"] // (32 * 16 * 4), 32, 4, 4)
+# short planes of float32 just filling kCacheResidentBytes: the training forward's passes
+# fused; row chunks of ceil(kReduceGrain / 304) rows, no whole number of folds
+FUSED_FORWARD = (CPU["kCacheResidentBytes"] // (19 * 16 * 4) + 1, 19, 4, 4)
 # short planes with rows wider than kMaxRowWidth: plane loops instead
 WIDE_SHORT_PLANES = (2, CPU["kMaxRowWidth"] // 8 + 52, 2, 4)
 # short planes whose blocks of whole channels stay under kMinBlockRowBytes per row: the

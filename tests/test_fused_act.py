@@ -32,11 +32,13 @@ ACTS = list(UNFUSED) + ["pre_relu"]
 VARIANTS = [(a, r) for a in ACTS for r in (False, True) if not (r and a == "pre_relu")]
 VARIANT_IDS = [f"{a}{'+residual' if r else ''}" for a, r in VARIANTS]
 # Every variant on float32 over the loops' paths (plane loops, short planes as
-# rows and fused blocks, channels-last rows, (N, C)); half precision on the
+# rows, fused blocks in the backward and, from 1 MiB, the forward, channels-last
+# rows, (N, C)); half precision on the
 # activations' kinds (clamp, smooth, pre-activation). float64 is the truth
 # here; gradcheck covers it.
 _FP32 = samples.cases(dtypes=(torch.float32,), shapes=[samples.FLAT_PLANES, samples.SHORT_PLANES, samples.ROW_BLOCKS,
-                                                      samples.PLANE_LOOPS], layouts=("contiguous", "channels_last"))
+                                                      samples.PLANE_LOOPS], layouts=("contiguous", "channels_last")) \
+    + samples.cases(dtypes=(torch.float32,), shapes=[samples.FUSED_FORWARD], layouts=("contiguous",))
 _HALF = samples.cases(dtypes=(torch.bfloat16, torch.float16), shapes=[samples.FLAT_PLANES, samples.SHORT_PLANES],
                       layouts=("contiguous", "channels_last"))
 MATRIX = [(c, a, r) for c in _FP32 for a, r in VARIANTS] + \

@@ -283,9 +283,9 @@ def test_non_temporal_outputs_equal_plain(case):
 
 # Training past the threshold with both passes fused block by block of channels
 # (fused_channel_blocks, short planes only): planes of whole vectors, and bfloat16 planes
-# of 9 values (rows ending mid-vector).
+# of 9 values in rows of 16380 (ending mid-vector; blocks at least kMinBlockRowBytes wide).
 FUSED_PAST_CACHE = [_past_cache((512, 4, 4), "contiguous", torch.float32),
-                    _past_cache((100, 3, 3), "contiguous", torch.bfloat16)]
+                    _past_cache((1820, 3, 3), "contiguous", torch.bfloat16)]
 
 
 @pytest.mark.parametrize("case", **samples.by_id(FUSED_PAST_CACHE))

@@ -9,9 +9,11 @@
 //
 // Cache order: each thread runs its share of a reduction's chunks last to
 // first, and the affine pass that follows (in the two-pass training forward
-// and backward) runs its share first to last. at::parallel_for gives thread t
-// the t-th equal share of either range, so about the same rows, and the
-// affine pass starts on the data the reduction left in that core's cache.
+// and backward) runs its share first to last. Where both cut the tensor in
+// memory order (channels-last rows, channels-first planes in tasks),
+// at::parallel_for gives thread t the t-th equal share of either range, so
+// about the same data, and the affine pass starts on what the reduction left
+// in that core's cache.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -134,6 +136,13 @@ class FusionView {
   std::vector<opmath_t> zp_, zq_;
 };
 
+// Rows per chunk of a reduction over rows [M][W] (row_sums): a chunk holds
+// at least kReduceGrain values and kMinRowsPerChunk rows, and there are at
+// most kMaxChunks.
+inline int64_t row_chunk(int64_t W, int64_t M) {
+  return std::max({ceil_div(kReduceGrain, W), ceil_div(M, kMaxChunks), kMinRowsPerChunk});
+}
+
 // s1, s2 = the per-task partial sums [tasks][2][n] added in task order (a
 // fixed order: results do not depend on which thread ran which task).
 inline void add_partials(const std::vector<double>& partial, int64_t tasks, int64_t n, double* s1,
@@ -162,7 +171,7 @@ class ChannelBand {
       : C_(shape.channels), S_(shape.spatial), N_(shape.batch),
         padded_(padded_channels(max_channels * shape.spatial)),
         scratch_(new opmath_t[kReduceClScratch * padded_]), columns_(new opmath_t[4 * padded_]),
-        sums_(new double[2 * max_channels * shape.spatial]) {}
+        sums_(new double[4 * max_channels * shape.spatial]) {}
 
   // Channels [c0, c1), of an op with this fusion (null: none).
   void select(int64_t c0, int64_t c1, const Fusion<scalar_t>* fusion) {
@@ -178,9 +187,18 @@ class ChannelBand {
     for (int64_t c = c0_; c < c1_; ++c) std::fill_n(column(kM, c), S_, shift[c]);
     const int64_t width = (c1_ - c0_) * S_, col0 = c0_ * S_;
     std::fill_n(sums_.get(), 2 * width, 0.0);
-    loops<scalar_t>().reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, C_ * S_, 0, N_, column(kM, c0_),
-                                sums_.get(), sums_.get() + width, scratch_.get(), fusion(),
-                                reads_fit_cache<scalar_t>(N_ * C_ * S_, dy != nullptr));
+    // In the chunks of rows that row_sums cuts the whole [N][C * S] rows
+    // into, each summed from zero and added in order: so a short plane's
+    // sums in a band equal those of the separate reductions, bitwise.
+    const int64_t rows = row_chunk(C_ * S_, N_);
+    double* chunk = sums_.get() + 2 * width;
+    for (int64_t m0 = 0; m0 < N_; m0 += rows) {
+      std::fill_n(chunk, 2 * width, 0.0);
+      loops<scalar_t>().reduce_cl(x + col0, dy ? dy + col0 : nullptr, width, C_ * S_, m0, std::min(N_, m0 + rows),
+                                  column(kM, c0_), chunk, chunk + width, scratch_.get(), fusion(),
+                                  reads_fit_cache<scalar_t>(N_ * C_ * S_, dy != nullptr));
+      for (int64_t i = 0; i < 2 * width; ++i) sums_[i] += chunk[i];
+    }
     for (int64_t c = c0_; c < c1_; ++c) {
       const auto* s1 = &sums_[(c - c0_) * S_];
       const auto* s2 = s1 + width;
@@ -219,23 +237,20 @@ class ChannelBand {
 
 // Blocks of whole channels: bands of columns of the [N][C * S] rows
 // (ChannelBand) for short planes and planes_in_bands, else runs of planes
-// (PlaneRuns). The reductions over channels-first planes walk them block by
-// block, and training over short planes runs both its passes in them
-// (fused_channel_blocks).
+// (PlaneRuns). The reductions over planes_in_bands and runs of planes walk
+// them block by block, and training over short planes runs both its passes
+// in them (fused_channel_blocks).
 
-// Whether blocks of channels are bands of columns (else runs of planes).
-template <typename scalar_t>
-bool blocks_in_bands(Layout layout, const Shape& shape) {
-  return short_planes_as_rows(layout, shape) || planes_in_bands<scalar_t>(layout, shape);
-}
-
-// Channels per block when each pass reads `tensors` tensors of scalar_t, or
-// 0 when blocks would be too narrow (bands: kMinBlockRowBytes; runs of
-// planes: kMinRunPlanes, each run being one call of the plane loops).
+// Channels per block of short planes (bands of columns) or of longer ones
+// outside planes_in_bands (runs of planes), when each pass reads `tensors`
+// tensors of scalar_t, or 0 when blocks would be too narrow (bands:
+// kMinBlockRowBytes; runs of planes: kMinRunPlanes, each run being one call
+// of the plane loops). planes_in_bands reduce in bands of their own width
+// (channel_sums).
 template <typename scalar_t>
 int64_t channels_per_block(Layout layout, const Shape& shape, int64_t tensors) {
-  const bool bands = blocks_in_bands<scalar_t>(layout, shape);
-  const bool plane_runs = layout == Layout::kChannelsFirst && !bands;
+  const bool bands = short_planes_as_rows(layout, shape);
+  const bool plane_runs = layout == Layout::kChannelsFirst && !bands && !planes_in_bands<scalar_t>(layout, shape);
   if (!(bands || plane_runs) || shape.per_channel() == 0) return 0;
   const int64_t elem_bytes = tensors * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t C = shape.channels, row_bytes = shape.spatial * elem_bytes;
@@ -321,8 +336,7 @@ void row_sums(const scalar_t* x, const scalar_t* dy, int64_t W, int64_t M,
               bool whole_blocks) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto& loop = loops<scalar_t>();
-  const int64_t rows_per_chunk =
-      std::max({ceil_div(kReduceGrain, W), ceil_div(M, kMaxChunks), kMinRowsPerChunk});
+  const int64_t rows_per_chunk = row_chunk(W, M);
   const int64_t chunks = ceil_div(M, rows_per_chunk);
   std::vector<double> partial(2 * W * chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

@@ -28,8 +28,8 @@ constexpr int64_t kMinRowsPerChunk = 64;
 constexpr int64_t kShortPlane = 32;
 constexpr int64_t kMaxRowWidth = 1 << 14;
 // Channels-first planes shorter than kBandPlane values (and not read as
-// rows), in half precision or, in float32, of whole vectors, are reduced and
-// trained in bands of whole channels when the batch has at least
+// rows), in half precision or, in float32, of whole vectors, are reduced in
+// bands of whole channels when the batch has at least
 // kMinBandRows samples (planes_in_bands, parallel.h): python -m
 // benchmarks.kernels --cases r18_s3 r50_s3 r50_s4 --formats nchw. float32
 // planes with a tail stay on the plane loops, which measured as fast or
